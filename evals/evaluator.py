@@ -1,0 +1,77 @@
+"""Scoring a live (in-memory) model with lm-eval, re-using one TaskManager and one HFLM.
+
+lm-eval's ``simple_evaluate`` rebuilds tasks and collects environment info on every call;
+here the task objects are built once and ``lm_eval.evaluator.evaluate`` is called per trial
+on the same documents, so a trial pays for the model's forward passes and little else.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from evals.offline import force_offline
+
+force_offline()
+
+from lm_eval.evaluator import evaluate  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from evals.objective import Objective  # noqa: E402
+
+BUNDLED_TASKS_DIR = Path(__file__).parent / "tasks"
+log = logging.getLogger(__name__)
+
+
+class EvaluationError(RuntimeError):
+    """An objective could not be scored (missing task or metric, NaN score)."""
+
+
+def task_manager(include_paths: Sequence[Path] = ()) -> TaskManager:
+    """Bundled tasks plus the caller's YAML dirs; lm-eval's ~14,700 defaults are not indexed."""
+    paths = [str(BUNDLED_TASKS_DIR), *map(str, include_paths)]
+    return TaskManager(include_path=paths, include_defaults=False)
+
+
+def bundled_task_names() -> list[str]:
+    return sorted(n for n in task_manager().all_tasks if n.startswith("mmmo_"))
+
+
+class Evaluator:
+    """Scores the current weights of ``model`` on a fixed list of objectives."""
+
+    def __init__(self, model, tokenizer, objectives: Sequence[Objective], *, batch_size: int | str = 64,
+                 include_paths: Sequence[Path] = (), manager: TaskManager | None = None) -> None:
+        self.objectives = list(objectives)
+        self.manager = manager or task_manager(include_paths)
+        unknown = sorted({o.task for o in objectives} - set(self.manager.all_tasks))
+        if unknown:
+            raise EvaluationError(f"unknown task(s) {unknown}")
+        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        self.task_dict = self.manager.load(sorted({o.task for o in objectives}))
+        self.tasks = self.task_dict["tasks"]
+        self.samples = {}
+        for obj in self.objectives:
+            task = self.tasks[obj.task]
+            self.samples[obj.task] = obj.doc_ids(len(task.eval_docs))
+
+    def score(self) -> dict[str, float]:
+        """Evaluate the model as it is now; keys are ``Objective.key``."""
+        out = evaluate(lm=self.lm, task_dict=self.task_dict, samples=self.samples,
+                       bootstrap_iters=0, log_samples=False)
+        results = out["results"]
+        scores: dict[str, float] = {}
+        for obj in self.objectives:
+            row = results.get(obj.task, {})
+            field = f"{obj.metric},{obj.filter}"
+            if field not in row:
+                produced = sorted(k for k in row if "," in k and not k.endswith("_stderr"))
+                raise EvaluationError(f"task '{obj.task}' produced no '{field}' (it has {produced})")
+            value = float(row[field])
+            if math.isnan(value):
+                raise EvaluationError(f"task '{obj.task}' scored NaN on '{field}'")
+            scores[obj.key] = value
+        return scores

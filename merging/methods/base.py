@@ -1,0 +1,96 @@
+"""The small base every merge method implements: one tensor in, one merged tensor out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from merging.errors import MergeError
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method parameter as mergekit names it; ``default=None`` means required."""
+
+    name: str
+    default: float | bool | None = None
+    low: float | None = None  # inclusive unless low_open
+    high: float | None = None
+    low_open: bool = False
+
+    def check(self, value: Any, where: str) -> None:
+        if isinstance(self.default, bool):
+            if not isinstance(value, bool):
+                raise MergeError(f"{where}: '{self.name}' must be true or false, got {value!r}")
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MergeError(f"{where}: '{self.name}' must be a number, got {value!r}")
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            bound = "(" if self.low_open else "["
+            raise MergeError(f"{where}: '{self.name}' = {value} is outside {bound}{self.low}, {self.high}]")
+        if self.high is not None and value > self.high:
+            raise MergeError(f"{where}: '{self.name}' = {value} is above {self.high}")
+
+
+WEIGHT = Param("weight")
+DENSITY = Param("density", 1.0, low=0.0, high=1.0, low_open=True)
+LAMBDA = Param("lambda", 1.0)
+
+
+@dataclass
+class TensorInputs:
+    """What a method sees of one tensor: the base, each expert's delta, and its seeded RNG."""
+
+    name: str
+    base: Tensor
+    deltas: list[Tensor]
+    generator: torch.Generator | None = None
+
+
+class MergeMethod(ABC):
+    """A merge method. Subclasses declare their parameters and implement ``merge``.
+
+    Parameters are resolved once per merge (``resolve``), so ``merge`` reads plain dicts
+    whose keys are guaranteed present and in range.
+    """
+
+    name: ClassVar[str]
+    expert_params: ClassVar[tuple[Param, ...]] = ()
+    global_params: ClassVar[tuple[Param, ...]] = ()
+
+    def resolve(
+        self, experts: Sequence[Mapping[str, Any]], params: Mapping[str, Any], expert_names: Sequence[str]
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Fill defaults (a global value is the default for every expert, as in mergekit), check ranges."""
+        known = {p.name for p in self.expert_params} | {p.name for p in self.global_params}
+        for where, given in [("parameters", params)] + [
+            (f"model '{n}'", e) for n, e in zip(expert_names, experts, strict=True)
+        ]:
+            unknown = sorted(set(given) - known)
+            if unknown:
+                raise MergeError(f"{where}: unknown parameter(s) {unknown} for method '{self.name}'; known: {sorted(known)}")
+        resolved_global = {}
+        for p in self.global_params:
+            value = params.get(p.name, p.default)
+            p.check(value, "parameters")
+            resolved_global[p.name] = value
+        resolved_experts = []
+        for name, given in zip(expert_names, experts, strict=True):
+            row = {}
+            for p in self.expert_params:
+                value = given.get(p.name, params.get(p.name, p.default))
+                if value is None:
+                    raise MergeError(f"model '{name}': parameter '{p.name}' is required by method '{self.name}'")
+                p.check(value, f"model '{name}'")
+                row[p.name] = value
+            resolved_experts.append(row)
+        return resolved_experts, resolved_global
+
+    @abstractmethod
+    def merge(self, t: TensorInputs, experts: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> Tensor:
+        """Return the merged tensor (same shape as ``t.base``) in ``t.base``'s dtype."""

@@ -1,0 +1,83 @@
+"""Sparsification of task vectors, with mergekit's semantics (``mergekit/sparsify.py``).
+
+Each function takes one delta tensor and returns it with some entries zeroed (and, where
+asked, the survivors rescaled so the L1 norm is unchanged, as mergekit's ``rescale`` does).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from merging.errors import MergeError
+
+
+def rescale_l1(original: Tensor, masked: Tensor, eps: float = 1e-7) -> Tensor:
+    before, after = original.abs().sum(), masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def _finish(delta: Tensor, mask: Tensor, rescale: bool) -> Tensor:
+    masked = delta * mask
+    return rescale_l1(delta, masked) if rescale else masked
+
+
+def magnitude(delta: Tensor, density: float, rescale: bool = False) -> Tensor:
+    """TIES: keep the ``int(density * numel)`` entries of largest magnitude in the whole tensor."""
+    if density >= 1:
+        return delta
+    k = int(density * delta.numel())
+    if k <= 0:
+        raise MergeError(f"density {density} keeps no entry of a tensor of {delta.numel()} elements")
+    mask = torch.zeros_like(delta)
+    # topk selects the same set as mergekit's full argsort (ties aside) and costs less.
+    mask.view(-1)[delta.abs().view(-1).topk(k, sorted=False).indices] = 1
+    return _finish(delta, mask, rescale)
+
+
+def bernoulli(delta: Tensor, density: float, rescale: bool, generator: torch.Generator | None) -> Tensor:
+    """DARE: keep each entry with probability ``density``; the draw is seeded by ``generator``."""
+    if density >= 1:
+        return delta
+    mask = torch.bernoulli(torch.full_like(delta, density), generator=generator)
+    return _finish(delta, mask, rescale)
+
+
+def magnitude_outliers(delta: Tensor, density: float, gamma: float, rescale: bool = False) -> Tensor:
+    """Model breadcrumbs: drop the largest ``gamma`` fraction and the smallest rest.
+
+    Differs from mergekit on purpose in one case: where ``int(gamma * numel)`` is 0, mergekit's
+    slice ``[n_bot:-0]`` is empty and drops the whole tensor; here nothing is dropped at the top.
+    """
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    keep = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = n - keep - n_top
+    if n_bot < 0:  # as mergekit: make room for the kept entries by dropping fewer at the top
+        n_top, n_bot = n - keep, 0
+    order = delta.abs().view(-1).argsort()
+    mask = torch.zeros_like(delta)
+    mask.view(-1)[order[n_bot : n - n_top]] = 1
+    return _finish(delta, mask, rescale)
+
+
+def della_magprune(
+    delta: Tensor, density: float, epsilon: float, rescale: bool, generator: torch.Generator | None
+) -> Tensor:
+    """DELLA: per row, keep probability ramps with magnitude rank over density +- epsilon."""
+    if density >= 1:
+        return delta
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise MergeError(f"della needs 0 < density - epsilon and density + epsilon < 1 (got {density}, {epsilon})")
+    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+    rows = rows.reshape(rows.shape[0], -1)
+    # rank 0..n-1 by magnitude within each row; mergekit normalises ranks 1..n to [0, 1]
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(delta.dtype)
+    span = max(rows.shape[1] - 1, 1)
+    probs = (density - epsilon) + (ranks / span) * (2 * epsilon)
+    mask = torch.bernoulli(probs, generator=generator).reshape(delta.shape)
+    return _finish(delta, mask, rescale)

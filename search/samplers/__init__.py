@@ -1,0 +1,23 @@
+"""Samplers by name. Each module builds one Optuna sampler from a SamplerSpec."""
+
+from collections.abc import Callable
+
+from optuna.samplers import BaseSampler
+
+from search.samplers._nsga2 import make_nsga2
+from search.samplers._random import make_random
+from search.samplers._tpe import make_tpe
+from search.spec import SamplerSpec
+
+SAMPLERS: dict[str, Callable[[SamplerSpec, int], BaseSampler]] = {
+    "nsga2": make_nsga2,
+    "random": make_random,
+    "tpe": make_tpe,
+}
+
+
+def make_sampler(spec: SamplerSpec, seed: int) -> BaseSampler:
+    return SAMPLERS[spec.name](spec, seed)
+
+
+__all__ = ["SAMPLERS", "make_sampler"]

@@ -1,0 +1,7 @@
+from optuna.samplers import TPESampler
+
+from search.spec import SamplerSpec
+
+
+def make_tpe(spec: SamplerSpec, seed: int) -> TPESampler:
+    return TPESampler(seed=seed, multivariate=True)

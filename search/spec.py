@@ -1,0 +1,95 @@
+"""StudySpec: the versioned, validated description of a merge search (YAML or JSON)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SPEC_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExpertSpec(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    path: str = Field(min_length=1, description="HF model directory (or hub id where reachable)")
+
+
+class Range(_Strict):
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) is above high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log-scale range needs low > 0")
+        return self
+
+
+class SearchSpaceSpec(_Strict):
+    """Per-expert ranges; every expert gets one dimension per searched parameter."""
+
+    weight: Range = Range(low=0.0, high=1.5)
+    density: Range | None = Range(low=0.1, high=1.0)  # None: density is not searched
+
+    @field_validator("density")
+    @classmethod
+    def _density_in_unit_interval(cls, v: Range | None) -> Range | None:
+        if v is not None and not (0 < v.low <= v.high <= 1):
+            raise ValueError(f"density range must lie in (0, 1], got [{v.low}, {v.high}]")
+        return v
+
+
+class ObjectiveSpec(_Strict):
+    task: str = Field(min_length=1)
+    metric: str = "exact_match"
+    filter: str = "none"
+    direction: Literal["maximize", "minimize"] = "maximize"
+    samples: int | None = Field(default=100, ge=1)
+
+
+class SamplerSpec(_Strict):
+    name: Literal["nsga2", "random", "tpe"] = "nsga2"
+    population_size: int = Field(default=8, ge=2)
+    crossover_prob: float = Field(default=0.9, ge=0, le=1)
+    mutation_prob: float | None = Field(default=None, ge=0, le=1)
+
+
+class BudgetSpec(_Strict):
+    trials: int = Field(default=24, ge=1, le=100_000)
+
+
+class StudySpec(_Strict):
+    version: Literal[1] = SPEC_VERSION
+    name: str = Field(default="study", min_length=1, max_length=200)
+    base: str = Field(min_length=1, description="base model directory")
+    experts: list[ExpertSpec] = Field(min_length=1)
+    method: str = "ties"
+    method_params: dict[str, Any] = Field(default_factory=dict, description="global merge parameters")
+    search_space: SearchSpaceSpec = SearchSpaceSpec()
+    objectives: list[ObjectiveSpec] = Field(min_length=1)
+    sampler: SamplerSpec = SamplerSpec()
+    budget: BudgetSpec = BudgetSpec()
+    seed: int = 0
+
+    @field_validator("experts")
+    @classmethod
+    def _unique_names(cls, v: list[ExpertSpec]) -> list[ExpertSpec]:
+        names = [e.name for e in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"expert names must be unique; repeated: {dupes}")
+        return v
+
+
+def load_spec(path: Path) -> StudySpec:
+    """Read a spec from YAML or JSON (YAML is a superset, so one loader serves both)."""
+    return StudySpec.model_validate(yaml.safe_load(Path(path).read_text()))

@@ -1,0 +1,66 @@
+"""The server's handle on Optuna: create a study, ask for a trial, tell its result.
+
+Only the server calls this (workers never touch Optuna). Samplers carry RNG state between
+asks, so one ``optuna.Study`` object per study is kept for the life of the process; after a
+restart the sampler is re-seeded from the spec's seed and the number of trials so far, so a
+restarted server does not replay the proposals it already made.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from search.samplers import make_sampler
+from search.space import SearchSpace
+from search.spec import StudySpec
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def optuna_storage(url: str) -> optuna.storages.RDBStorage:
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=True)
+
+
+class OptunaStudies:
+    def __init__(self, storage_url: str) -> None:
+        self.storage = optuna_storage(storage_url)
+        self._open: dict[str, optuna.Study] = {}
+        self._lock = threading.Lock()
+
+    def create(self, name: str, spec: StudySpec) -> None:
+        optuna.create_study(storage=self.storage, study_name=name,
+                            directions=[o.direction for o in spec.objectives])
+
+    def delete(self, name: str) -> None:
+        with self._lock:
+            self._open.pop(name, None)
+            optuna.delete_study(study_name=name, storage=self.storage)
+
+    def _study(self, name: str, spec: StudySpec) -> optuna.Study:
+        study = self._open.get(name)
+        if study is None:
+            existing = len(optuna.load_study(study_name=name, storage=self.storage).get_trials(deepcopy=False))
+            sampler = make_sampler(spec.sampler, seed=spec.seed + 7919 * existing)
+            study = optuna.load_study(study_name=name, storage=self.storage, sampler=sampler)
+            self._open[name] = study
+        return study
+
+    def ask(self, name: str, spec: StudySpec) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            trial = self._study(name, spec).ask(SearchSpace(spec).distributions())
+            return trial.number, dict(trial.params)
+
+    def tell(self, name: str, spec: StudySpec, number: int, values: list[float]) -> None:
+        with self._lock:
+            self._study(name, spec).tell(number, values)
+
+    def fail(self, name: str, spec: StudySpec, number: int) -> None:
+        with self._lock:
+            self._study(name, spec).tell(number, state=TrialState.FAIL)
