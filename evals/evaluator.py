@@ -40,6 +40,19 @@ def bundled_task_names() -> list[str]:
     return sorted(n for n in task_manager().all_tasks if n.startswith("mmmo_"))
 
 
+class _QuietHFLM(HFLM):
+    """HFLM without its per-call tqdm bars (they pass ``disable`` explicitly, so TQDM_DISABLE can't)."""
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        return super().generate_until(requests, disable_tqdm=True)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood(requests, disable_tqdm=True)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+
 class Evaluator:
     """Scores the current weights of ``model`` on a fixed list of objectives."""
 
@@ -50,7 +63,7 @@ class Evaluator:
         unknown = sorted({o.task for o in objectives} - set(self.manager.all_tasks))
         if unknown:
             raise EvaluationError(f"unknown task(s) {unknown}")
-        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        self.lm = _QuietHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         self.task_dict = self.manager.load(sorted({o.task for o in objectives}))
         self.tasks = self.task_dict["tasks"]
         self.samples = {}

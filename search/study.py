@@ -57,10 +57,19 @@ class OptunaStudies:
             trial = self._study(name, spec).ask(SearchSpace(spec).distributions())
             return trial.number, dict(trial.params)
 
+    def _finished(self, study: optuna.Study, number: int) -> bool:
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+        return self.storage.get_trial(trial_id).state.is_finished()
+
     def tell(self, name: str, spec: StudySpec, number: int, values: list[float]) -> None:
+        """Record a result; telling a finished trial again is a no-op (idempotent)."""
         with self._lock:
-            self._study(name, spec).tell(number, values)
+            study = self._study(name, spec)
+            if not self._finished(study, number):
+                study.tell(number, values)
 
     def fail(self, name: str, spec: StudySpec, number: int) -> None:
         with self._lock:
-            self._study(name, spec).tell(number, state=TrialState.FAIL)
+            study = self._study(name, spec)
+            if not self._finished(study, number):
+                study.tell(number, state=TrialState.FAIL)

@@ -44,6 +44,8 @@ class Trial(Base):
     number: Mapped[int] = mapped_column(Integer)
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     merge_config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    config_hash: Mapped[str] = mapped_column(String(64), index=True)
+    cached_from: Mapped[int | None] = mapped_column(Integer, nullable=True)  # trial number answered from
     state: Mapped[str] = mapped_column(String(20), default="queued", index=True)
     lease_token: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

@@ -1,0 +1,181 @@
+"""The ``mmmo`` command. Errors print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+
+def _configure(verbose: bool) -> None:
+    # Before lm-eval and datasets import: no hub calls, no tqdm bars under our own progress bar.
+    from evals.offline import force_offline
+
+    force_offline()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("lm_eval", "datasets", "httpx", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+def _settings(args: argparse.Namespace):
+    from service.settings import Settings
+
+    overrides = {}
+    if getattr(args, "db", None):
+        overrides["database_url"] = args.db
+    if getattr(args, "home", None):
+        overrides["home"] = Path(args.home)
+    return Settings(**overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    uvicorn.run(create_app(_settings(args)), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import threading
+
+    from service.client import ApiClient
+    from service.worker import TrialRunner, Worker, default_worker_name
+
+    client = ApiClient(args.server, token=args.token)
+    worker = Worker(client, TrialRunner(device=args.device), name=args.name or default_worker_name())
+    stop = threading.Event()
+    try:
+        worker.run(stop)
+    except KeyboardInterrupt:
+        stop.set()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from service.demo import run_demo
+
+    console = Console()
+    # The Pareto table has a column per objective and per expert: never squeeze it below 120.
+    console = Console(width=max(console.width, 120))
+    return run_demo(_settings(args), port=args.port, trials=args.trials, exit_when_done=args.exit_when_done,
+                    console=console)
+
+
+def cmd_zoo_build(args: argparse.Namespace) -> int:
+    from evals.zoo import build_zoo, default_zoo_dir, ensure_zoo
+
+    settings = _settings(args)
+    if args.out:
+        zoo = build_zoo(Path(args.out), progress=print)
+    else:
+        zoo = ensure_zoo(settings.cache_dir, progress=print)
+    print(f"zoo: {zoo.root} (zoo.json lists base and experts; default cache {default_zoo_dir(settings.cache_dir)})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evals.evaluator import Evaluator
+    from evals.objective import Objective
+    from merging.io import check_checkpoint
+
+    check_checkpoint(Path(args.model_dir))
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    objectives = [Objective(task=t, metric=args.metric, samples=args.samples) for t in args.task]
+    scores = Evaluator(model, tokenizer, objectives, batch_size=args.batch_size).score()
+    by_task = {o.task: {o.metric: scores[o.key]} for o in objectives}
+    if args.json:
+        print(json.dumps(by_task))
+    else:
+        for task, metrics in by_task.items():
+            print(f"{task}: " + ", ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
+    return 0
+
+
+def cmd_study_validate(args: argparse.Namespace) -> int:
+    from search.spec import load_spec
+
+    spec = load_spec(Path(args.spec))
+    print(f"ok: {spec.name} ({len(spec.experts)} experts, {len(spec.objectives)} objectives, "
+          f"{spec.budget.trials} trials, method {spec.method})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmmo", description="Multi-objective search for LLM merges.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_db(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--db", help="database URL (default: MMMO_DATABASE_URL, else SQLite in MMMO_HOME)")
+        p.add_argument("--home", help="state directory (default: MMMO_HOME or ~/.mmmo)")
+        return p
+
+    p = with_db(sub.add_parser("serve", help="run the API server and dashboard"))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="lease and run trials from a server")
+    p.add_argument("--server", required=True)
+    p.add_argument("--token")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--name")
+    p.set_defaults(func=cmd_worker)
+
+    p = with_db(sub.add_parser("demo", help="build the demo zoo and run a study end to end"))
+    p.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    p.add_argument("--trials", type=int, default=24)
+    p.add_argument("--exit-when-done", action="store_true", help="print the Pareto front and exit")
+    p.set_defaults(func=cmd_demo)
+
+    zoo = sub.add_parser("zoo", help="the demo model zoo").add_subparsers(dest="zoo_command", required=True)
+    p = with_db(zoo.add_parser("build", help="build (or reuse) the demo zoo"))
+    p.add_argument("--out", help="directory to build into (default: the cache directory)")
+    p.set_defaults(func=cmd_zoo_build)
+
+    p = sub.add_parser("eval", help="score a model directory on lm-eval tasks")
+    p.add_argument("model_dir")
+    p.add_argument("--task", action="append", required=True)
+    p.add_argument("--metric", default="exact_match")
+    p.add_argument("--samples", type=int, default=None, help="fixed seeded subset size (default: all)")
+    p.add_argument("--batch-size", default=64, type=lambda v: v if v == "auto" else int(v))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    study = sub.add_parser("study", help="study specs").add_subparsers(dest="study_command", required=True)
+    p = study.add_parser("validate", help="check a spec (YAML or JSON) without running it")
+    p.add_argument("spec")
+    p.set_defaults(func=cmd_study_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure(args.verbose)
+    try:
+        return args.func(args)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        print(f"mmmo: error: {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"mmmo: error: {exc}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

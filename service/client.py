@@ -1,0 +1,62 @@
+"""A small typed client of the HTTP API, used by workers, the demo and the CLI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+
+class ApiError(RuntimeError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        return response.text
+    if isinstance(detail, list):
+        return "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail)
+    return str(detail)
+
+
+class ApiClient:
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 60.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self.http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise ApiError(response.status_code, _message(response))
+        return None if response.status_code == 204 else response.json()
+
+    def create_study(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", "/api/v1/studies", json=spec)
+
+    def list_studies(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/v1/studies")
+
+    def study(self, study_id: int) -> dict[str, Any]:
+        return self._call("GET", f"/api/v1/studies/{study_id}")
+
+    def pareto(self, study_id: int) -> dict[str, Any]:
+        return self._call("GET", f"/api/v1/studies/{study_id}/pareto")
+
+    def lease(self, worker: str) -> dict[str, Any] | None:
+        return self._call("POST", "/api/v1/leases", json={"worker": worker})
+
+    def heartbeat(self, token: str) -> dict[str, Any]:
+        return self._call("POST", f"/api/v1/leases/{token}/heartbeat")
+
+    def complete(self, token: str, values: dict[str, float]) -> dict[str, Any]:
+        return self._call("POST", f"/api/v1/leases/{token}/result", json={"values": values})
+
+    def fail(self, token: str, error: str) -> dict[str, Any]:
+        return self._call("POST", f"/api/v1/leases/{token}/result", json={"error": error[:10_000]})

@@ -1,0 +1,11 @@
+"""From a spec's objectives to the evaluation objects a worker builds (shared by server and worker)."""
+
+from __future__ import annotations
+
+from evals.objective import Objective
+from search.spec import StudySpec
+
+
+def objectives_of(spec: StudySpec) -> list[Objective]:
+    return [Objective(task=o.task, metric=o.metric, filter=o.filter, direction=o.direction,
+                      samples=o.samples, seed=spec.seed) for o in spec.objectives]

@@ -1,0 +1,177 @@
+"""The trial queue: leases with a TTL, heartbeats, re-lease on expiry, stale results refused.
+
+Everything lives in the database, so a restarted server loses nothing but the trials in
+flight, whose leases expire and return them to the queue. Callers serialise these functions
+per process (``Services.lock``); on PostgreSQL the row locks also keep several servers apart.
+
+Optuna writes through its own connection. On SQLite a write transaction of ours would block
+it (and a read snapshot of ours would go stale under it), so every Optuna call is made with
+no transaction of ours open: ``_optuna`` commits first. Optuna is always told before our row
+changes, and telling is idempotent, so a crash in between heals on the next report.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from search.space import SearchSpace
+from search.spec import StudySpec
+from search.study import OptunaStudies
+from service.db.models import Study, Trial, utcnow
+from service.objectives import objectives_of
+
+FINISHED = ("complete", "failed")
+
+
+class StaleLease(Exception):
+    """A heartbeat or result for a lease that is no longer held (expired, re-leased or finished)."""
+
+
+class BadResult(ValueError):
+    """A result that does not match the study's objectives."""
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    lease_seconds: float
+    max_attempts: int
+
+
+def _spec(study: Study) -> StudySpec:
+    return StudySpec.model_validate(study.spec)
+
+
+def _finish_study_if_done(session: Session, study: Study) -> None:
+    if study.status != "running":
+        return
+    finished = session.scalar(
+        select(func.count()).select_from(Trial).where(Trial.study_id == study.id, Trial.state.in_(FINISHED))
+    )
+    if finished >= study.budget:
+        study.status = "done"
+        study.finished_at = utcnow()
+
+
+def _optuna(session: Session, call, *args):
+    session.commit()
+    return call(*args)
+
+
+def _fail(session: Session, optuna: OptunaStudies, trial: Trial, error: str, now: datetime) -> None:
+    _optuna(session, optuna.fail, trial.study.optuna_name, _spec(trial.study), trial.number)
+    trial.state, trial.error, trial.lease_token, trial.finished_at = "failed", error, None, now
+    _finish_study_if_done(session, trial.study)
+
+
+def sweep_expired(session: Session, optuna: OptunaStudies, policy: QueuePolicy, now: datetime) -> None:
+    """Return expired leases to the queue, or fail trials that used up their attempts."""
+    expired = session.scalars(
+        select(Trial).where(Trial.state == "leased", Trial.lease_expires_at < now).with_for_update(skip_locked=True)
+    ).all()
+    for trial in expired:
+        if trial.attempts >= policy.max_attempts:
+            _fail(session, optuna, trial, f"lease expired {trial.attempts} times (last worker: {trial.worker})", now)
+        else:
+            trial.state, trial.lease_token, trial.lease_expires_at = "queued", None, None
+
+
+def _new_trial(session: Session, optuna: OptunaStudies) -> Trial | None:
+    """Ask Optuna for a trial of the oldest running study that has budget left.
+
+    A proposal identical to an evaluated configuration is answered with its stored values
+    (and the next proposal asked for): small NSGA-II populations make duplicate children.
+    """
+    studies = session.scalars(select(Study).where(Study.status == "running").order_by(Study.id)).all()
+    for study in studies:
+        spec = _spec(study)
+        keys = [o.key for o in objectives_of(spec)]
+        while session.scalar(select(func.count()).select_from(Trial).where(Trial.study_id == study.id)) < study.budget:
+            number, params = _optuna(session, optuna.ask, study.optuna_name, spec)
+            config = SearchSpace(spec).merge_config(params)
+            trial = Trial(study_id=study.id, number=number, params=params, merge_config=config.to_dict(),
+                          config_hash=config.fingerprint(), state="queued")
+            done = session.scalars(
+                select(Trial).where(Trial.study_id == study.id, Trial.config_hash == trial.config_hash,
+                                    Trial.state == "complete", Trial.cached_from.is_(None)).limit(1)
+            ).first()
+            if done is None:
+                session.add(trial)
+                session.flush()
+                return trial
+            _optuna(session, optuna.tell, study.optuna_name, spec, number, [done.values[k] for k in keys])
+            trial.state, trial.values, trial.cached_from = "complete", done.values, done.number
+            trial.finished_at = utcnow()
+            session.add(trial)
+            session.flush()
+            _finish_study_if_done(session, study)
+    return None
+
+
+@dataclass(frozen=True)
+class Lease:
+    trial: Trial
+    objectives: list[dict]
+
+
+def lease_next(session: Session, optuna: OptunaStudies, policy: QueuePolicy, worker: str) -> Lease | None:
+    now = utcnow()
+    sweep_expired(session, optuna, policy, now)
+    trial = session.scalars(
+        select(Trial).join(Study).where(Trial.state == "queued", Study.status == "running")
+        .order_by(Trial.id).limit(1).with_for_update(skip_locked=True)
+    ).first() or _new_trial(session, optuna)
+    if trial is None:
+        session.commit()
+        return None
+    trial.state, trial.worker, trial.attempts = "leased", worker, trial.attempts + 1
+    trial.lease_token = secrets.token_urlsafe(24)
+    trial.lease_expires_at = now + timedelta(seconds=policy.lease_seconds)
+    trial.started_at = now
+    session.commit()
+    spec = _spec(trial.study)
+    return Lease(trial, [o.__dict__ for o in objectives_of(spec)])
+
+
+def _held(session: Session, token: str) -> Trial:
+    trial = session.scalars(select(Trial).where(Trial.lease_token == token).with_for_update()).first()
+    if trial is None or trial.state != "leased":
+        raise StaleLease("this lease is no longer held (expired, re-leased or finished)")
+    return trial
+
+
+def heartbeat(session: Session, policy: QueuePolicy, token: str) -> datetime:
+    trial = _held(session, token)
+    if trial.lease_expires_at < utcnow():
+        raise StaleLease("this lease expired before the heartbeat arrived")
+    trial.lease_expires_at = utcnow() + timedelta(seconds=policy.lease_seconds)
+    session.commit()
+    return trial.lease_expires_at
+
+
+def complete(session: Session, optuna: OptunaStudies, token: str, values: dict[str, float]) -> Trial:
+    trial = _held(session, token)
+    spec = _spec(trial.study)
+    keys = [o.key for o in objectives_of(spec)]
+    if sorted(values) != sorted(keys):
+        raise BadResult(f"values must have exactly the keys {keys}, got {sorted(values)}")
+    now = utcnow()
+    _optuna(session, optuna.tell, trial.study.optuna_name, spec, trial.number, [float(values[k]) for k in keys])
+    trial.state, trial.values, trial.lease_token, trial.finished_at = "complete", values, None, now
+    trial.duration_s = (now - trial.started_at).total_seconds() if trial.started_at else None
+    _finish_study_if_done(session, trial.study)
+    session.commit()
+    return trial
+
+
+def fail(session: Session, optuna: OptunaStudies, token: str, error: str) -> Trial:
+    """A worker reports that the trial cannot be evaluated (bad merge, NaN score): no retry."""
+    trial = _held(session, token)
+    _fail(session, optuna, trial, error, utcnow())
+    session.commit()
+    return trial
+

@@ -1,0 +1,43 @@
+from fastapi import APIRouter, HTTPException, status
+from fastapi.exceptions import RequestValidationError
+
+from search.spec import StudySpec
+from service import studies
+from service.deps import ServicesDep, SessionDep
+from service.schemas import ParetoPublic, StudyDetail, StudyPublic
+
+router = APIRouter(prefix="/studies", tags=["studies"])
+
+
+def _found(session, study_id: int):
+    study = studies.get_study(session, study_id)
+    if study is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study_id} not found")
+    return study
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+def create_study(spec: StudySpec, services: ServicesDep, session: SessionDep) -> StudyPublic:
+    try:
+        with services.lock:
+            study = studies.create_study(session, services.optuna, services.catalog, spec)
+    except studies.InvalidSpec as exc:
+        raise RequestValidationError(
+            [{"loc": ("body", *p.loc), "msg": p.msg, "type": "value_error"} for p in exc.problems]
+        ) from None
+    return studies.study_public(study)
+
+
+@router.get("")
+def list_studies(session: SessionDep) -> list[StudyPublic]:
+    return [studies.study_public(s) for s in studies.list_studies(session)]
+
+
+@router.get("/{study_id}")
+def get_study(study_id: int, session: SessionDep) -> StudyDetail:
+    return studies.study_detail(_found(session, study_id))
+
+
+@router.get("/{study_id}/pareto")
+def get_pareto(study_id: int, session: SessionDep) -> ParetoPublic:
+    return studies.pareto(_found(session, study_id))

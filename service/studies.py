@@ -1,0 +1,97 @@
+"""Study rules: create, read, summarise. Plain functions over a session, testable without HTTP."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from evals.catalog import TaskCatalog
+from search.pareto import hypervolume, knee_point, pareto_front
+from search.spec import StudySpec
+from search.study import OptunaStudies
+from service.db.models import Study, Trial
+from service.objectives import objectives_of
+from service.schemas import ObjectivePublic, ParetoPublic, StudyDetail, StudyPublic, TrialPublic
+from service.validation import SpecProblem, spec_problems
+
+
+class InvalidSpec(ValueError):
+    def __init__(self, problems: list[SpecProblem]) -> None:
+        super().__init__("; ".join(f"{'.'.join(map(str, p.loc))}: {p.msg}" for p in problems))
+        self.problems = problems
+
+
+def create_study(session: Session, optuna: OptunaStudies, catalog: TaskCatalog, spec: StudySpec) -> Study:
+    problems = spec_problems(spec, catalog)
+    if problems:
+        raise InvalidSpec(problems)
+    study = Study(name=spec.name, spec=spec.model_dump(mode="json"), budget=spec.budget.trials,
+                  optuna_name=f"mmmo-{uuid.uuid4().hex}", status="running")
+    optuna.create(study.optuna_name, spec)
+    try:
+        session.add(study)
+        session.commit()
+    except Exception:
+        session.rollback()
+        optuna.delete(study.optuna_name)
+        raise
+    return study
+
+
+def get_study(session: Session, study_id: int) -> Study | None:
+    return session.get(Study, study_id)
+
+
+def list_studies(session: Session) -> list[Study]:
+    return list(session.scalars(select(Study).order_by(Study.id.desc())))
+
+
+def _objectives(study: Study) -> list[ObjectivePublic]:
+    return [ObjectivePublic(key=o.key, task=o.task, metric=o.metric, direction=o.direction)
+            for o in objectives_of(StudySpec.model_validate(study.spec))]
+
+
+def trial_public(t: Trial) -> TrialPublic:
+    return TrialPublic(number=t.number, state=t.state, params=t.params, values=t.values, error=t.error,
+                       worker=t.worker, attempts=t.attempts, cached=t.cached_from is not None,
+                       started_at=t.started_at, finished_at=t.finished_at, duration_s=t.duration_s)
+
+
+def study_public(study: Study) -> StudyPublic:
+    return StudyPublic(id=study.id, name=study.name, status=study.status, method=study.spec["method"],
+                       budget=study.budget, created_at=study.created_at, finished_at=study.finished_at,
+                       objectives=_objectives(study), counts=dict(Counter(t.state for t in study.trials)))
+
+
+def study_detail(study: Study) -> StudyDetail:
+    return StudyDetail(**study_public(study).model_dump(), spec=study.spec,
+                       trials=[trial_public(t) for t in study.trials])
+
+
+def reference_point(values: list[list[float]], directions: list[str]) -> list[float]:
+    """Just worse than the worst value seen in each objective (10% of its range, or 0.1)."""
+    ref = []
+    for d, column in enumerate(zip(*values, strict=True)):
+        lo, hi = min(column), max(column)
+        margin = 0.1 * (hi - lo) or 0.1
+        ref.append(lo - margin if directions[d] == "maximize" else hi + margin)
+    return ref
+
+
+def pareto(study: Study) -> ParetoPublic:
+    objectives = _objectives(study)
+    keys, directions = [o.key for o in objectives], [o.direction for o in objectives]
+    # Trials answered from the cache repeat an evaluated configuration: one point, not two.
+    done = [t for t in study.trials if t.state == "complete" and t.cached_from is None]
+    values = [[t.values[k] for k in keys] for t in done]
+    if not done:
+        return ParetoPublic(objectives=objectives, front=[], selected=None, hypervolume=0.0, reference=[])
+    front = pareto_front(values, directions)
+    knee = knee_point(values, directions)
+    ref = reference_point(values, directions)
+    return ParetoPublic(objectives=objectives, front=[trial_public(done[i]) for i in front],
+                        selected=done[knee].number if knee is not None else None,
+                        hypervolume=hypervolume(values, ref, directions), reference=ref)

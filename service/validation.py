@@ -1,0 +1,56 @@
+"""Checks a spec against the world (files, tasks, merge method) before anything is stored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from evals.catalog import TaskCatalog
+from merging.errors import MergeError
+from merging.io import check_checkpoint
+from merging.methods import get_method
+from search.spec import StudySpec
+from service.objectives import objectives_of
+
+
+@dataclass(frozen=True)
+class SpecProblem:
+    loc: tuple[str | int, ...]
+    msg: str
+
+
+def spec_problems(spec: StudySpec, catalog: TaskCatalog) -> list[SpecProblem]:
+    problems: list[SpecProblem] = []
+    for loc, path in [(("base",), spec.base)] + [(("experts", i, "path"), e.path) for i, e in enumerate(spec.experts)]:
+        try:
+            check_checkpoint(path)
+        except MergeError as exc:
+            problems.append(SpecProblem(loc, str(exc)))
+    try:
+        method = get_method(spec.method)
+    except MergeError as exc:
+        problems.append(SpecProblem(("method",), str(exc)))
+    else:
+        problems += _method_problems(spec, method)
+    for i, objective in enumerate(objectives_of(spec)):
+        found = catalog.problem(objective)
+        if found:
+            problems.append(SpecProblem(("objectives", i, found[0]), found[1]))
+    return problems
+
+
+def _method_problems(spec: StudySpec, method) -> list[SpecProblem]:
+    """Resolve the method's parameters at both ends of the search space."""
+    space = spec.search_space
+    if space.density is not None and not any(p.name == "density" for p in method.expert_params):
+        return [SpecProblem(("search_space", "density"),
+                            f"method '{spec.method}' has no density; set search_space.density to null")]
+    names = [e.name for e in spec.experts]
+    for corner in ("low", "high"):
+        expert_params = {"weight": getattr(space.weight, corner)}
+        if space.density is not None:
+            expert_params["density"] = getattr(space.density, corner)
+        try:
+            method.resolve([expert_params] * len(names), spec.method_params, names)
+        except MergeError as exc:
+            return [SpecProblem(("method_params",), str(exc))]
+    return []
