@@ -71,11 +71,25 @@ class Evaluator:
             task = self.tasks[obj.task]
             self.samples[obj.task] = obj.doc_ids(len(task.eval_docs))
 
-    def score(self) -> dict[str, float]:
-        """Evaluate the model as it is now; keys are ``Objective.key``."""
+    def _results(self) -> dict[str, dict]:
         out = evaluate(lm=self.lm, task_dict=self.task_dict, samples=self.samples,
                        bootstrap_iters=0, log_samples=False)
-        results = out["results"]
+        return out["results"]
+
+    def all_metrics(self) -> dict[str, dict[str, float]]:
+        """Every metric each task produces: ``{task: {metric: value}}`` (``metric,filter`` if filtered)."""
+        table: dict[str, dict[str, float]] = {}
+        for task, row in self._results().items():
+            for field, value in row.items():
+                if "," not in field or "_stderr" in field:
+                    continue
+                metric, filt = field.split(",", 1)
+                table.setdefault(task, {})[metric if filt == "none" else field] = float(value)
+        return table
+
+    def score(self) -> dict[str, float]:
+        """Evaluate the model as it is now; keys are ``Objective.key``."""
+        results = self._results()
         scores: dict[str, float] = {}
         for obj in self.objectives:
             row = results.get(obj.task, {})

@@ -95,9 +95,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_checkpoint(Path(args.model_dir))
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    objectives = [Objective(task=t, metric=args.metric, samples=args.samples) for t in args.task]
-    scores = Evaluator(model, tokenizer, objectives, batch_size=args.batch_size).score()
-    by_task = {o.task: {o.metric: scores[o.key]} for o in objectives}
+    objectives = [Objective(task=t, samples=args.samples) for t in args.task]
+    by_task = Evaluator(model, tokenizer, objectives, batch_size=args.batch_size).all_metrics()
     if args.json:
         print(json.dumps(by_task))
     else:
@@ -151,7 +150,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score a model directory on lm-eval tasks")
     p.add_argument("model_dir")
     p.add_argument("--task", action="append", required=True)
-    p.add_argument("--metric", default="exact_match")
     p.add_argument("--samples", type=int, default=None, help="fixed seeded subset size (default: all)")
     p.add_argument("--batch-size", default=64, type=lambda v: v if v == "auto" else int(v))
     p.add_argument("--json", action="store_true")

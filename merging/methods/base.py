@@ -73,7 +73,9 @@ class MergeMethod(ABC):
         ]:
             unknown = sorted(set(given) - known)
             if unknown:
-                raise MergeError(f"{where}: unknown parameter(s) {unknown} for method '{self.name}'; known: {sorted(known)}")
+                raise MergeError(
+                    f"{where}: unknown parameter(s) {unknown} for method '{self.name}'; known: {sorted(known)}"
+                )
         resolved_global = {}
         for p in self.global_params:
             value = params.get(p.name, p.default)

@@ -1,0 +1,74 @@
+"""Shared fixtures. Test models are built once per run (session scope) and cached on disk."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from evals.offline import force_offline
+
+force_offline()
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+POSTGRES_URL = os.environ.get("MMMO_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """Where the demo zoo is cached; shared with `mmmo demo` unless MMMO_TEST_CACHE_DIR is set."""
+    return Path(os.environ.get("MMMO_TEST_CACHE_DIR", Path.home() / ".cache" / "mmmo"))
+
+
+@pytest.fixture(scope="session")
+def zoo(cache_dir):
+    from evals.zoo import ensure_zoo
+
+    return ensure_zoo(cache_dir)
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh PostgreSQL database for this test, dropped afterwards."""
+    if not POSTGRES_URL:
+        pytest.skip("MMMO_TEST_POSTGRES_URL is not set: PostgreSQL tests skipped")
+    import sqlalchemy as sa
+
+    name = f"mmmo_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.engine.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'mmmo.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def settings(tmp_path, database_url, cache_dir):
+    from service.settings import Settings
+
+    return Settings(home=tmp_path / "home", cache_dir=cache_dir, database_url=database_url, lease_seconds=30)
+
+
+def zoo_spec(zoo, *, trials: int = 6, samples: int = 20, experts: tuple[str, ...] = ("add", "reverse"),
+             method: str = "ties") -> dict:
+    return {
+        "name": "test study",
+        "base": str(zoo.base),
+        "experts": [{"name": e, "path": str(zoo.experts[e])} for e in experts],
+        "method": method,
+        "objectives": [{"task": f"mmmo_{e}", "samples": samples} for e in experts],
+        "sampler": {"name": "nsga2", "population_size": 4},
+        "budget": {"trials": trials},
+    }

@@ -1,0 +1,134 @@
+"""The HTTP API on SQLite and PostgreSQL: spec validation, leases, results, Pareto front.
+
+The "worker" here is the test itself posting results over HTTP: the queue's behaviour does
+not depend on what computed the numbers.
+"""
+
+from __future__ import annotations
+
+import time
+
+import optuna
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from tests.conftest import zoo_spec
+
+
+@pytest.fixture
+def client(settings):
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def _keys(spec: dict) -> list[str]:
+    return [f"{o['task']}:exact_match" for o in spec["objectives"]]
+
+
+@pytest.mark.parametrize(
+    "mutate,loc",
+    [
+        (lambda s: s["experts"][0].update(path="/no/such/model"), ["body", "experts", 0, "path"]),
+        (lambda s: s.update(base="/no/such/base"), ["body", "base"]),
+        (lambda s: s.update(search_space={"density": {"low": 0.0, "high": 0.5}}), ["body", "search_space", "density"]),
+        (lambda s: s.update(search_space={"density": {"low": 0.5, "high": 1.2}}), ["body", "search_space", "density"]),
+        (lambda s: s["objectives"][1].update(task="no_such_task"), ["body", "objectives", 1, "task"]),
+        (lambda s: s["objectives"][0].update(metric="bleu"), ["body", "objectives", 0, "metric"]),
+        (lambda s: s.update(method="frankenmerge"), ["body", "method"]),
+        (lambda s: s.update(method_params={"lambda": 1.0, "bogus": 2}), ["body", "method_params"]),
+    ],
+)
+def test_bad_spec_is_422_naming_the_field_and_stores_nothing(client, settings, zoo, mutate, loc):
+    spec = zoo_spec(zoo)
+    mutate(spec)
+    r = client.post("/api/v1/studies", json=spec)
+    assert r.status_code == 422, r.text
+    details = r.json()["detail"]
+    assert any(d["loc"] == loc for d in details), details
+    assert all(d["msg"] for d in details)
+    assert client.get("/api/v1/studies").json() == []
+    storage = optuna.storages.RDBStorage(settings.resolved_database_url())
+    assert optuna.get_all_study_names(storage) == []
+
+
+def test_lease_complete_and_stale_results(client, zoo):
+    spec = zoo_spec(zoo, trials=3)
+    study = client.post("/api/v1/studies", json=spec).json()
+    lease = client.post("/api/v1/leases", json={"worker": "w1"}).json()
+    assert lease["study_id"] == study["id"]
+    assert [e["name"] for e in lease["merge_config"]["experts"]] == ["add", "reverse"]
+    assert set(lease["merge_config"]["experts"][0]["params"]) == {"weight", "density"}
+    token = lease["token"]
+
+    bad = client.post(f"/api/v1/leases/{token}/result", json={"values": {"nope": 1.0}})
+    assert bad.status_code == 422 and "keys" in bad.json()["detail"]
+
+    assert client.post(f"/api/v1/leases/{token}/heartbeat").status_code == 200
+    values = dict(zip(_keys(spec), [0.5, 0.25], strict=True))
+    done = client.post(f"/api/v1/leases/{token}/result", json={"values": values})
+    assert done.status_code == 200 and done.json()["state"] == "complete"
+
+    again = client.post(f"/api/v1/leases/{token}/result", json={"values": values})
+    assert again.status_code == 409
+    assert client.post(f"/api/v1/leases/{token}/heartbeat").status_code == 409
+
+    detail = client.get(f"/api/v1/studies/{study['id']}").json()
+    assert detail["trials"][0]["values"] == values
+    assert detail["counts"]["complete"] == 1
+
+
+def test_failed_evaluation_keeps_the_reason_and_the_study_goes_on(client, zoo):
+    spec = zoo_spec(zoo, trials=2)
+    study = client.post("/api/v1/studies", json=spec).json()
+    first = client.post("/api/v1/leases", json={"worker": "w"}).json()
+    r = client.post(f"/api/v1/leases/{first['token']}/result", json={"error": "EvaluationError: NaN"})
+    assert r.json()["state"] == "failed"
+    second = client.post("/api/v1/leases", json={"worker": "w"}).json()
+    assert second["trial_number"] != first["trial_number"]
+    trials = client.get(f"/api/v1/studies/{study['id']}").json()["trials"]
+    assert trials[0]["error"] == "EvaluationError: NaN"
+
+
+def test_expired_lease_is_re_leased_then_failed_after_max_attempts(settings, zoo):
+    settings = settings.model_copy(update={"lease_seconds": 0.3, "max_attempts": 2})
+    with TestClient(create_app(settings)) as client:
+        spec = zoo_spec(zoo, trials=2)
+        study = client.post("/api/v1/studies", json=spec).json()
+        first = client.post("/api/v1/leases", json={"worker": "slow"}).json()
+        time.sleep(0.5)
+        second = client.post("/api/v1/leases", json={"worker": "fast"}).json()
+        assert second["trial_number"] == first["trial_number"]
+        assert second["token"] != first["token"]
+        values = dict.fromkeys(_keys(spec), 0.1)
+        assert client.post(f"/api/v1/leases/{first['token']}/result", json={"values": values}).status_code == 409
+        time.sleep(0.5)
+        third = client.post("/api/v1/leases", json={"worker": "w"}).json()
+        assert third["trial_number"] != first["trial_number"]
+        trial = client.get(f"/api/v1/studies/{study['id']}").json()["trials"][0]
+        assert trial["state"] == "failed" and trial["attempts"] == 2
+        assert "lease expired" in trial["error"]
+
+
+def test_budget_reached_marks_done_and_pareto_lists_the_front(client, zoo):
+    spec = zoo_spec(zoo, trials=3)
+    study = client.post("/api/v1/studies", json=spec).json()
+    scores = [(0.9, 0.1), (0.1, 0.9), (0.05, 0.05)]
+    numbers = []
+    for s in scores:
+        lease = client.post("/api/v1/leases", json={"worker": "w"}).json()
+        numbers.append(lease["trial_number"])
+        client.post(f"/api/v1/leases/{lease['token']}/result",
+                    json={"values": dict(zip(_keys(spec), s, strict=True))})
+    assert client.post("/api/v1/leases", json={"worker": "w"}).status_code == 204
+    detail = client.get(f"/api/v1/studies/{study['id']}").json()
+    assert detail["status"] == "done"
+    pareto = client.get(f"/api/v1/studies/{study['id']}/pareto").json()
+    assert sorted(t["number"] for t in pareto["front"]) == sorted(numbers[:2])
+    assert pareto["selected"] in numbers[:2]
+    assert pareto["hypervolume"] > 0
+
+
+def test_unknown_study_is_404(client):
+    assert client.get("/api/v1/studies/999").status_code == 404
+    assert client.get("/api/v1/studies/999/pareto").status_code == 404

@@ -1,0 +1,71 @@
+"""Whole-system runs: a real HTTP server, an in-process worker, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from service.client import ApiClient
+from service.demo import in_process_worker, start_server
+from service.settings import Settings
+from tests.conftest import zoo_spec
+
+pytestmark = pytest.mark.slow
+
+
+def test_study_over_http_runs_to_completion(tmp_path, zoo, cache_dir):
+    settings = Settings(home=tmp_path, cache_dir=cache_dir)
+    running = start_server(settings, port=0)
+    client = ApiClient(running.url)
+    try:
+        with in_process_worker(running.url, name="test-worker"):
+            study = client.create_study(zoo_spec(zoo, trials=6, samples=30))
+            deadline = time.monotonic() + 600
+            while client.study(study["id"])["status"] == "running":
+                assert time.monotonic() < deadline, "study did not finish in time"
+                time.sleep(0.5)
+        detail = client.study(study["id"])
+        assert detail["status"] == "done"
+        assert [t["state"] for t in detail["trials"]] == ["complete"] * 6
+        assert all(t["worker"] == "test-worker" for t in detail["trials"] if not t["cached"])
+        distinct = {tuple(t["values"].values()) for t in detail["trials"]}
+        assert len(distinct) > 1, "different merges must score differently"
+        assert client.pareto(study["id"])["front"]
+    finally:
+        client.close()
+        running.stop()
+
+
+def _mmmo(*args: str, env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=timeout)
+
+
+def test_demo_exit_when_done_prints_the_front(tmp_path, zoo, cache_dir):
+    env = {"MMMO_HOME": str(tmp_path), "MMMO_CACHE_DIR": str(cache_dir)}
+    result = _mmmo("demo", "--exit-when-done", "--trials", "12", "--port", "0", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Pareto front" in result.stdout
+    assert "12 trials complete" in result.stdout
+    assert "/studies/1" in result.stdout
+
+
+def test_eval_cli_prints_json_scores(zoo, cache_dir):
+    result = _mmmo("eval", str(zoo.experts["add"]), "--task", "mmmo_add", "--task", "mmmo_add_mc",
+                   "--samples", "20", "--json", env={})
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(scores) == {"mmmo_add", "mmmo_add_mc"}
+    assert 0 <= scores["mmmo_add"]["exact_match"] <= 1
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    result = _mmmo("eval", str(tmp_path / "missing"), "--task", "mmmo_add", env={})
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mmmo: error:") and "missing" in lines[0]

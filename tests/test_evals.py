@@ -1,0 +1,83 @@
+"""Objectives and the in-memory evaluator on the demo zoo."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from evals.catalog import TaskCatalog
+from evals.evaluator import EvaluationError, Evaluator, bundled_task_names
+from evals.objective import Objective
+from merging.config import ExpertRef, MergeConfig
+from service.worker import TrialRunner
+
+
+def test_fixed_subset_is_identical_across_calls_and_seeded():
+    o = Objective(task="mmmo_add", samples=50)
+    assert o.doc_ids(300) == o.doc_ids(300) == Objective(task="mmmo_add", samples=50).doc_ids(300)
+    assert len(set(o.doc_ids(300))) == 50 and max(o.doc_ids(300)) < 300
+    assert Objective(task="mmmo_add", samples=50, seed=1).doc_ids(300) != o.doc_ids(300)
+    assert Objective(task="mmmo_add", samples=None).doc_ids(7) == list(range(7))
+
+
+def test_bundled_suite_has_generation_and_choice_forms():
+    names = set(bundled_task_names())
+    for task in ("add", "reverse", "sort", "upper"):
+        assert {f"mmmo_{task}", f"mmmo_{task}_mc"} <= names
+
+
+def test_catalog_rejects_unknown_task_metric_and_filter():
+    catalog = TaskCatalog()
+    assert catalog.problem(Objective(task="mmmo_add")) is None
+    assert catalog.problem(Objective(task="nope"))[0] == "task"
+    assert catalog.problem(Objective(task="mmmo_add", metric="acc"))[0] == "metric"
+    assert catalog.problem(Objective(task="mmmo_add", filter="maj@8"))[0] == "filter"
+    assert catalog.problem(Objective(task="mmmo_add_mc", metric="acc")) is None
+
+
+@pytest.fixture(scope="module")
+def base_model(zoo):
+    model = AutoModelForCausalLM.from_pretrained(zoo.base, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(zoo.base)
+
+
+def test_evaluator_scores_both_output_types_and_repeats_exactly(base_model):
+    model, tok = base_model
+    objectives = [Objective(task="mmmo_reverse", samples=30),
+                  Objective(task="mmmo_reverse_mc", metric="acc", samples=30)]
+    ev = Evaluator(model, tok, objectives)
+    first = ev.score()
+    assert set(first) == {"mmmo_reverse:exact_match", "mmmo_reverse_mc:acc"}
+    assert all(0.0 <= v <= 1.0 for v in first.values())
+    assert ev.score() == first
+
+
+def test_evaluator_names_a_metric_the_task_does_not_produce(base_model):
+    model, tok = base_model
+    ev = Evaluator(model, tok, [Objective(task="mmmo_add", metric="acc", samples=5)])
+    with pytest.raises(EvaluationError, match="no 'acc,none'"):
+        ev.score()
+
+
+def test_evaluator_refuses_unknown_tasks_up_front(base_model):
+    model, tok = base_model
+    with pytest.raises(EvaluationError, match="unknown task"):
+        Evaluator(model, tok, [Objective(task="not_a_task")])
+
+
+def test_trial_runner_scores_depend_on_the_merge(zoo):
+    runner = TrialRunner()
+    objectives = [Objective(task="mmmo_add", samples=60), Objective(task="mmmo_reverse", samples=60)]
+
+    def config(w_add: float, w_rev: float) -> MergeConfig:
+        return MergeConfig(method="task_arithmetic", base=str(zoo.base),
+                           experts=(ExpertRef("add", str(zoo.experts["add"]), {"weight": w_add}),
+                                    ExpertRef("reverse", str(zoo.experts["reverse"]), {"weight": w_rev})))
+
+    add_heavy = runner.run(config(1.0, 0.0), objectives)
+    resident = runner._resident
+    rev_heavy = runner.run(config(0.0, 1.0), objectives)
+    assert runner._resident is resident, "the same base/experts must stay resident between trials"
+    assert add_heavy["mmmo_add:exact_match"] > rev_heavy["mmmo_add:exact_match"]
+    assert rev_heavy["mmmo_reverse:exact_match"] >= add_heavy["mmmo_reverse:exact_match"]
