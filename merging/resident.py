@@ -47,16 +47,20 @@ class Merger:
     """Holds a base and K expert deltas; ``apply`` writes a merge into a model's parameters."""
 
     def __init__(self, base: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]],
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32,
+                 stats: Mapping[str, Mapping[str, Tensor]] | None = None) -> None:
         if not experts:
             raise MergeError("a merge needs at least one expert")
         self.expert_names = list(experts)
         self.base = {k: v.to(dtype) for k, v in base.items()}
         self.deltas = compute_deltas(self.base, experts, dtype)
+        self.stats = {name: dict((stats or {}).get(name, {})) for name in self.expert_names}
 
     @classmethod
-    def from_checkpoints(cls, base_dir: str, expert_dirs: Mapping[str, str]) -> Merger:
-        return cls(load_state_dict(base_dir), {name: load_state_dict(p) for name, p in expert_dirs.items()})
+    def from_checkpoints(cls, base_dir: str, expert_dirs: Mapping[str, str],
+                         stats: Mapping[str, Mapping[str, Tensor]] | None = None) -> Merger:
+        return cls(load_state_dict(base_dir), {name: load_state_dict(p) for name, p in expert_dirs.items()},
+                   stats=stats)
 
     def merged_tensors(self, config: MergeConfig):
         """Yield (name, merged tensor) for every tensor of the base."""
@@ -67,7 +71,8 @@ class Merger:
         experts, params = method.resolve([e.params for e in config.experts], config.params, names)
         for name, base in self.base.items():
             gen = torch.Generator().manual_seed(tensor_seed(config.seed, name))
-            yield name, method.merge(TensorInputs(name, base, self.deltas[name], gen), experts, params)
+            stats = [self.stats[e].get(name) for e in names]
+            yield name, method.merge(TensorInputs(name, base, self.deltas[name], gen, stats), experts, params)
 
     def apply(self, model: nn.Module, config: MergeConfig) -> None:
         """Write the merge of ``config`` into ``model``'s parameters in place."""

@@ -105,6 +105,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from merging.files import merge_to_dir
+    from merging.mergekit_yaml import parse_mergekit
+    from merging.saliency import calibration_stats, read_calibration_texts
+
+    config_path = Path(args.config)
+    plan = parse_mergekit(config_path.read_text(), relative_to=config_path.parent)
+    settings = _settings(args)
+    stats = {}
+    for expert in plan.config.experts:
+        if expert.name in plan.calibration and plan.config.method == "obim":
+            texts = read_calibration_texts(plan.calibration[expert.name])
+            stats[expert.name] = calibration_stats(Path(expert.path), texts, settings.cache_dir, device=args.device)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns) as progress:
+        bar = progress.add_task("merging tensors", total=None)
+
+        def step(_name: str, done: int, total: int) -> None:
+            progress.update(bar, completed=done, total=total)
+
+        out = merge_to_dir(plan.config, Path(args.out_dir), dtype=args.dtype or plan.dtype, device=args.device,
+                           max_shard_bytes=int(args.max_shard_gb * 2**30), stats=stats, progress=step)
+    print(f"merged model written to {out}")
+    return 0
+
+
 def cmd_study_validate(args: argparse.Namespace) -> int:
     from search.spec import load_spec
 
@@ -155,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
+    p = with_db(sub.add_parser("merge", help="merge checkpoints from a mergekit-style YAML into OUT_DIR"))
+    p.add_argument("config")
+    p.add_argument("out_dir")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.set_defaults(func=cmd_merge)
+
     study = sub.add_parser("study", help="study specs").add_subparsers(dest="study_command", required=True)
     p = study.add_parser("validate", help="check a spec (YAML or JSON) without running it")
     p.add_argument("spec")
@@ -170,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         first = exc.errors()[0]
         print(f"mmmo: error: {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
         print(f"mmmo: error: {exc}", file=sys.stderr)
     return 1
 

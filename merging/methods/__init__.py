@@ -6,11 +6,12 @@ from merging.methods.breadcrumbs import Breadcrumbs
 from merging.methods.dare import DareLinear, DareTies
 from merging.methods.della import Della
 from merging.methods.linear import Linear
+from merging.methods.obim import Obim
 from merging.methods.task_arithmetic import TaskArithmetic
 from merging.methods.ties import Ties
 
 METHODS: dict[str, type[MergeMethod]] = {
-    cls.name: cls for cls in (Linear, TaskArithmetic, Ties, DareTies, DareLinear, Breadcrumbs, Della)
+    cls.name: cls for cls in (Linear, TaskArithmetic, Ties, DareTies, DareLinear, Breadcrumbs, Della, Obim)
 }
 
 

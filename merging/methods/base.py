@@ -18,12 +18,17 @@ class Param:
     """A method parameter as mergekit names it; ``default=None`` means required."""
 
     name: str
-    default: float | bool | None = None
+    default: float | bool | str | None = None
     low: float | None = None  # inclusive unless low_open
     high: float | None = None
     low_open: bool = False
+    choices: tuple[str, ...] = ()  # for a string parameter
 
     def check(self, value: Any, where: str) -> None:
+        if self.choices:
+            if value not in self.choices:
+                raise MergeError(f"{where}: '{self.name}' must be one of {list(self.choices)}, got {value!r}")
+            return
         if isinstance(self.default, bool):
             if not isinstance(value, bool):
                 raise MergeError(f"{where}: '{self.name}' must be true or false, got {value!r}")
@@ -44,12 +49,14 @@ LAMBDA = Param("lambda", 1.0)
 
 @dataclass
 class TensorInputs:
-    """What a method sees of one tensor: the base, each expert's delta, and its seeded RNG."""
+    """What a method sees of one tensor: the base, each expert's delta, its seeded RNG, and
+    per expert the input-channel energy of this tensor's layer (None where not collected)."""
 
     name: str
     base: Tensor
     deltas: list[Tensor]
     generator: torch.Generator | None = None
+    stats: list[Tensor | None] | None = None
 
 
 class MergeMethod(ABC):

@@ -1,0 +1,178 @@
+"""The file path of the merge engine: stream tensors from checkpoints into a new checkpoint.
+
+One tensor at a time is read from the base and each expert, merged, cast and buffered into
+the current output shard, so peak memory stays near a few times the largest tensor rather
+than the model size. Output is written to a temporary directory and renamed into place: an
+error never leaves a partial OUT_DIR behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from merging.checkpoint import CheckpointReader
+from merging.config import MergeConfig
+from merging.errors import MergeError
+from merging.io import BIN_INDEX, SAFETENSORS_INDEX
+from merging.mergekit_yaml import to_mergekit
+from merging.methods import TensorInputs, get_method
+from merging.resident import tensor_seed
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# A fine-tune moves weights by a small fraction of their norm; an unrelated model by ~sqrt(2).
+ANCESTOR_MAX_RELATIVE_DELTA = 0.5
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise MergeError(f"unknown dtype '{name}'; known: {sorted(DTYPES)}") from None
+
+
+def _check_inputs(base: CheckpointReader, experts: Mapping[str, CheckpointReader]) -> list[str]:
+    names = base.keys()
+    for expert, reader in experts.items():
+        missing = sorted(set(names) - set(reader.keys()))
+        extra = sorted(set(reader.keys()) - set(names))
+        if missing or extra:
+            raise MergeError(f"model '{expert}': tensors differ from the base (missing {missing[:5]}, "
+                             f"unexpected {extra[:5]})")
+        for n in names:
+            if reader.shape(n) != base.shape(n):
+                raise MergeError(f"model '{expert}': tensor '{n}' has shape {reader.shape(n)}, "
+                                 f"the base has {base.shape(n)}")
+    return names
+
+
+def _check_ancestry(base: CheckpointReader, experts: Mapping[str, CheckpointReader], names: list[str]) -> None:
+    """Refuse a base that is not the experts' ancestor, judged on up to three matrices."""
+    probes = [n for n in names if len(base.shape(n)) == 2][:3]
+    if not probes:
+        return
+    for expert, reader in experts.items():
+        rel = []
+        for n in probes:
+            b = base.get(n).float()
+            rel.append(float((reader.get(n).float() - b).norm() / b.norm().clamp_min(1e-12)))
+        if min(rel) > ANCESTOR_MAX_RELATIVE_DELTA:
+            raise MergeError(f"model '{expert}': does not look fine-tuned from the base (relative delta "
+                             f"{min(rel):.2f} on '{probes[rel.index(min(rel))]}'): is the base its ancestor?")
+
+
+def _model_card(config: MergeConfig, dtype: str | None) -> str:
+    return ("---\nlibrary_name: transformers\ntags: [merge, mmmo]\n---\n"
+            f"# Merged with mmmo ({config.method})\n\nBase: `{config.base}`\n\n"
+            "Experts: " + ", ".join(f"`{e.path}`" for e in config.experts) + "\n\n"
+            f"## Merge configuration\n\n```yaml\n{to_mergekit(config, dtype)}```\n")
+
+
+def _copy_side_files(base_dir: Path, out: Path, dtype: torch.dtype | None) -> None:
+    """Config, tokenizer and generation files come from the base; weights do not."""
+    for f in base_dir.iterdir():
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in (SAFETENSORS_INDEX, BIN_INDEX,
+                                                                                  "README.md"):
+            shutil.copy2(f, out / f.name)
+    if dtype is not None and (out / "config.json").exists():
+        cfg = json.loads((out / "config.json").read_text())
+        name = str(dtype).removeprefix("torch.")
+        cfg["torch_dtype"] = name
+        if "dtype" in cfg:
+            cfg["dtype"] = name
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+class _ShardWriter:
+    def __init__(self, out: Path, max_bytes: int) -> None:
+        self.out, self.max_bytes = out, max_bytes
+        self.buffer: dict[str, Tensor] = {}
+        self.size = 0
+        self.shards: list[dict[str, int]] = []  # per shard: tensor name -> bytes
+        self.total = 0
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.buffer and self.size + nbytes > self.max_bytes:
+            self.flush()
+        self.buffer[name] = tensor.contiguous()
+        self.size += nbytes
+        self.total += nbytes
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        save_file(self.buffer, str(self.out / f"shard-{len(self.shards):05d}.tmp"), metadata={"format": "pt"})
+        self.shards.append({k: v.numel() * v.element_size() for k, v in self.buffer.items()})
+        self.buffer, self.size = {}, 0
+
+    def finish(self) -> None:
+        self.flush()
+        n = len(self.shards)
+        if n == 1:
+            (self.out / "shard-00000.tmp").rename(self.out / "model.safetensors")
+            return
+        weight_map = {}
+        for i, names in enumerate(self.shards):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.out / f"shard-{i:05d}.tmp").rename(self.out / fname)
+            weight_map.update(dict.fromkeys(names, fname))
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+
+
+def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None = None, device: str = "cpu",
+                 max_shard_bytes: int = 5 * 2**30, stats: Mapping[str, Mapping[str, Tensor]] | None = None,
+                 progress: Callable[[str, int, int], None] | None = None) -> Path:
+    """Merge ``config`` into a new HF model directory ``out_dir``; returns it."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise MergeError(f"output directory '{out_dir}' exists and is not empty")
+    out_dtype = parse_dtype(dtype)
+    method = get_method(config.method)
+    names_k = [e.name for e in config.experts]
+    experts_params, params = method.resolve([e.params for e in config.experts], config.params, names_k)
+    base = CheckpointReader(config.base)
+    readers = {e.name: CheckpointReader(e.path) for e in config.experts}
+    names = _check_inputs(base, readers)
+    if config.method != "linear":
+        _check_ancestry(base, readers, names)
+    stats = stats or {}
+    dev = torch.device(device)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        writer = _ShardWriter(staging, max_shard_bytes)
+        for i, name in enumerate(names):
+            b = base.get(name)
+            target = out_dtype or b.dtype
+            b32 = b.to(dev, torch.float32)
+            deltas = [readers[e].get(name).to(dev, torch.float32) - b32 for e in names_k]
+            gen = torch.Generator(device=dev).manual_seed(tensor_seed(config.seed, name))
+            tensor_stats = [stats.get(e, {}).get(name) for e in names_k]
+            merged = method.merge(TensorInputs(name, b32, deltas, gen, tensor_stats), experts_params, params)
+            writer.add(name, merged.to(target).cpu())
+            del b32, deltas, merged
+            if progress:
+                progress(name, i + 1, len(names))
+        writer.finish()
+        _copy_side_files(Path(config.base), staging, out_dtype)
+        (staging / "README.md").write_text(_model_card(config, dtype))
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,118 @@
+"""Activation statistics for OBIM's saliency: per input channel, ``sum_t x_tj^2`` of every nn.Linear.
+
+OBM (our reading of the paper, see README) scores a delta entry ``d_ij`` of a linear layer by
+the layer-wise reconstruction loss its removal causes, with the diagonal Hessian
+``H_jj = 2 sum_t x_tj^2``: ``s_ij = d_ij^2 * sum_t x_tj^2``. One forward pass of calibration
+text through each *expert* collects those sums; they are cached on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from merging.io import weight_files
+
+HOOK_VERSION = 1  # bump when what the hooks accumulate changes: old caches are then ignored
+
+
+def collect_input_energy(model: nn.Module, batches: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """``{weight tensor name: sum over tokens of x^2 per input channel}`` for every nn.Linear.
+
+    Padding positions are excluded: each batch's ``attention_mask`` selects the tokens counted.
+    """
+    sums: dict[str, Tensor] = {}
+    mask_holder: dict[str, Tensor | None] = {"mask": None}
+    handles = []
+
+    def hook(name: str):
+        def accumulate(_module: nn.Module, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
+            x = inputs[0].detach().float()  # (B, T, in)
+            mask = mask_holder["mask"]
+            if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2]:
+                x = x * mask.unsqueeze(-1).to(x.dtype)
+            energy = x.pow(2).reshape(-1, x.shape[-1]).sum(0)  # (in,)
+            sums[name] = sums[name] + energy if name in sums else energy
+        return accumulate
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(hook(f"{name}.weight")))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                mask_holder["mask"] = batch.get("attention_mask")
+                model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v.cpu() for k, v in sums.items()}
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Cheap identity of a checkpoint: config plus, per weight file, its size and first/last MiB."""
+    h = hashlib.sha256()
+    config = Path(model_dir) / "config.json"
+    if config.exists():
+        h.update(config.read_bytes())
+    for f in weight_files(Path(model_dir)):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:24]
+
+
+def texts_fingerprint(texts: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()[:24]
+
+
+def calibration_stats(model_dir: Path, texts: Sequence[str], cache_dir: Path | None, *,
+                      batch_size: int = 32, max_length: int = 512, device: str = "cpu") -> dict[str, Tensor]:
+    """Input energy of ``model_dir`` over ``texts``, from the cache when the same pair was seen."""
+    key = f"{model_fingerprint(model_dir)}-{texts_fingerprint(texts)}-v{HOOK_VERSION}"
+    path = Path(cache_dir) / "saliency" / f"{key}.safetensors" if cache_dir else None
+    if path is not None and path.exists():
+        return load_file(str(path))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    batches = []
+    for i in range(0, len(texts), batch_size):
+        enc = tok(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
+                  max_length=max_length)
+        batches.append({k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")})
+    stats = collect_input_energy(model, batches)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in stats.items()}, str(tmp))
+        tmp.replace(path)
+    return stats
+
+
+def read_calibration_texts(source: str | Path, limit: int = 256) -> list[str]:
+    """Texts from a jsonl file (field ``text``, else ``prompt`` + ``target``) or a plain text file."""
+    path = Path(source)
+    texts: list[str] = []
+    with open(path, encoding="utf-8") as fh:
+        if path.suffix == ".jsonl":
+            for line in fh:
+                row = json.loads(line)
+                texts.append(row["text"] if "text" in row else row.get("prompt", "") + row.get("target", ""))
+        else:
+            texts = [line.rstrip("\n") for line in fh if line.strip()]
+    if not texts:
+        raise ValueError(f"calibration file '{path}' holds no text")
+    return texts[:limit]
