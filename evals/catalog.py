@@ -21,8 +21,25 @@ class TaskCatalog:
             self._loaded[name] = self.manager.load([name])["tasks"][name]
         return self._loaded[name]
 
+    def higher_is_better(self, objective: Objective) -> bool:
+        """lm-eval's own direction for the objective's metric (True where the task does not say)."""
+        for m in self._task(objective.task).config.metric_list or []:
+            if m["metric"] == objective.metric:
+                return bool(m.get("higher_is_better", True))
+        return True
+
     def problem(self, objective: Objective) -> tuple[str, str] | None:
         """``(field, message)`` if the objective cannot be scored, else None."""
+        if objective.kind == "sparsity":
+            return None
+        if objective.kind == "perplexity":
+            from merging.saliency import read_calibration_texts
+
+            try:
+                read_calibration_texts(objective.data, limit=1)
+            except (OSError, ValueError, KeyError) as exc:
+                return "data", f"cannot read perplexity data: {exc}"
+            return None
         if objective.task not in self.manager.all_tasks:
             return "task", f"unknown task '{objective.task}'"
         try:

@@ -30,6 +30,37 @@ class EvaluationError(RuntimeError):
     """An objective could not be scored (missing task or metric, NaN score)."""
 
 
+class Perplexity:
+    """Perplexity of a live model on fixed calibration texts (token-weighted mean NLL, exponentiated)."""
+
+    def __init__(self, data: str | None, limit: int = 256, batch_size: int = 32) -> None:
+        from merging.saliency import read_calibration_texts
+
+        if data is None:
+            raise EvaluationError("a perplexity objective needs 'data' (a jsonl or text file)")
+        self.texts = read_calibration_texts(data, limit=limit)
+        self.batch_size = batch_size
+
+    def score(self, model, tokenizer) -> float:
+        import torch
+
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        device = next(model.parameters()).device
+        nll, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(self.texts), self.batch_size):
+                enc = tokenizer(self.texts[i : i + self.batch_size], return_tensors="pt", padding=True,
+                                truncation=True, max_length=getattr(model.config, "max_position_embeddings", 512))
+                ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
+                target, keep = ids[:, 1:], mask[:, 1:].bool()
+                losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+                nll += float(losses[keep].sum())
+                count += int(keep.sum())
+        return math.exp(nll / max(count, 1))
+
+
 def task_manager(include_paths: Sequence[Path] = ()) -> TaskManager:
     """Bundled tasks plus the caller's YAML dirs; lm-eval's ~14,700 defaults are not indexed."""
     paths = [str(BUNDLED_TASKS_DIR), *map(str, include_paths)]
@@ -54,22 +85,26 @@ class _QuietHFLM(HFLM):
 
 
 class Evaluator:
-    """Scores the current weights of ``model`` on a fixed list of objectives."""
+    """Scores the current weights of ``model`` on its lm-eval and perplexity objectives.
+
+    (Sparsity needs the base weights, so the worker's TrialRunner scores it.)
+    """
 
     def __init__(self, model, tokenizer, objectives: Sequence[Objective], *, batch_size: int | str = 64,
                  include_paths: Sequence[Path] = (), manager: TaskManager | None = None) -> None:
-        self.objectives = list(objectives)
+        self.model, self.tokenizer = model, tokenizer
+        self.objectives = [o for o in objectives if o.kind == "lm_eval"]
+        self.perplexity = {o.key: Perplexity(o.data) for o in objectives if o.kind == "perplexity"}
         self.manager = manager or task_manager(include_paths)
-        unknown = sorted({o.task for o in objectives} - set(self.manager.all_tasks))
+        unknown = sorted({o.task for o in self.objectives} - set(self.manager.all_tasks))
         if unknown:
             raise EvaluationError(f"unknown task(s) {unknown}")
         self.lm = _QuietHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        self.task_dict = self.manager.load(sorted({o.task for o in objectives}))
-        self.tasks = self.task_dict["tasks"]
+        self.task_dict = self.manager.load(sorted({o.task for o in self.objectives})) if self.objectives else None
+        self.tasks = self.task_dict["tasks"] if self.task_dict else {}
         self.samples = {}
         for obj in self.objectives:
-            task = self.tasks[obj.task]
-            self.samples[obj.task] = obj.doc_ids(len(task.eval_docs))
+            self.samples[obj.task] = obj.doc_ids(len(self.tasks[obj.task].eval_docs))
 
     def _results(self) -> dict[str, dict]:
         out = evaluate(lm=self.lm, task_dict=self.task_dict, samples=self.samples,
@@ -89,8 +124,13 @@ class Evaluator:
 
     def score(self) -> dict[str, float]:
         """Evaluate the model as it is now; keys are ``Objective.key``."""
+        scores: dict[str, float] = {key: p.score(self.model, self.tokenizer) for key, p in self.perplexity.items()}
+        for key, value in scores.items():
+            if not math.isfinite(value):
+                raise EvaluationError(f"perplexity objective '{key}' is {value}")
+        if not self.objectives:
+            return scores
         results = self._results()
-        scores: dict[str, float] = {}
         for obj in self.objectives:
             row = results.get(obj.task, {})
             field = f"{obj.metric},{obj.filter}"

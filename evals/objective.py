@@ -2,28 +2,48 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 
 Direction = Literal["maximize", "minimize"]
+Kind = Literal["lm_eval", "sparsity", "perplexity"]
 
 
 @dataclass(frozen=True)
 class Objective:
-    """One score of a trial: an lm-eval task's metric on a fixed seeded subset of its documents."""
+    """One score of a trial.
 
-    task: str
+    ``lm_eval``: a task's metric on a fixed seeded subset of its documents. ``sparsity``:
+    MM-MO's ``sum |theta_merged - theta_base|`` (minimise). ``perplexity``: of the merged model
+    on the texts of ``data`` (a jsonl with ``text`` or ``prompt``/``target``, or a text file).
+    """
+
+    task: str | None = None
     metric: str = "exact_match"
     filter: str = "none"
     direction: Direction = "maximize"
     samples: int | None = 100  # None: every document of the evaluation split
     seed: int = 0
+    kind: Kind = "lm_eval"
+    data: str | None = None
 
     @property
     def key(self) -> str:
-        """The name results are stored under: lm-eval's ``metric,filter`` joined to the task."""
-        return f"{self.task}:{self.metric}"
+        """The name results are stored and shown under."""
+        if self.kind == "sparsity":
+            return "sparsity"
+        if self.kind == "perplexity":
+            return f"perplexity:{Path(self.data or '').stem}"
+        return f"{self.task}:{self.metric}" + ("" if self.filter == "none" else f",{self.filter}")
+
+    def identity(self) -> str:
+        """Everything that determines the value for a given model: the results-cache key."""
+        fields = {k: v for k, v in asdict(self).items() if k != "direction"}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
     def doc_ids(self, n_docs: int) -> list[int]:
         """The fixed subset: same ids for every trial and every call."""

@@ -22,12 +22,12 @@ import torch
 from filelock import FileLock
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from evals.synthetic import TASKS, read_split
+from evals.synthetic import DATA_DIR, TASKS, read_split
 from evals.tokenizer import build_char_tokenizer
 
 log = logging.getLogger(__name__)
 
-ZOO_FORMAT = 1  # bump when the layout of a built zoo changes
+ZOO_FORMAT = 2  # bump when the layout of a built zoo changes
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ class Zoo:
     base: Path
     experts: dict[str, Path]  # expert name -> model dir
     expert_tasks: dict[str, list[str]] = field(default_factory=dict)  # expert -> lm-eval tasks
+    calibration: dict[str, Path] = field(default_factory=dict)  # expert -> its task's train split
 
     @classmethod
     def load(cls, root: Path) -> Zoo:
@@ -75,6 +76,7 @@ class Zoo:
             base=Path(meta["base"]),
             experts={e["name"]: Path(e["path"]) for e in meta["experts"]},
             expert_tasks={e["name"]: e["tasks"] for e in meta["experts"]},
+            calibration={e["name"]: Path(e["calibration"]) for e in meta["experts"]},
         )
 
 
@@ -200,7 +202,8 @@ def _build_into(staging: Path, final: Path, recipe: ZooRecipe, note: Callable[[s
         base.load_state_dict(base_state)
         _train(base, [pools[i]], [1.0], recipe.expert_steps, _expert_lr(recipe), recipe, tok.pad_token_id, rng)
         _save(base, tok, staging / f"expert-{task}")
-        experts.append({"name": task, "path": str(final / f"expert-{task}"), "tasks": [f"mmmo_{task}"]})
+        experts.append({"name": task, "path": str(final / f"expert-{task}"), "tasks": [f"mmmo_{task}"],
+                        "calibration": str(DATA_DIR / task / "train.jsonl")})
 
     meta = {"format": ZOO_FORMAT, "recipe": asdict(recipe), "base": str(final / "base"), "experts": experts}
     (staging / "zoo.json").write_text(json.dumps(meta, indent=2))

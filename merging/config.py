@@ -13,6 +13,7 @@ class ExpertRef:
     name: str
     path: str
     params: dict[str, Any] = field(default_factory=dict)
+    calibration: str | None = None  # OBIM's calibration texts (jsonl or text file)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class MergeConfig:
         experts = tuple(ExpertRef(**e) for e in data["experts"])
         return cls(method=data["method"], base=data["base"], experts=experts,
                    params=dict(data.get("params", {})), seed=int(data.get("seed", 0)))
+
+    def experts_identity(self) -> list[tuple[str, str, str | None]]:
+        """What determines the resident state (not the per-trial parameters)."""
+        return [(e.name, e.path, e.calibration) for e in self.experts]
 
     def fingerprint(self) -> str:
         """A stable hash of the merge: equal configs give equal models."""

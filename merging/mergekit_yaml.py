@@ -4,7 +4,7 @@ calibration data with ``calibration: FILE`` (jsonl or text)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,6 @@ MERGEKIT_METHODS = {"linear", "task_arithmetic", "ties", "dare_ties", "dare_line
 class FileMergePlan:
     config: MergeConfig
     dtype: str | None = None
-    calibration: dict[str, str] = field(default_factory=dict)  # expert name -> file
 
 
 def _unique_name(path: str, taken: set[str]) -> str:
@@ -57,24 +56,23 @@ def parse_mergekit(text: str, relative_to: Path | None = None) -> FileMergePlan:
     base = doc.get("base_model")
     models = doc["models"] or []
     taken: set[str] = set()
-    experts, calibration = [], {}
+    experts = []
     for i, entry in enumerate(models):
         if not isinstance(entry, dict) or "model" not in entry:
             raise MergeError(f"config: models[{i}] needs a 'model'")
         path = resolve(str(entry["model"]))
         if base is not None and path == resolve(str(base)):
             continue  # mergekit lets the base appear among the models; it carries no delta
-        name = _unique_name(path, taken)
-        experts.append(ExpertRef(name=name, path=path, params=dict(entry.get("parameters") or {})))
-        if entry.get("calibration"):
-            calibration[name] = resolve(str(entry["calibration"]))
+        calibration = resolve(str(entry["calibration"])) if entry.get("calibration") else None
+        experts.append(ExpertRef(name=_unique_name(path, taken), path=path,
+                                 params=dict(entry.get("parameters") or {}), calibration=calibration))
     if base is None:
         if method != "linear":
             raise MergeError(f"config: method '{method}' needs a 'base_model'")
         base = experts[0].path
     config = MergeConfig(method=method, base=resolve(str(base)), experts=tuple(experts),
                          params=dict(doc.get("parameters") or {}), seed=int(doc.get("seed", 0)))
-    return FileMergePlan(config=config, dtype=doc.get("dtype"), calibration=calibration)
+    return FileMergePlan(config=config, dtype=doc.get("dtype"))
 
 
 def to_mergekit(config: MergeConfig, dtype: str | None = None) -> str:
@@ -82,7 +80,8 @@ def to_mergekit(config: MergeConfig, dtype: str | None = None) -> str:
     doc: dict[str, Any] = {
         "merge_method": config.method,
         "base_model": config.base,
-        "models": [{"model": e.path, "parameters": dict(e.params)} for e in config.experts],
+        "models": [{"model": e.path, "parameters": dict(e.params)} | ({"calibration": e.calibration} if e.calibration
+                                                                       else {}) for e in config.experts],
     }
     if config.params:
         doc["parameters"] = dict(config.params)

@@ -116,3 +116,9 @@ def read_calibration_texts(source: str | Path, limit: int = 256) -> list[str]:
     if not texts:
         raise ValueError(f"calibration file '{path}' holds no text")
     return texts[:limit]
+
+
+def stats_for(config_experts, cache_dir: Path | None, device: str = "cpu") -> dict[str, dict[str, Tensor]]:
+    """Statistics of every expert that names calibration data (cached); the others use magnitude."""
+    return {e.name: calibration_stats(Path(e.path), read_calibration_texts(e.calibration), cache_dir, device=device)
+            for e in config_experts if e.calibration}

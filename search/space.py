@@ -34,6 +34,6 @@ class SearchSpace:
             expert_params = {
                 key.split(".", 1)[1]: value for key, value in params.items() if key.split(".", 1)[0] == e.name
             }
-            experts.append(ExpertRef(name=e.name, path=e.path, params=expert_params))
+            experts.append(ExpertRef(name=e.name, path=e.path, params=expert_params, calibration=e.calibration))
         return MergeConfig(method=self.spec.method, base=self.spec.base, experts=tuple(experts),
                            params=dict(self.spec.method_params), seed=self.spec.seed)

@@ -18,6 +18,7 @@ class _Strict(BaseModel):
 class ExpertSpec(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
     path: str = Field(min_length=1, description="HF model directory (or hub id where reachable)")
+    calibration: str | None = Field(default=None, description="OBIM calibration texts: jsonl or text file")
 
 
 class Range(_Strict):
@@ -49,11 +50,26 @@ class SearchSpaceSpec(_Strict):
 
 
 class ObjectiveSpec(_Strict):
-    task: str = Field(min_length=1)
+    """``lm_eval`` (a task's metric), ``sparsity`` (L1 of the merged delta) or ``perplexity`` on ``data``."""
+
+    kind: Literal["lm_eval", "sparsity", "perplexity"] = "lm_eval"
+    task: str | None = Field(default=None, min_length=1)
     metric: str = "exact_match"
     filter: str = "none"
-    direction: Literal["maximize", "minimize"] = "maximize"
+    direction: Literal["maximize", "minimize"] | None = Field(
+        default=None, description="default: lm-eval's higher_is_better; minimize for sparsity and perplexity")
     samples: int | None = Field(default=100, ge=1)
+    data: str | None = Field(default=None, description="text for a perplexity objective: jsonl or text file")
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> ObjectiveSpec:
+        if self.kind == "lm_eval" and not self.task:
+            raise ValueError("an lm_eval objective needs a 'task'")
+        if self.kind == "perplexity" and not self.data:
+            raise ValueError("a perplexity objective needs 'data'")
+        if self.kind != "lm_eval" and self.direction is None:
+            self.direction = "minimize"
+        return self
 
 
 class SamplerSpec(_Strict):
@@ -72,13 +88,21 @@ class StudySpec(_Strict):
     name: str = Field(default="study", min_length=1, max_length=200)
     base: str = Field(min_length=1, description="base model directory")
     experts: list[ExpertSpec] = Field(min_length=1)
-    method: str = "ties"
+    method: str = "obim"
     method_params: dict[str, Any] = Field(default_factory=dict, description="global merge parameters")
     search_space: SearchSpaceSpec = SearchSpaceSpec()
     objectives: list[ObjectiveSpec] = Field(min_length=1)
     sampler: SamplerSpec = SamplerSpec()
     budget: BudgetSpec = BudgetSpec()
     seed: int = 0
+
+    @field_validator("objectives")
+    @classmethod
+    def _distinct_objectives(cls, v: list[ObjectiveSpec]) -> list[ObjectiveSpec]:
+        seen = [(o.kind, o.task, o.metric, o.filter, o.data) for o in v]
+        if len(set(seen)) != len(seen):
+            raise ValueError("objectives must be distinct")
+        return v
 
     @field_validator("experts")
     @classmethod

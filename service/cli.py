@@ -51,7 +51,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from service.worker import TrialRunner, Worker, default_worker_name
 
     client = ApiClient(args.server, token=args.token)
-    worker = Worker(client, TrialRunner(device=args.device), name=args.name or default_worker_name())
+    runner = TrialRunner(device=args.device, batch_size=args.batch_size, cache_dir=_settings(args).cache_dir)
+    worker = Worker(client, runner, name=args.name or default_worker_name())
     stop = threading.Event()
     try:
         worker.run(stop)
@@ -110,16 +111,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     from merging.files import merge_to_dir
     from merging.mergekit_yaml import parse_mergekit
-    from merging.saliency import calibration_stats, read_calibration_texts
+    from merging.saliency import stats_for
 
     config_path = Path(args.config)
     plan = parse_mergekit(config_path.read_text(), relative_to=config_path.parent)
-    settings = _settings(args)
     stats = {}
-    for expert in plan.config.experts:
-        if expert.name in plan.calibration and plan.config.method == "obim":
-            texts = read_calibration_texts(plan.calibration[expert.name])
-            stats[expert.name] = calibration_stats(Path(expert.path), texts, settings.cache_dir, device=args.device)
+    if plan.config.method == "obim":
+        stats = stats_for(plan.config.experts, _settings(args).cache_dir, args.device)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns) as progress:
         bar = progress.add_task("merging tensors", total=None)
@@ -162,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token")
     p.add_argument("--device", default="cpu")
     p.add_argument("--name")
+    p.add_argument("--batch-size", default=64, type=lambda v: v if v == "auto" else int(v),
+                   help="lm-eval batch size, or 'auto'")
     p.set_defaults(func=cmd_worker)
 
     p = with_db(sub.add_parser("demo", help="build the demo zoo and run a study end to end"))

@@ -6,6 +6,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 from rich.console import Console
@@ -21,7 +22,8 @@ from service.worker import TrialRunner, Worker
 
 def demo_spec(zoo: Zoo, trials: int, samples: int = 100) -> dict:
     """TIES over every expert of the zoo, one objective per expert's task."""
-    experts = [{"name": name, "path": str(path)} for name, path in zoo.experts.items()]
+    experts = [{"name": name, "path": str(path), "calibration": str(zoo.calibration[name])}
+               for name, path in zoo.experts.items()]
     return {
         "name": "demo: TIES over the demo zoo",
         "base": str(zoo.base),
@@ -65,10 +67,10 @@ def start_server(settings: Settings, host: str = "127.0.0.1", port: int = 8765) 
 
 
 @contextmanager
-def in_process_worker(url: str, name: str = "demo-worker"):
+def in_process_worker(url: str, name: str = "demo-worker", cache_dir: Path | None = None):
     stop = threading.Event()
     client = ApiClient(url)
-    worker = Worker(client, TrialRunner(), name=name, poll_seconds=0.2)
+    worker = Worker(client, TrialRunner(cache_dir=cache_dir), name=name, poll_seconds=0.2)
     thread = threading.Thread(target=worker.run, args=(stop,), name="mmmo-worker", daemon=True)
     thread.start()
     try:
@@ -137,7 +139,7 @@ def run_demo(settings: Settings, *, port: int, trials: int, exit_when_done: bool
     console.print(f"server: {running.url}  (database {settings.resolved_database_url()})")
     client = ApiClient(running.url)
     try:
-        with in_process_worker(running.url):
+        with in_process_worker(running.url, cache_dir=settings.cache_dir):
             study = client.create_study(demo_spec(zoo, trials))
             console.print(f"study {study['id']} submitted; dashboard: {running.url}/studies/{study['id']}")
             final = watch_study(client, study["id"], console)

@@ -7,5 +7,6 @@ from search.spec import StudySpec
 
 
 def objectives_of(spec: StudySpec) -> list[Objective]:
-    return [Objective(task=o.task, metric=o.metric, filter=o.filter, direction=o.direction,
-                      samples=o.samples, seed=spec.seed) for o in spec.objectives]
+    """Objectives as workers build them; a direction still unset (before submission) reads as maximize."""
+    return [Objective(task=o.task, metric=o.metric, filter=o.filter, direction=o.direction or "maximize",
+                      samples=o.samples, seed=spec.seed, kind=o.kind, data=o.data) for o in spec.objectives]

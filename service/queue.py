@@ -19,10 +19,11 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from evals.objective import Objective
 from search.space import SearchSpace
 from search.spec import StudySpec
 from search.study import OptunaStudies
-from service.db.models import Study, Trial, utcnow
+from service.db.models import Result, Study, Trial, utcnow
 from service.objectives import objectives_of
 
 FINISHED = ("complete", "failed")
@@ -80,32 +81,47 @@ def sweep_expired(session: Session, optuna: OptunaStudies, policy: QueuePolicy, 
             trial.state, trial.lease_token, trial.lease_expires_at = "queued", None, None
 
 
+def cached_values(session: Session, config_hash: str, objectives: list[Objective]) -> dict[str, float] | None:
+    """Stored values of every objective for this configuration, or None if any is missing."""
+    rows = session.execute(
+        select(Result.objective_hash, Result.value).where(Result.config_hash == config_hash)
+    ).all()
+    known = dict(rows)
+    if not all(o.identity() in known for o in objectives):
+        return None
+    return {o.key: known[o.identity()] for o in objectives}
+
+
+def _store_results(session: Session, config_hash: str, objectives: list[Objective], values: dict[str, float]) -> None:
+    have = {h for (h,) in session.execute(select(Result.objective_hash).where(Result.config_hash == config_hash))}
+    for o in objectives:
+        if o.identity() not in have:
+            session.add(Result(config_hash=config_hash, objective_hash=o.identity(), value=float(values[o.key])))
+
+
 def _new_trial(session: Session, optuna: OptunaStudies) -> Trial | None:
     """Ask Optuna for a trial of the oldest running study that has budget left.
 
-    A proposal identical to an evaluated configuration is answered with its stored values
-    (and the next proposal asked for): small NSGA-II populations make duplicate children.
+    A configuration already evaluated on the same objectives (in any study) is answered from
+    the results cache and the next proposal asked for: small NSGA-II populations make
+    duplicate children, and warm-started studies repeat their parents' configurations.
     """
     studies = session.scalars(select(Study).where(Study.status == "running").order_by(Study.id)).all()
     for study in studies:
         spec = _spec(study)
-        keys = [o.key for o in objectives_of(spec)]
+        objectives = objectives_of(spec)
         while session.scalar(select(func.count()).select_from(Trial).where(Trial.study_id == study.id)) < study.budget:
             number, params = _optuna(session, optuna.ask, study.optuna_name, spec)
             config = SearchSpace(spec).merge_config(params)
             trial = Trial(study_id=study.id, number=number, params=params, merge_config=config.to_dict(),
                           config_hash=config.fingerprint(), state="queued")
-            done = session.scalars(
-                select(Trial).where(Trial.study_id == study.id, Trial.config_hash == trial.config_hash,
-                                    Trial.state == "complete", Trial.cached_from.is_(None)).limit(1)
-            ).first()
-            if done is None:
+            values = cached_values(session, trial.config_hash, objectives)
+            if values is None:
                 session.add(trial)
                 session.flush()
                 return trial
-            _optuna(session, optuna.tell, study.optuna_name, spec, number, [done.values[k] for k in keys])
-            trial.state, trial.values, trial.cached_from = "complete", done.values, done.number
-            trial.finished_at = utcnow()
+            _optuna(session, optuna.tell, study.optuna_name, spec, number, [values[o.key] for o in objectives])
+            trial.state, trial.values, trial.cached, trial.finished_at = "complete", values, True, utcnow()
             session.add(trial)
             session.flush()
             _finish_study_if_done(session, study)
@@ -161,6 +177,7 @@ def complete(session: Session, optuna: OptunaStudies, token: str, values: dict[s
         raise BadResult(f"values must have exactly the keys {keys}, got {sorted(values)}")
     now = utcnow()
     _optuna(session, optuna.tell, trial.study.optuna_name, spec, trial.number, [float(values[k]) for k in keys])
+    _store_results(session, trial.config_hash, objectives_of(spec), values)
     trial.state, trial.values, trial.lease_token, trial.finished_at = "complete", values, None, now
     trial.duration_s = (now - trial.started_at).total_seconds() if trial.started_at else None
     _finish_study_if_done(session, trial.study)

@@ -15,7 +15,7 @@ from search.study import OptunaStudies
 from service.db.models import Study, Trial
 from service.objectives import objectives_of
 from service.schemas import ObjectivePublic, ParetoPublic, StudyDetail, StudyPublic, TrialPublic
-from service.validation import SpecProblem, spec_problems
+from service.validation import SpecProblem, resolve_directions, spec_problems
 
 
 class InvalidSpec(ValueError):
@@ -28,6 +28,7 @@ def create_study(session: Session, optuna: OptunaStudies, catalog: TaskCatalog, 
     problems = spec_problems(spec, catalog)
     if problems:
         raise InvalidSpec(problems)
+    spec = resolve_directions(spec, catalog)
     study = Study(name=spec.name, spec=spec.model_dump(mode="json"), budget=spec.budget.trials,
                   optuna_name=f"mmmo-{uuid.uuid4().hex}", status="running")
     optuna.create(study.optuna_name, spec)
@@ -56,7 +57,7 @@ def _objectives(study: Study) -> list[ObjectivePublic]:
 
 def trial_public(t: Trial) -> TrialPublic:
     return TrialPublic(number=t.number, state=t.state, params=t.params, values=t.values, error=t.error,
-                       worker=t.worker, attempts=t.attempts, cached=t.cached_from is not None,
+                       worker=t.worker, attempts=t.attempts, cached=t.cached,
                        started_at=t.started_at, finished_at=t.finished_at, duration_s=t.duration_s)
 
 
@@ -84,8 +85,8 @@ def reference_point(values: list[list[float]], directions: list[str]) -> list[fl
 def pareto(study: Study) -> ParetoPublic:
     objectives = _objectives(study)
     keys, directions = [o.key for o in objectives], [o.direction for o in objectives]
-    # Trials answered from the cache repeat an evaluated configuration: one point, not two.
-    done = [t for t in study.trials if t.state == "complete" and t.cached_from is None]
+    # A configuration proposed twice in a study is one point of the front, not two.
+    done = list({t.config_hash: t for t in reversed(study.trials) if t.state == "complete"}.values())[::-1]
     values = [[t.values[k] for k in keys] for t in done]
     if not done:
         return ParetoPublic(objectives=objectives, front=[], selected=None, hypervolume=0.0, reference=[])

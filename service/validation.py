@@ -8,6 +8,7 @@ from evals.catalog import TaskCatalog
 from merging.errors import MergeError
 from merging.io import check_checkpoint
 from merging.methods import get_method
+from merging.saliency import read_calibration_texts
 from search.spec import StudySpec
 from service.objectives import objectives_of
 
@@ -18,6 +19,17 @@ class SpecProblem:
     msg: str
 
 
+def resolve_directions(spec: StudySpec, catalog: TaskCatalog) -> StudySpec:
+    """The spec with every objective's direction set (lm-eval's higher_is_better where unset)."""
+    objectives = []
+    for spec_obj, obj in zip(spec.objectives, objectives_of(spec), strict=True):
+        direction = spec_obj.direction
+        if direction is None:
+            direction = "maximize" if catalog.higher_is_better(obj) else "minimize"
+        objectives.append(spec_obj.model_copy(update={"direction": direction}))
+    return spec.model_copy(update={"objectives": objectives})
+
+
 def spec_problems(spec: StudySpec, catalog: TaskCatalog) -> list[SpecProblem]:
     problems: list[SpecProblem] = []
     for loc, path in [(("base",), spec.base)] + [(("experts", i, "path"), e.path) for i, e in enumerate(spec.experts)]:
@@ -25,6 +37,12 @@ def spec_problems(spec: StudySpec, catalog: TaskCatalog) -> list[SpecProblem]:
             check_checkpoint(path)
         except MergeError as exc:
             problems.append(SpecProblem(loc, str(exc)))
+    for i, e in enumerate(spec.experts):
+        if e.calibration is not None:
+            try:
+                read_calibration_texts(e.calibration, limit=1)
+            except (OSError, ValueError, KeyError) as exc:
+                problems.append(SpecProblem(("experts", i, "calibration"), f"cannot read calibration data: {exc}"))
     try:
         method = get_method(spec.method)
     except MergeError as exc:

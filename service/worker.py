@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +20,7 @@ from evals.evaluator import Evaluator
 from evals.objective import Objective
 from merging.config import MergeConfig
 from merging.resident import Merger, expert_dirs
+from merging.saliency import stats_for
 from service.client import ApiClient, ApiError
 
 log = logging.getLogger(__name__)
@@ -34,20 +37,23 @@ class _Resident:
 class TrialRunner:
     """Merges and scores trials, keeping one resident set of models (the last one used)."""
 
-    def __init__(self, device: str = "cpu", batch_size: int | str = 64) -> None:
+    def __init__(self, device: str = "cpu", batch_size: int | str = 64, cache_dir: Path | None = None) -> None:
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.cache_dir = cache_dir
         self._resident: _Resident | None = None
+        self.last_timing: dict[str, float] = {}  # seconds of the last trial: load, merge, evaluate
 
     def _load(self, config: MergeConfig, objectives: list[Objective]) -> _Resident:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        key = (config.base, tuple(sorted(expert_dirs(config).items())), tuple(objectives))
+        key = (config.base, config.method == "obim", tuple(config.experts_identity()), tuple(objectives))
         if self._resident is not None and self._resident.key == key:
             return self._resident
         self._resident = None  # free the previous set before loading the next
         log.info("loading base %s and %d experts", config.base, len(config.experts))
-        merger = Merger.from_checkpoints(config.base, expert_dirs(config))
+        stats = stats_for(config.experts, self.cache_dir, str(self.device)) if config.method == "obim" else None
+        merger = Merger.from_checkpoints(config.base, expert_dirs(config), stats=stats)
         model = AutoModelForCausalLM.from_pretrained(config.base, dtype=torch.float32).to(self.device).eval()
         tokenizer = AutoTokenizer.from_pretrained(config.base)
         evaluator = Evaluator(model, tokenizer, objectives, batch_size=self.batch_size)
@@ -55,9 +61,16 @@ class TrialRunner:
         return self._resident
 
     def run(self, config: MergeConfig, objectives: list[Objective]) -> dict[str, float]:
+        t0 = time.perf_counter()
         resident = self._load(config, objectives)
+        t1 = time.perf_counter()
         resident.merger.apply(resident.model, config)
-        return resident.evaluator.score()
+        t2 = time.perf_counter()
+        scores = resident.evaluator.score()
+        if any(o.kind == "sparsity" for o in objectives):
+            scores["sparsity"] = resident.merger.sparsity_l1(resident.model)
+        self.last_timing = {"load": t1 - t0, "merge": t2 - t1, "evaluate": time.perf_counter() - t2}
+        return scores
 
 
 class _Heartbeat:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -45,7 +45,7 @@ class Trial(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     merge_config: Mapped[dict[str, Any]] = mapped_column(JSON)
     config_hash: Mapped[str] = mapped_column(String(64), index=True)
-    cached_from: Mapped[int | None] = mapped_column(Integer, nullable=True)  # trial number answered from
+    cached: Mapped[bool] = mapped_column(Boolean, default=False)  # answered from the results cache
     state: Mapped[str] = mapped_column(String(20), default="queued", index=True)
     lease_token: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
@@ -59,3 +59,16 @@ class Trial(Base):
     duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     study: Mapped[Study] = relationship(back_populates="trials")
+
+
+class Result(Base):
+    """The results cache: one objective's value for one merge configuration, across all studies."""
+
+    __tablename__ = "mmmo_results"
+    __table_args__ = (UniqueConstraint("config_hash", "objective_hash"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    config_hash: Mapped[str] = mapped_column(String(64), index=True)
+    objective_hash: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

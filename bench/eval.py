@@ -1,0 +1,69 @@
+"""Trial-time benchmark on the demo zoo: merge / evaluation / overhead per trial.
+
+    .venv/bin/python bench/eval.py [--trials 20] [--method ties] [--samples 100]
+
+A real server (SQLite, in a temp dir) and the worker's own code path: each trial is leased
+over HTTP, merged in memory, scored by lm-eval and posted back. Overhead is everything in a
+trial that is neither merging nor evaluating (HTTP, Optuna ask/tell, database, heartbeats).
+Goal: overhead <= 5% of a trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from evals.offline import force_offline
+
+force_offline()
+
+from evals.zoo import ensure_zoo  # noqa: E402
+from service.client import ApiClient  # noqa: E402
+from service.demo import demo_spec, start_server  # noqa: E402
+from service.settings import Settings  # noqa: E402
+from service.worker import TrialRunner, Worker  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--method", default="ties")
+    parser.add_argument("--samples", type=int, default=100)
+    args = parser.parse_args()
+    settings = Settings()
+    zoo = ensure_zoo(settings.cache_dir)
+    with tempfile.TemporaryDirectory() as home:
+        running = start_server(Settings(home=Path(home), cache_dir=settings.cache_dir), port=0)
+        client = ApiClient(running.url)
+        runner = TrialRunner(cache_dir=settings.cache_dir)
+        worker = Worker(client, runner, name="bench")
+        spec = demo_spec(zoo, args.trials + 1, samples=args.samples) | {"method": args.method}
+        client.create_study(spec)
+        rows = []
+        for i in range(args.trials + 1):
+            t = time.perf_counter()
+            assert worker.run_one(), "no trial to run"
+            total = time.perf_counter() - t
+            timing = runner.last_timing
+            if i == 0:
+                print(f"setup (first trial only): load base + {len(zoo.experts)} experts + evaluator "
+                      f"{timing['load']:.2f} s")
+                continue
+            rows.append((timing["merge"], timing["evaluate"], total - timing["merge"] - timing["evaluate"], total))
+        client.close()
+        running.stop()
+    merge, evaluate, overhead, total = (statistics.mean(c) for c in zip(*rows, strict=True))
+    n_items = args.samples * len(zoo.experts)
+    print(f"{len(rows)} trials, method {args.method}, {len(zoo.experts)} objectives x {args.samples} items "
+          f"({n_items} generations per trial)")
+    print(f"  merge     {merge * 1000:8.1f} ms  {100 * merge / total:5.1f} %")
+    print(f"  evaluate  {evaluate * 1000:8.1f} ms  {100 * evaluate / total:5.1f} %")
+    print(f"  overhead  {overhead * 1000:8.1f} ms  {100 * overhead / total:5.1f} %   (goal <= 5 %)")
+    print(f"  trial     {total * 1000:8.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
