@@ -24,7 +24,8 @@ class TrialPublic(BaseModel):
 
 class ObjectivePublic(BaseModel):
     key: str
-    task: str
+    kind: str
+    task: str | None
     metric: str
     direction: str
 

@@ -51,7 +51,7 @@ def list_studies(session: Session) -> list[Study]:
 
 
 def _objectives(study: Study) -> list[ObjectivePublic]:
-    return [ObjectivePublic(key=o.key, task=o.task, metric=o.metric, direction=o.direction)
+    return [ObjectivePublic(key=o.key, kind=o.kind, task=o.task, metric=o.metric, direction=o.direction)
             for o in objectives_of(StudySpec.model_validate(study.spec))]
 
 

@@ -132,3 +132,39 @@ def test_budget_reached_marks_done_and_pareto_lists_the_front(client, zoo):
 def test_unknown_study_is_404(client):
     assert client.get("/api/v1/studies/999").status_code == 404
     assert client.get("/api/v1/studies/999/pareto").status_code == 404
+
+
+def test_identical_configuration_in_another_study_is_answered_from_the_cache(client, zoo):
+    spec = zoo_spec(zoo, trials=2)
+    first = client.post("/api/v1/studies", json=spec).json()
+    for _ in range(2):
+        lease = client.post("/api/v1/leases", json={"worker": "w"}).json()
+        client.post(f"/api/v1/leases/{lease['token']}/result",
+                    json={"values": dict(zip(_keys(spec), [0.3, 0.6], strict=True))})
+    # Same seed, same sampler: the second study proposes the same configurations.
+    second = client.post("/api/v1/studies", json=spec).json()
+    assert client.post("/api/v1/leases", json={"worker": "w"}).status_code == 204
+    detail = client.get(f"/api/v1/studies/{second['id']}").json()
+    assert detail["status"] == "done"
+    assert all(t["cached"] and t["worker"] is None for t in detail["trials"])
+    original = client.get(f"/api/v1/studies/{first['id']}").json()["trials"]
+    assert [t["values"] for t in detail["trials"]] == [t["values"] for t in original]
+
+
+def test_objective_directions_resolve_from_lm_eval_and_kind(client, zoo):
+    spec = zoo_spec(zoo, trials=1)
+    spec["objectives"].append({"kind": "sparsity"})
+    study = client.post("/api/v1/studies", json=spec).json()
+    directions = {o["key"]: o["direction"] for o in study["objectives"]}
+    assert directions == {"mmmo_add:exact_match": "maximize", "mmmo_reverse:exact_match": "maximize",
+                          "sparsity": "minimize"}
+
+
+def test_perplexity_objective_needs_readable_data(client, zoo):
+    spec = zoo_spec(zoo)
+    spec["objectives"].append({"kind": "perplexity"})
+    assert client.post("/api/v1/studies", json=spec).status_code == 422
+    spec["objectives"][-1]["data"] = "/no/such/file.jsonl"
+    r = client.post("/api/v1/studies", json=spec)
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["body", "objectives", 2, "data"]

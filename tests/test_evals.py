@@ -81,3 +81,21 @@ def test_trial_runner_scores_depend_on_the_merge(zoo):
     assert runner._resident is resident, "the same base/experts must stay resident between trials"
     assert add_heavy["mmmo_add:exact_match"] > rev_heavy["mmmo_add:exact_match"]
     assert rev_heavy["mmmo_reverse:exact_match"] >= add_heavy["mmmo_reverse:exact_match"]
+
+
+def test_perplexity_and_sparsity_objectives(zoo):
+    from evals.synthetic import DATA_DIR
+
+    runner = TrialRunner()
+    data = str(DATA_DIR / "add" / "validation.jsonl")
+    objectives = [Objective(kind="perplexity", data=data, direction="minimize"),
+                  Objective(kind="sparsity", direction="minimize")]
+
+    def config(w: float) -> MergeConfig:
+        return MergeConfig(method="task_arithmetic", base=str(zoo.base),
+                           experts=(ExpertRef("add", str(zoo.experts["add"]), {"weight": w}),))
+
+    at_base = runner.run(config(0.0), objectives)
+    at_expert = runner.run(config(1.0), objectives)
+    assert at_base["sparsity"] == 0.0 and at_expert["sparsity"] > 0.0
+    assert 1.0 < at_expert["perplexity:validation"] < at_base["perplexity:validation"]
