@@ -52,7 +52,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     client = ApiClient(args.server, token=args.token)
     runner = TrialRunner(device=args.device, batch_size=args.batch_size, cache_dir=_settings(args).cache_dir)
-    worker = Worker(client, runner, name=args.name or default_worker_name())
+    worker = Worker(client, runner, name=args.name or default_worker_name(), prefetch=not args.no_prefetch)
     stop = threading.Event()
     try:
         worker.run(stop)
@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name")
     p.add_argument("--batch-size", default=64, type=lambda v: v if v == "auto" else int(v),
                    help="lm-eval batch size, or 'auto'")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="do not lease the next trial during the current one (for a server on the same cores)")
     p.set_defaults(func=cmd_worker)
 
     p = with_db(sub.add_parser("demo", help="build the demo zoo and run a study end to end"))

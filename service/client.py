@@ -58,5 +58,8 @@ class ApiClient:
     def complete(self, token: str, values: dict[str, float]) -> dict[str, Any]:
         return self._call("POST", f"/api/v1/leases/{token}/result", json={"values": values})
 
+    def release(self, token: str) -> dict[str, Any]:
+        return self._call("POST", f"/api/v1/leases/{token}/release")
+
     def fail(self, token: str, error: str) -> dict[str, Any]:
         return self._call("POST", f"/api/v1/leases/{token}/result", json={"error": error[:10_000]})

@@ -70,7 +70,8 @@ def start_server(settings: Settings, host: str = "127.0.0.1", port: int = 8765) 
 def in_process_worker(url: str, name: str = "demo-worker", cache_dir: Path | None = None):
     stop = threading.Event()
     client = ApiClient(url)
-    worker = Worker(client, TrialRunner(cache_dir=cache_dir), name=name, poll_seconds=0.2)
+    # The server shares this process's cores: no prefetching (see Worker).
+    worker = Worker(client, TrialRunner(cache_dir=cache_dir), name=name, poll_seconds=0.2, prefetch=False)
     thread = threading.Thread(target=worker.run, args=(stop,), name="mmmo-worker", daemon=True)
     thread.start()
     try:

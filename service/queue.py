@@ -169,6 +169,15 @@ def heartbeat(session: Session, policy: QueuePolicy, token: str) -> datetime:
     return trial.lease_expires_at
 
 
+def release(session: Session, token: str) -> Trial:
+    """A worker hands back a lease it will not run: the trial is queued again, the attempt not counted."""
+    trial = _held(session, token)
+    trial.state, trial.lease_token, trial.lease_expires_at = "queued", None, None
+    trial.attempts = max(0, trial.attempts - 1)
+    session.commit()
+    return trial
+
+
 def complete(session: Session, optuna: OptunaStudies, token: str, values: dict[str, float]) -> Trial:
     trial = _held(session, token)
     spec = _spec(trial.study)

@@ -43,6 +43,7 @@ class TrialRunner:
         self.cache_dir = cache_dir
         self._resident: _Resident | None = None
         self.last_timing: dict[str, float] = {}  # seconds of the last trial: load, merge, evaluate
+        self.on_timing: Callable[[dict[str, float]], None] | None = None  # e.g. a benchmark's recorder
 
     def _load(self, config: MergeConfig, objectives: list[Objective]) -> _Resident:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,6 +71,8 @@ class TrialRunner:
         if any(o.kind == "sparsity" for o in objectives):
             scores["sparsity"] = resident.merger.sparsity_l1(resident.model)
         self.last_timing = {"load": t1 - t0, "merge": t2 - t1, "evaluate": time.perf_counter() - t2}
+        if self.on_timing:
+            self.on_timing(self.last_timing)
         return scores
 
 
@@ -80,6 +83,7 @@ class _Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, args=(client, token, every), name="heartbeat",
                                         daemon=True)
+        self._thread.start()
 
     def _beat(self, client: ApiClient, token: str, every: float) -> None:
         while not self._stop.wait(every):
@@ -88,50 +92,133 @@ class _Heartbeat:
             except (ApiError, OSError) as exc:
                 log.warning("heartbeat failed: %s", exc)
 
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join()
 
 
+@dataclass
+class _Held:
+    """A lease this worker holds, with its heartbeat running until the result is posted."""
+
+    lease: dict[str, Any]
+    heartbeat: _Heartbeat
+
+
+@dataclass
+class _Outcome:
+    held: _Held
+    values: dict[str, float] | None = None
+    error: str | None = None
+
+
 class Worker:
+    """Leases, runs and reports trials.
+
+    With ``prefetch``, ``run`` pipelines the HTTP round trips with the work: while trial i is
+    merged and scored, a background thread posts the result of trial i-1 and leases trial i+1,
+    so a worker's trials cost the merge and the evaluation, not the server's ask/tell latency.
+    Leave it off where the server shares the worker's CPU cores (the in-process demo): there
+    the server's work slows the evaluation more than the overlap saves.
+    """
+
     def __init__(self, client: ApiClient, runner: TrialRunner, name: str, poll_seconds: float = 1.0,
-                 on_trial: Callable[[dict], None] | None = None) -> None:
+                 prefetch: bool = True) -> None:
         self.client, self.runner, self.name = client, runner, name
         self.poll_seconds = poll_seconds
-        self.on_trial = on_trial
+        self.prefetch = prefetch
 
-    def run_one(self) -> bool:
-        """Lease and run one trial; False if there was none to run."""
+    def _lease(self) -> _Held | None:
         lease = self.client.lease(self.name)
         if lease is None:
-            return False
-        config = MergeConfig.from_dict(lease["merge_config"])
-        objectives = [Objective(**o) for o in lease["objectives"]]
-        with _Heartbeat(self.client, lease["token"], every=max(lease["lease_seconds"] / 3, 0.1)):
-            try:
-                values = self.runner.run(config, objectives)
-            except Exception as exc:  # the trial fails with its reason; the worker and the study go on
-                log.warning("trial %s failed: %s", lease["trial_number"], exc)
-                result = self.client.fail(lease["token"], f"{type(exc).__name__}: {exc}")
+            return None
+        every = max(lease["lease_seconds"] / 3, 0.1)
+        return _Held(lease, _Heartbeat(self.client, lease["token"], every))
+
+    def _execute(self, held: _Held) -> _Outcome:
+        lease = held.lease
+        try:
+            values = self.runner.run(MergeConfig.from_dict(lease["merge_config"]),
+                                     [Objective(**o) for o in lease["objectives"]])
+        except Exception as exc:  # the trial fails with its reason; the worker and the study go on
+            log.warning("trial %s of study %s failed: %s", lease["trial_number"], lease["study_id"], exc)
+            return _Outcome(held, error=f"{type(exc).__name__}: {exc}")
+        return _Outcome(held, values=values)
+
+    def _post(self, outcome: _Outcome) -> None:
+        token = outcome.held.lease["token"]
+        try:
+            if outcome.values is not None:
+                self.client.complete(token, outcome.values)
             else:
-                result = self.client.complete(lease["token"], values)
-        if self.on_trial:
-            self.on_trial(result)
+                self.client.fail(token, outcome.error or "unknown error")
+        except ApiError as exc:  # a stale lease: the trial went to another worker
+            log.warning("result of trial %s refused: %s", outcome.held.lease["trial_number"], exc)
+        finally:
+            outcome.held.heartbeat.stop()
+
+    def run_one(self) -> bool:
+        """Lease, run and report one trial, without pipelining; False if there was none."""
+        held = self._lease()
+        if held is None:
+            return False
+        self._post(self._execute(held))
         return True
 
     def run(self, stop: threading.Event) -> None:
-        """Run trials until ``stop`` is set (the current trial is always finished first)."""
+        """Run trials until ``stop`` is set (the current trial is always finished and reported)."""
+        if not self.prefetch:
+            while not stop.is_set():
+                try:
+                    if not self.run_one():
+                        stop.wait(self.poll_seconds)
+                except (ApiError, OSError) as exc:
+                    log.warning("server unreachable or refused: %s; retrying", exc)
+                    stop.wait(self.poll_seconds)
+            return
+        upcoming: _Held | None = None
+        unposted: _Outcome | None = None
         while not stop.is_set():
             try:
-                if not self.run_one():
-                    stop.wait(self.poll_seconds)
+                current = upcoming or self._lease()
             except (ApiError, OSError) as exc:
                 log.warning("server unreachable or refused: %s; retrying", exc)
                 stop.wait(self.poll_seconds)
+                continue
+            upcoming = None
+            if current is None:
+                if unposted is not None:
+                    self._post(unposted)
+                    unposted = None
+                stop.wait(self.poll_seconds)
+                continue
+            ahead: dict[str, _Held | None] = {}
+            background = threading.Thread(target=self._post_and_prefetch, args=(unposted, ahead),
+                                          name="post-and-prefetch", daemon=True)
+            background.start()
+            outcome = self._execute(current)
+            background.join()
+            upcoming, unposted = ahead.get("lease"), outcome
+        if unposted is not None:
+            self._post(unposted)
+        if upcoming is not None:
+            self._release(upcoming)
+
+    def _post_and_prefetch(self, previous: _Outcome | None, ahead: dict[str, _Held | None]) -> None:
+        if previous is not None:
+            self._post(previous)
+        try:
+            ahead["lease"] = self._lease()
+        except (ApiError, OSError) as exc:
+            log.warning("could not lease ahead: %s", exc)
+
+    def _release(self, held: _Held) -> None:
+        """Hand back a lease that will not be run, so the trial goes to another worker at once."""
+        held.heartbeat.stop()
+        try:
+            self.client.release(held.lease["token"])
+        except (ApiError, OSError) as exc:
+            log.warning("could not release trial %s (its lease will expire): %s", held.lease["trial_number"], exc)
 
 
 def default_worker_name() -> str:

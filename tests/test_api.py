@@ -168,3 +168,15 @@ def test_perplexity_objective_needs_readable_data(client, zoo):
     r = client.post("/api/v1/studies", json=spec)
     assert r.status_code == 422
     assert r.json()["detail"][0]["loc"] == ["body", "objectives", 2, "data"]
+
+
+def test_released_lease_goes_back_to_the_queue_without_costing_an_attempt(client, zoo):
+    spec = zoo_spec(zoo, trials=2)
+    study = client.post("/api/v1/studies", json=spec).json()
+    first = client.post("/api/v1/leases", json={"worker": "w"}).json()
+    assert client.post(f"/api/v1/leases/{first['token']}/release").status_code == 200
+    assert client.post(f"/api/v1/leases/{first['token']}/release").status_code == 409
+    again = client.post("/api/v1/leases", json={"worker": "w2"}).json()
+    assert again["trial_number"] == first["trial_number"]
+    trial = client.get(f"/api/v1/studies/{study['id']}").json()["trials"][0]
+    assert trial["attempts"] == 1 and trial["worker"] == "w2"

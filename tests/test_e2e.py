@@ -41,6 +41,39 @@ def test_study_over_http_runs_to_completion(tmp_path, zoo, cache_dir):
         running.stop()
 
 
+def test_prefetching_worker_runs_every_trial_exactly_once(tmp_path, zoo, cache_dir):
+    import threading
+
+    from service.worker import TrialRunner, Worker
+
+    settings = Settings(home=tmp_path, cache_dir=cache_dir)
+    running = start_server(settings, port=0)
+    client = ApiClient(running.url)
+    runs: list[dict] = []
+    runner = TrialRunner(cache_dir=cache_dir)
+    runner.on_timing = runs.append
+    stop = threading.Event()
+    worker = Worker(ApiClient(running.url), runner, name="pipelined", poll_seconds=0.2, prefetch=True)
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    try:
+        study = client.create_study(zoo_spec(zoo, trials=5, samples=20))
+        thread.start()
+        deadline = time.monotonic() + 600
+        while client.study(study["id"])["status"] == "running":
+            assert time.monotonic() < deadline, "study did not finish in time"
+            time.sleep(0.3)
+        stop.set()
+        thread.join(timeout=60)
+        trials = client.study(study["id"])["trials"]
+        assert [t["state"] for t in trials] == ["complete"] * 5
+        assert all(t["attempts"] == 1 for t in trials if not t["cached"])
+        assert len(runs) == sum(not t["cached"] for t in trials), "each trial evaluated exactly once"
+    finally:
+        stop.set()
+        client.close()
+        running.stop()
+
+
 def _mmmo(*args: str, env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=timeout)

@@ -32,6 +32,16 @@ def heartbeat(token: str, services: ServicesDep, session: SessionDep) -> dict:
     return {"expires_at": expires}
 
 
+@router.post("/{token}/release")
+def release(token: str, services: ServicesDep, session: SessionDep) -> TrialPublic:
+    try:
+        with services.lock:
+            trial = queue.release(session, token)
+    except queue.StaleLease as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+    return trial_public(trial)
+
+
 @router.post("/{token}/result")
 def post_result(token: str, result: TrialResult, services: ServicesDep, session: SessionDep) -> TrialPublic:
     if (result.values is None) == (result.error is None):
