@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from merging.errors import MergeError
 from merging.io import weight_files
+from merging.safetensors_stream import SafetensorsReader
 
 
 class CheckpointReader:
@@ -19,11 +19,11 @@ class CheckpointReader:
         self.dir = Path(model_dir)
         files = weight_files(self.dir)
         self._where: dict[str, Path] = {}
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, SafetensorsReader] = {}
         self._bin: dict[Path, dict[str, Tensor]] = {}
         for f in files:
             if f.suffix == ".safetensors":
-                handle = safe_open(str(f), framework="pt")
+                handle = SafetensorsReader(f)
                 self._handles[f] = handle
                 for key in handle.keys():
                     self._where[key] = f
@@ -37,13 +37,19 @@ class CheckpointReader:
     def shape(self, name: str) -> tuple[int, ...]:
         f = self._file(name)
         if f in self._handles:
-            return tuple(self._handles[f].get_slice(name).get_shape())
+            return self._handles[f].shape(name)
         return tuple(self._load_bin(f)[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        f = self._file(name)
+        if f in self._handles:
+            return self._handles[f].dtype(name)
+        return self._load_bin(f)[name].dtype
 
     def get(self, name: str) -> Tensor:
         f = self._file(name)
         if f in self._handles:
-            return self._handles[f].get_tensor(name)
+            return self._handles[f].get(name)
         return self._load_bin(f)[name]
 
     def _file(self, name: str) -> Path:

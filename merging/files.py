@@ -9,13 +9,13 @@ error never leaves a partial OUT_DIR behind.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from merging.checkpoint import CheckpointReader
@@ -25,6 +25,7 @@ from merging.io import BIN_INDEX, SAFETENSORS_INDEX
 from merging.mergekit_yaml import to_mergekit
 from merging.methods import TensorInputs, get_method
 from merging.resident import tensor_seed
+from merging.safetensors_stream import SafetensorsWriter
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # A fine-tune moves weights by a small fraction of their norm; an unrelated model by ~sqrt(2).
@@ -94,41 +95,41 @@ def _copy_side_files(base_dir: Path, out: Path, dtype: torch.dtype | None) -> No
 
 
 class _ShardWriter:
-    def __init__(self, out: Path, max_bytes: int) -> None:
-        self.out, self.max_bytes = out, max_bytes
-        self.buffer: dict[str, Tensor] = {}
-        self.size = 0
-        self.shards: list[dict[str, int]] = []  # per shard: tensor name -> bytes
-        self.total = 0
+    """Shards planned up front from the known shapes, each tensor written to disk as it comes."""
+
+    def __init__(self, out: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int) -> None:
+        self.out = out
+        self.shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+        size = 0
+        for entry in plan:
+            nbytes = math.prod(entry[2]) * torch.empty((), dtype=entry[1]).element_size()
+            if self.shards[-1] and size + nbytes > max_bytes:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append(entry)
+            size += nbytes
+        self.total = sum(math.prod(s) * torch.empty((), dtype=d).element_size() for _, d, s in plan)
+        n = len(self.shards)
+        self.files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                                                           for i in range(n)]
+        self.shard_of = {name: i for i, shard in enumerate(self.shards) for name, _, _ in shard}
+        self._open: tuple[int, SafetensorsWriter] | None = None
 
     def add(self, name: str, tensor: Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.buffer and self.size + nbytes > self.max_bytes:
-            self.flush()
-        self.buffer[name] = tensor.contiguous()
-        self.size += nbytes
-        self.total += nbytes
-
-    def flush(self) -> None:
-        if not self.buffer:
-            return
-        save_file(self.buffer, str(self.out / f"shard-{len(self.shards):05d}.tmp"), metadata={"format": "pt"})
-        self.shards.append({k: v.numel() * v.element_size() for k, v in self.buffer.items()})
-        self.buffer, self.size = {}, 0
+        i = self.shard_of[name]
+        if self._open is None or self._open[0] != i:
+            if self._open is not None:
+                self._open[1].close()
+            self._open = (i, SafetensorsWriter(self.out / self.files[i], self.shards[i]))
+        self._open[1].write(name, tensor)
 
     def finish(self) -> None:
-        self.flush()
-        n = len(self.shards)
-        if n == 1:
-            (self.out / "shard-00000.tmp").rename(self.out / "model.safetensors")
-            return
-        weight_map = {}
-        for i, names in enumerate(self.shards):
-            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (self.out / f"shard-{i:05d}.tmp").rename(self.out / fname)
-            weight_map.update(dict.fromkeys(names, fname))
-        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
-        (self.out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+        if self._open is not None:
+            self._open[1].close()
+        if len(self.files) > 1:
+            weight_map = {name: self.files[i] for name, i in self.shard_of.items()}
+            index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+            (self.out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
 
 
 def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None = None, device: str = "cpu",
@@ -153,7 +154,8 @@ def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        writer = _ShardWriter(staging, max_shard_bytes)
+        plan = [(n, out_dtype or base.dtype(n), base.shape(n)) for n in names]
+        writer = _ShardWriter(staging, plan, max_shard_bytes)
         for i, name in enumerate(names):
             b = base.get(name)
             target = out_dtype or b.dtype

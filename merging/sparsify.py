@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from merging.errors import MergeError
+from merging.select import topk_mask
 
 
 def rescale_l1(original: Tensor, masked: Tensor, eps: float = 1e-7) -> Tensor:
@@ -20,7 +21,7 @@ def rescale_l1(original: Tensor, masked: Tensor, eps: float = 1e-7) -> Tensor:
 
 
 def _finish(delta: Tensor, mask: Tensor, rescale: bool) -> Tensor:
-    masked = delta * mask
+    masked = delta * mask if mask.dtype != torch.bool else torch.where(mask, delta, 0.0)
     return rescale_l1(delta, masked) if rescale else masked
 
 
@@ -31,10 +32,8 @@ def magnitude(delta: Tensor, density: float, rescale: bool = False) -> Tensor:
     k = int(density * delta.numel())
     if k <= 0:
         raise MergeError(f"density {density} keeps no entry of a tensor of {delta.numel()} elements")
-    mask = torch.zeros_like(delta)
-    # topk selects the same set as mergekit's full argsort (ties aside) and costs less.
-    mask.view(-1)[delta.abs().view(-1).topk(k, sorted=False).indices] = 1
-    return _finish(delta, mask, rescale)
+    # The same set as mergekit's full argsort (ties aside), for a fraction of its cost.
+    return _finish(delta, topk_mask(delta.abs(), k), rescale)
 
 
 def bernoulli(delta: Tensor, density: float, rescale: bool, generator: torch.Generator | None) -> Tensor:

@@ -16,12 +16,6 @@ from merging import sparsify
 from merging.methods.base import DENSITY, LAMBDA, WEIGHT, MergeMethod, Param, TensorInputs
 
 
-def sign_consensus(weighted: Tensor) -> Tensor:
-    """TIES' elect step: keep entries whose sign agrees with the sign of the summed deltas."""
-    majority = (weighted.sum(dim=0) >= 0).to(weighted.dtype) * 2 - 1
-    return weighted.sign() == majority
-
-
 class GeneralizedTaskArithmetic(MergeMethod):
     sparsifier: ClassVar[str | None] = None  # magnitude | random | magnitude_outliers | della_magprune
     consensus: ClassVar[bool] = False
@@ -55,21 +49,32 @@ class GeneralizedTaskArithmetic(MergeMethod):
         raise AssertionError(f"unknown sparsifier {self.sparsifier}")
 
     def merge(self, t: TensorInputs, experts: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> Tensor:
-        deltas = torch.stack([self.sparsify(d, e, params, t.generator) for d, e in zip(t.deltas, experts, strict=True)])
-        weights = torch.tensor([e["weight"] for e in experts], dtype=deltas.dtype)
-        weights = weights.view(-1, *([1] * (deltas.dim() - 1)))  # (K, 1, ..., 1)
-        weighted = deltas * weights
+        # Expert by expert, accumulating in place: no (K, ...) stacks, so memory stays near
+        # the K sparsified deltas plus a few tensor-sized buffers.
+        sparse = [self.sparsify(d, e, params, t.generator) for d, e in zip(t.deltas, experts, strict=True)]
+        weights = [float(e["weight"]) for e in experts]
+        mixed = torch.zeros_like(t.base)
         if self.consensus:
-            mask = sign_consensus(weighted).to(deltas.dtype)
-            mixed = (weighted * mask).sum(dim=0)
-            divisor = (weights * mask).sum(dim=0)
-            divisor[divisor == 0] = 1
+            for w, d in zip(weights, sparse, strict=True):
+                mixed.add_(d, alpha=w)
+            positive = mixed >= 0  # the elected sign of each entry
+            mixed.zero_()
+            divisor = torch.zeros_like(t.base) if params["normalize"] else None
+            for w, d in zip(weights, sparse, strict=True):
+                if w == 0:
+                    continue  # a zero weighted delta has sign 0 and never agrees
+                agree = torch.where(positive, d > 0, d < 0) if w > 0 else torch.where(positive, d < 0, d > 0)
+                mixed.add_(torch.where(agree, d, 0.0), alpha=w)
+                if divisor is not None:
+                    divisor.add_(agree.to(divisor.dtype), alpha=w)
+            if divisor is not None:
+                mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
         else:
-            mixed = weighted.sum(dim=0)
-            divisor = weights.sum(dim=0).expand_as(mixed).clone()
-            divisor[divisor.abs() < 1e-8] = 1
-        if params["normalize"]:
-            mixed = mixed / divisor
+            for w, d in zip(weights, sparse, strict=True):
+                mixed.add_(d, alpha=w)
+            if params["normalize"]:
+                total = sum(weights)
+                mixed.div_(total if abs(total) >= 1e-8 else 1.0)
         if params["lambda"] != 1:
-            mixed = mixed * params["lambda"]
+            mixed.mul_(params["lambda"])
         return (t.base + mixed).to(t.base.dtype)

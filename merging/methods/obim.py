@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from merging.methods.base import DENSITY, MergeMethod, Param, TensorInputs
+from merging.select import topk_mask
 
 
 def obm_saliency(delta: Tensor, energy: Tensor | None) -> Tensor:
@@ -35,7 +36,9 @@ def top_fraction_mask(scores: Tensor, density: float, per_row: bool) -> Tensor:
     """Boolean mask of the ``int(density * n)`` largest scores (over the tensor, or each row)."""
     if density >= 1:
         return torch.ones_like(scores, dtype=torch.bool)
-    rows = scores.reshape(scores.shape[0], -1) if per_row and scores.dim() >= 2 else scores.reshape(1, -1)
+    if not (per_row and scores.dim() >= 2):
+        return topk_mask(scores, int(density * scores.numel()))
+    rows = scores.reshape(scores.shape[0], -1)
     k = int(density * rows.shape[1])
     mask = torch.zeros_like(rows, dtype=torch.bool)
     if k > 0:
