@@ -81,6 +81,38 @@ class SamplerSpec(_Strict):
 
 class BudgetSpec(_Strict):
     trials: int = Field(default=24, ge=1, le=100_000)
+    seconds: float | None = Field(default=None, gt=0, description="wall time; no new trial starts after it")
+
+
+class ConstraintSpec(_Strict):
+    """A bound on one objective (by its key, e.g. ``sparsity``); trials outside it are infeasible."""
+
+    objective: str = Field(min_length=1)
+    max: float | None = None
+    min: float | None = None
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> ConstraintSpec:
+        if (self.max is None) == (self.min is None):
+            raise ValueError("give exactly one of 'max' or 'min'")
+        return self
+
+    def violation(self, value: float) -> float:
+        """Optuna's convention: <= 0 is feasible."""
+        return value - self.max if self.max is not None else self.min - value
+
+
+class SelectionSpec(_Strict):
+    """How the final trial is picked from the front: ``knee``, ``weights`` or ``best:<objective key>``."""
+
+    policy: str = Field(default="knee", pattern=r"^(knee|weights|best:.+)$")
+    weights: dict[str, float] | None = None
+
+    @model_validator(mode="after")
+    def _weights_for_weights(self) -> SelectionSpec:
+        if self.policy == "weights" and not self.weights:
+            raise ValueError("policy 'weights' needs 'weights' (objective key -> preference)")
+        return self
 
 
 class StudySpec(_Strict):
@@ -94,6 +126,8 @@ class StudySpec(_Strict):
     objectives: list[ObjectiveSpec] = Field(min_length=1)
     sampler: SamplerSpec = SamplerSpec()
     budget: BudgetSpec = BudgetSpec()
+    constraints: list[ConstraintSpec] = Field(default_factory=list)
+    selection: SelectionSpec = SelectionSpec()
     seed: int = 0
 
     @field_validator("objectives")

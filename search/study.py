@@ -61,12 +61,19 @@ class OptunaStudies:
         trial_id = self.storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
         return self.storage.get_trial(trial_id).state.is_finished()
 
-    def tell(self, name: str, spec: StudySpec, number: int, values: list[float]) -> None:
-        """Record a result; telling a finished trial again is a no-op (idempotent)."""
+    def tell(self, name: str, spec: StudySpec, number: int, values: list[float],
+             constraints: dict[str, float] | None = None) -> None:
+        """Record a result (and its constraint violations, <= 0 feasible); idempotent."""
         with self._lock:
             study = self._study(name, spec)
-            if not self._finished(study, number):
-                study.tell(number, values)
+            if self._finished(study, number):
+                return
+            if constraints:
+                trial_id = self.storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+                trial = optuna.trial.Trial(study, trial_id)
+                for key, violation in constraints.items():
+                    trial.set_constraint(key, violation)
+            study.tell(number, values)
 
     def fail(self, name: str, spec: StudySpec, number: int) -> None:
         with self._lock:

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+import httpx
 from pydantic import ValidationError
 
 
@@ -131,6 +132,32 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client(args: argparse.Namespace):
+    from service.client import ApiClient
+
+    return ApiClient(args.server or _settings(args).server_url, token=getattr(args, "token", None))
+
+
+def cmd_study_export(args: argparse.Namespace) -> int:
+    client = _client(args)
+    print(client.export(args.study_id, args.trial, "mergekit" if args.mergekit else "spec"), end="")
+    return 0
+
+
+def cmd_study_materialize(args: argparse.Namespace) -> int:
+    import yaml
+
+    from merging.config import MergeConfig
+    from merging.files import merge_to_dir
+    from merging.saliency import stats_for
+
+    config = MergeConfig.from_dict(yaml.safe_load(_client(args).export(args.study_id, args.trial, "spec")))
+    stats = stats_for(config.experts, _settings(args).cache_dir, args.device) if config.method == "obim" else {}
+    out = merge_to_dir(config, Path(args.out_dir), dtype=args.dtype, device=args.device, stats=stats)
+    print(f"trial {args.trial} of study {args.study_id} written to {out}")
+    return 0
+
+
 def cmd_study_validate(args: argparse.Namespace) -> int:
     from search.spec import load_spec
 
@@ -197,6 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = study.add_parser("validate", help="check a spec (YAML or JSON) without running it")
     p.add_argument("spec")
     p.set_defaults(func=cmd_study_validate)
+
+    def with_server(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--server", help="API URL (default: MMMO_SERVER_URL or http://127.0.0.1:8765)")
+        p.add_argument("--token")
+        p.add_argument("study_id", type=int)
+        p.add_argument("--trial", type=int, required=True)
+        return p
+
+    p = with_server(study.add_parser("export", help="print a trial's merge config (ours, or mergekit YAML)"))
+    p.add_argument("--mergekit", action="store_true")
+    p.set_defaults(func=cmd_study_export)
+    p = with_server(study.add_parser("materialize", help="write a trial's merged model to OUT_DIR"))
+    p.add_argument("out_dir")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    p.set_defaults(func=cmd_study_materialize)
     return parser
 
 
@@ -208,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         first = exc.errors()[0]
         print(f"mmmo: error: {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, httpx.HTTPError) as exc:
         print(f"mmmo: error: {exc}", file=sys.stderr)
     return 1
 

@@ -49,6 +49,15 @@ class ApiClient:
     def pareto(self, study_id: int) -> dict[str, Any]:
         return self._call("GET", f"/api/v1/studies/{study_id}/pareto")
 
+    def hypervolume(self, study_id: int) -> list[dict[str, Any]]:
+        return self._call("GET", f"/api/v1/studies/{study_id}/hypervolume")
+
+    def export(self, study_id: int, number: int, fmt: str = "mergekit") -> str:
+        response = self.http.get(f"/api/v1/studies/{study_id}/trials/{number}/export", params={"format": fmt})
+        if response.status_code >= 400:
+            raise ApiError(response.status_code, _message(response))
+        return response.text
+
     def lease(self, worker: str) -> dict[str, Any] | None:
         return self._call("POST", "/api/v1/leases", json={"worker": worker})
 

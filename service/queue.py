@@ -47,15 +47,28 @@ def _spec(study: Study) -> StudySpec:
     return StudySpec.model_validate(study.spec)
 
 
+def _out_of_time(study: Study) -> bool:
+    seconds = study.spec.get("budget", {}).get("seconds")
+    return seconds is not None and (utcnow() - study.created_at).total_seconds() > seconds
+
+
 def _finish_study_if_done(session: Session, study: Study) -> None:
+    """Done when the trial budget is spent, or the time budget is and nothing is in flight."""
     if study.status != "running":
         return
-    finished = session.scalar(
-        select(func.count()).select_from(Trial).where(Trial.study_id == study.id, Trial.state.in_(FINISHED))
-    )
-    if finished >= study.budget:
+    counts = dict(session.execute(
+        select(Trial.state, func.count()).where(Trial.study_id == study.id).group_by(Trial.state)
+    ).all())
+    finished = sum(counts.get(s, 0) for s in FINISHED)
+    in_flight = counts.get("queued", 0) + counts.get("leased", 0)
+    if finished >= study.budget or (_out_of_time(study) and in_flight == 0):
         study.status = "done"
         study.finished_at = utcnow()
+
+
+def constraint_violations(spec: StudySpec, values: dict[str, float]) -> dict[str, float]:
+    return {f"{c.objective}:{'max' if c.max is not None else 'min'}": c.violation(values[c.objective])
+            for c in spec.constraints}
 
 
 def _optuna(session: Session, call, *args):
@@ -108,6 +121,9 @@ def _new_trial(session: Session, optuna: OptunaStudies) -> Trial | None:
     """
     studies = session.scalars(select(Study).where(Study.status == "running").order_by(Study.id)).all()
     for study in studies:
+        if _out_of_time(study):
+            _finish_study_if_done(session, study)
+            continue
         spec = _spec(study)
         objectives = objectives_of(spec)
         while session.scalar(select(func.count()).select_from(Trial).where(Trial.study_id == study.id)) < study.budget:
@@ -120,7 +136,8 @@ def _new_trial(session: Session, optuna: OptunaStudies) -> Trial | None:
                 session.add(trial)
                 session.flush()
                 return trial
-            _optuna(session, optuna.tell, study.optuna_name, spec, number, [values[o.key] for o in objectives])
+            _optuna(session, optuna.tell, study.optuna_name, spec, number, [values[o.key] for o in objectives],
+                    constraint_violations(spec, values))
             trial.state, trial.values, trial.cached, trial.finished_at = "complete", values, True, utcnow()
             session.add(trial)
             session.flush()
@@ -185,7 +202,8 @@ def complete(session: Session, optuna: OptunaStudies, token: str, values: dict[s
     if sorted(values) != sorted(keys):
         raise BadResult(f"values must have exactly the keys {keys}, got {sorted(values)}")
     now = utcnow()
-    _optuna(session, optuna.tell, trial.study.optuna_name, spec, trial.number, [float(values[k]) for k in keys])
+    _optuna(session, optuna.tell, trial.study.optuna_name, spec, trial.number, [float(values[k]) for k in keys],
+            constraint_violations(spec, values))
     _store_results(session, trial.config_hash, objectives_of(spec), values)
     trial.state, trial.values, trial.lease_token, trial.finished_at = "complete", values, None, now
     trial.duration_s = (now - trial.started_at).total_seconds() if trial.started_at else None

@@ -50,9 +50,14 @@ class StudyDetail(StudyPublic):
 class ParetoPublic(BaseModel):
     objectives: list[ObjectivePublic]
     front: list[TrialPublic]
-    selected: int | None = Field(description="trial number of the knee point")
+    selected: int | None = Field(description="trial number picked by the spec's selection policy")
     hypervolume: float
     reference: list[float]
+
+
+class HypervolumePoint(BaseModel):
+    trial: int
+    hypervolume: float
 
 
 class LeaseRequest(BaseModel):

@@ -19,6 +19,7 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "mmmo",
                             description="demo zoo and other rebuildable files")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite in home if unset")
+    server_url: str = Field(default="http://127.0.0.1:8765", description="the API, for CLI commands that call it")
     lease_seconds: float = Field(default=120.0, gt=0, description="a lease not renewed in time is re-leased")
     max_attempts: int = Field(default=3, ge=1, description="leases per trial before it is failed")
 

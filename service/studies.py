@@ -9,12 +9,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from evals.catalog import TaskCatalog
-from search.pareto import hypervolume, knee_point, pareto_front
+from search.pareto import hypervolume, pareto_front
+from search.selection import select as select_trial
 from search.spec import StudySpec
 from search.study import OptunaStudies
 from service.db.models import Study, Trial
 from service.objectives import objectives_of
-from service.schemas import ObjectivePublic, ParetoPublic, StudyDetail, StudyPublic, TrialPublic
+from service.queue import constraint_violations
+from service.schemas import HypervolumePoint, ObjectivePublic, ParetoPublic, StudyDetail, StudyPublic, TrialPublic
 from service.validation import SpecProblem, resolve_directions, spec_problems
 
 
@@ -44,6 +46,10 @@ def create_study(session: Session, optuna: OptunaStudies, catalog: TaskCatalog, 
 
 def get_study(session: Session, study_id: int) -> Study | None:
     return session.get(Study, study_id)
+
+
+def get_trial(study: Study, number: int) -> Trial | None:
+    return next((t for t in study.trials if t.number == number), None)
 
 
 def list_studies(session: Session) -> list[Study]:
@@ -82,17 +88,40 @@ def reference_point(values: list[list[float]], directions: list[str]) -> list[fl
     return ref
 
 
+def _feasible_points(study: Study) -> tuple[list[Trial], list[list[float]], StudySpec]:
+    """Completed, feasible trials (one per configuration) in finishing order, and their values."""
+    spec = StudySpec.model_validate(study.spec)
+    keys = [o.key for o in objectives_of(spec)]
+    done = sorted((t for t in study.trials if t.state == "complete"), key=lambda t: (t.finished_at, t.number))
+    unique = list({t.config_hash: t for t in reversed(done)}.values())[::-1]  # first of each configuration
+    feasible = [t for t in unique if all(v <= 0 for v in constraint_violations(spec, t.values).values())]
+    return feasible, [[t.values[k] for k in keys] for t in feasible], spec
+
+
 def pareto(study: Study) -> ParetoPublic:
     objectives = _objectives(study)
     keys, directions = [o.key for o in objectives], [o.direction for o in objectives]
-    # A configuration proposed twice in a study is one point of the front, not two.
-    done = list({t.config_hash: t for t in reversed(study.trials) if t.state == "complete"}.values())[::-1]
-    values = [[t.values[k] for k in keys] for t in done]
+    done, values, spec = _feasible_points(study)
     if not done:
         return ParetoPublic(objectives=objectives, front=[], selected=None, hypervolume=0.0, reference=[])
     front = pareto_front(values, directions)
-    knee = knee_point(values, directions)
+    chosen = select_trial(values, keys, directions, spec.selection)
     ref = reference_point(values, directions)
     return ParetoPublic(objectives=objectives, front=[trial_public(done[i]) for i in front],
-                        selected=done[knee].number if knee is not None else None,
+                        selected=done[chosen].number if chosen is not None else None,
                         hypervolume=hypervolume(values, ref, directions), reference=ref)
+
+
+def hypervolume_history(study: Study) -> list[HypervolumePoint]:
+    """Hypervolume of the feasible front after each completed trial, against the final reference."""
+    done, values, _spec = _feasible_points(study)
+    directions = [o.direction for o in _objectives(study)]
+    if not done:
+        return []
+    ref = reference_point(values, directions)
+    out, front_points = [], []
+    for t, v in zip(done, values, strict=True):
+        front_points.append(v)
+        front_points = [front_points[i] for i in pareto_front(front_points, directions)]
+        out.append(HypervolumePoint(trial=t.number, hypervolume=hypervolume(front_points, ref, directions)))
+    return out

@@ -53,6 +53,16 @@ def spec_problems(spec: StudySpec, catalog: TaskCatalog) -> list[SpecProblem]:
         found = catalog.problem(objective)
         if found:
             problems.append(SpecProblem(("objectives", i, found[0]), found[1]))
+    keys = [o.key for o in objectives_of(spec)]
+    for i, c in enumerate(spec.constraints):
+        if c.objective not in keys:
+            problems.append(SpecProblem(("constraints", i, "objective"), f"no objective '{c.objective}' (have {keys})"))
+    named = list((spec.selection.weights or {}).keys())
+    if spec.selection.policy.startswith("best:"):
+        named.append(spec.selection.policy.removeprefix("best:"))
+    for key in named:
+        if key not in keys:
+            problems.append(SpecProblem(("selection",), f"no objective '{key}' (have {keys})"))
     return problems
 
 

@@ -180,3 +180,83 @@ def test_released_lease_goes_back_to_the_queue_without_costing_an_attempt(client
     assert again["trial_number"] == first["trial_number"]
     trial = client.get(f"/api/v1/studies/{study['id']}").json()["trials"][0]
     assert trial["attempts"] == 1 and trial["worker"] == "w2"
+
+
+def _run_trials(client, spec, scores):
+    numbers = []
+    for s in scores:
+        lease = client.post("/api/v1/leases", json={"worker": "w"}).json()
+        numbers.append(lease["trial_number"])
+        client.post(f"/api/v1/leases/{lease['token']}/result",
+                    json={"values": dict(zip(_keys(spec), s, strict=True))})
+    return numbers
+
+
+def test_constraints_exclude_infeasible_trials_from_front_and_tell_optuna(client, settings, zoo):
+    spec = zoo_spec(zoo, trials=3)
+    spec["constraints"] = [{"objective": "mmmo_add:exact_match", "min": 0.2}]
+    spec["selection"] = {"policy": "best:mmmo_reverse:exact_match"}
+    study = client.post("/api/v1/studies", json=spec).json()
+    numbers = _run_trials(client, spec, [(0.9, 0.1), (0.1, 0.95), (0.5, 0.5)])
+    pareto = client.get(f"/api/v1/studies/{study['id']}/pareto").json()
+    assert sorted(t["number"] for t in pareto["front"]) == sorted([numbers[0], numbers[2]])
+    assert pareto["selected"] == numbers[2]  # best reverse score among the feasible
+    detail = client.get(f"/api/v1/studies/{study['id']}").json()
+    storage = optuna.storages.RDBStorage(settings.resolved_database_url())
+    name = optuna.get_all_study_names(storage)[0]
+    trials = optuna.load_study(study_name=name, storage=storage).trials
+    assert trials[numbers[1]].constraints == {"mmmo_add:exact_match:min": pytest.approx(0.1)}
+    assert trials[numbers[0]].constraints == {"mmmo_add:exact_match:min": pytest.approx(-0.7)}
+    assert detail["status"] == "done"
+
+
+def test_unknown_constraint_or_selection_objective_is_422(client, zoo):
+    spec = zoo_spec(zoo)
+    spec["constraints"] = [{"objective": "nope", "max": 1}]
+    r = client.post("/api/v1/studies", json=spec)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "constraints", 0, "objective"]
+    spec["constraints"] = []
+    spec["selection"] = {"policy": "best:nope"}
+    assert client.post("/api/v1/studies", json=spec).json()["detail"][0]["loc"] == ["body", "selection"]
+
+
+def test_hypervolume_history_is_monotone(client, zoo):
+    spec = zoo_spec(zoo, trials=4)
+    study = client.post("/api/v1/studies", json=spec).json()
+    _run_trials(client, spec, [(0.2, 0.2), (0.1, 0.1), (0.6, 0.3), (0.3, 0.7)])
+    history = client.get(f"/api/v1/studies/{study['id']}/hypervolume").json()
+    assert len(history) == 4
+    hv = [h["hypervolume"] for h in history]
+    assert hv == sorted(hv) and hv[-1] > hv[0]
+    assert hv[-1] == pytest.approx(client.get(f"/api/v1/studies/{study['id']}/pareto").json()["hypervolume"])
+
+
+def test_export_trial_as_mergekit_and_spec(client, zoo):
+    import yaml
+
+    from merging.mergekit_yaml import parse_mergekit
+
+    spec = zoo_spec(zoo, trials=1)
+    study = client.post("/api/v1/studies", json=spec).json()
+    lease = client.post("/api/v1/leases", json={"worker": "w"}).json()
+    text = client.get(f"/api/v1/studies/{study['id']}/trials/{lease['trial_number']}/export").text
+    plan = parse_mergekit(text)
+    assert plan.config.method == "ties"
+    assert [e.params for e in plan.config.experts] == [e["params"] for e in lease["merge_config"]["experts"]]
+    ours = yaml.safe_load(client.get(f"/api/v1/studies/{study['id']}/trials/{lease['trial_number']}/export",
+                                     params={"format": "spec"}).text)
+    assert ours == lease["merge_config"]
+    assert client.get(f"/api/v1/studies/{study['id']}/trials/99/export").status_code == 404
+
+
+def test_time_budget_stops_new_trials(client, zoo):
+    spec = zoo_spec(zoo, trials=50)
+    spec["budget"]["seconds"] = 0.5
+    study = client.post("/api/v1/studies", json=spec).json()
+    first = client.post("/api/v1/leases", json={"worker": "w"}).json()
+    time.sleep(0.7)
+    assert client.post("/api/v1/leases", json={"worker": "w"}).status_code == 204
+    assert client.get(f"/api/v1/studies/{study['id']}").json()["status"] == "running"  # one still in flight
+    client.post(f"/api/v1/leases/{first['token']}/result", json={"values": dict.fromkeys(_keys(spec), 0.5)})
+    assert client.post("/api/v1/leases", json={"worker": "w"}).status_code == 204
+    assert client.get(f"/api/v1/studies/{study['id']}").json()["status"] == "done"

@@ -1,10 +1,16 @@
+from typing import Literal
+
+import yaml
 from fastapi import APIRouter, HTTPException, status
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse
 
+from merging.config import MergeConfig
+from merging.mergekit_yaml import to_mergekit
 from search.spec import StudySpec
 from service import studies
 from service.deps import ServicesDep, SessionDep
-from service.schemas import ParetoPublic, StudyDetail, StudyPublic
+from service.schemas import HypervolumePoint, ParetoPublic, StudyDetail, StudyPublic
 
 router = APIRouter(prefix="/studies", tags=["studies"])
 
@@ -41,3 +47,21 @@ def get_study(study_id: int, session: SessionDep) -> StudyDetail:
 @router.get("/{study_id}/pareto")
 def get_pareto(study_id: int, session: SessionDep) -> ParetoPublic:
     return studies.pareto(_found(session, study_id))
+
+
+@router.get("/{study_id}/hypervolume")
+def get_hypervolume_history(study_id: int, session: SessionDep) -> list[HypervolumePoint]:
+    return studies.hypervolume_history(_found(session, study_id))
+
+
+@router.get("/{study_id}/trials/{number}/export")
+def export_trial(study_id: int, number: int, session: SessionDep,
+                 format: Literal["spec", "mergekit"] = "mergekit") -> PlainTextResponse:
+    """A trial as mergekit YAML (methods mergekit has; OBIM is written for mmmo) or as our merge config."""
+    trial = studies.get_trial(_found(session, study_id), number)
+    if trial is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study_id} has no trial {number}")
+    config = MergeConfig.from_dict(trial.merge_config)
+    if format == "spec":
+        return PlainTextResponse(yaml.safe_dump(config.to_dict(), sort_keys=False), media_type="application/yaml")
+    return PlainTextResponse(to_mergekit(config), media_type="application/yaml")
