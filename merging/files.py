@@ -23,7 +23,8 @@ from merging.config import MergeConfig
 from merging.errors import MergeError
 from merging.io import BIN_INDEX, SAFETENSORS_INDEX
 from merging.mergekit_yaml import to_mergekit
-from merging.methods import TensorInputs, get_method
+from merging.methods import TensorInputs
+from merging.plan import MergePlan
 from merging.resident import tensor_seed
 from merging.safetensors_stream import SafetensorsWriter
 
@@ -76,7 +77,15 @@ def _model_card(config: MergeConfig, dtype: str | None) -> str:
     return ("---\nlibrary_name: transformers\ntags: [merge, mmmo]\n---\n"
             f"# Merged with mmmo ({config.method})\n\nBase: `{config.base}`\n\n"
             "Experts: " + ", ".join(f"`{e.path}`" for e in config.experts) + "\n\n"
-            f"## Merge configuration\n\n```yaml\n{to_mergekit(config, dtype)}```\n")
+            f"## Merge configuration\n\n```yaml\n{_config_yaml(config, dtype)}```\n")
+
+
+def _config_yaml(config: MergeConfig, dtype: str | None) -> str:
+    if config.grouping is None:
+        return to_mergekit(config, dtype)
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
 def _copy_side_files(base_dir: Path, out: Path, dtype: torch.dtype | None) -> None:
@@ -140,9 +149,8 @@ def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None 
     if out_dir.exists() and any(out_dir.iterdir()):
         raise MergeError(f"output directory '{out_dir}' exists and is not empty")
     out_dtype = parse_dtype(dtype)
-    method = get_method(config.method)
-    names_k = [e.name for e in config.experts]
-    experts_params, params = method.resolve([e.params for e in config.experts], config.params, names_k)
+    plan_params = MergePlan(config)
+    names_k = plan_params.names
     base = CheckpointReader(config.base)
     readers = {e.name: CheckpointReader(e.path) for e in config.experts}
     names = _check_inputs(base, readers)
@@ -163,7 +171,9 @@ def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None 
             deltas = [readers[e].get(name).to(dev, torch.float32) - b32 for e in names_k]
             gen = torch.Generator(device=dev).manual_seed(tensor_seed(config.seed, name))
             tensor_stats = [stats.get(e, {}).get(name) for e in names_k]
-            merged = method.merge(TensorInputs(name, b32, deltas, gen, tensor_stats), experts_params, params)
+            experts_params, params = plan_params.params_for(name)
+            merged = plan_params.method.merge(TensorInputs(name, b32, deltas, gen, tensor_stats), experts_params,
+                                              params)
             writer.add(name, merged.to(target).cpu())
             del b32, deltas, merged
             if progress:

@@ -77,6 +77,8 @@ def parse_mergekit(text: str, relative_to: Path | None = None) -> FileMergePlan:
 
 def to_mergekit(config: MergeConfig, dtype: str | None = None) -> str:
     """mergekit YAML for a config (OBIM is written as ``merge_method: obim``, which only mmmo reads)."""
+    if config.grouping is not None:
+        raise MergeError("per-layer-group / per-filter parameters have no mergekit form here; export the spec")
     doc: dict[str, Any] = {
         "merge_method": config.method,
         "base_model": config.base,

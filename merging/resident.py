@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from merging.config import MergeConfig
 from merging.errors import MergeError
 from merging.io import load_state_dict
-from merging.methods import TensorInputs, get_method
+from merging.methods import TensorInputs
+from merging.plan import MergePlan
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -67,12 +68,12 @@ class Merger:
         names = [e.name for e in config.experts]
         if names != self.expert_names:
             raise MergeError(f"merge config names experts {names}, the merger holds {self.expert_names}")
-        method = get_method(config.method)
-        experts, params = method.resolve([e.params for e in config.experts], config.params, names)
+        plan = MergePlan(config)
         for name, base in self.base.items():
             gen = torch.Generator().manual_seed(tensor_seed(config.seed, name))
             stats = [self.stats[e].get(name) for e in names]
-            yield name, method.merge(TensorInputs(name, base, self.deltas[name], gen, stats), experts, params)
+            experts, params = plan.params_for(name)
+            yield name, plan.method.merge(TensorInputs(name, base, self.deltas[name], gen, stats), experts, params)
 
     def apply(self, model: nn.Module, config: MergeConfig) -> None:
         """Write the merge of ``config`` into ``model``'s parameters in place."""

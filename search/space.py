@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
-from merging.config import ExpertRef, MergeConfig
+from merging.config import ExpertRef, Grouping, MergeConfig
 from search.spec import Range, StudySpec
 
 
@@ -17,23 +17,45 @@ def _dist(r: Range) -> BaseDistribution:
 
 @dataclass(frozen=True)
 class SearchSpace:
+    """Parameter names: ``{expert}.{param}``, ``{expert}.{param}@{group}`` with layer groups or
+    filters (one set per group), and ``method.{param}`` for searched global merge parameters."""
+
     spec: StudySpec
 
+    def grouping(self) -> Grouping | None:
+        ss = self.spec.search_space
+        if not ss.layer_groups and not ss.filters:
+            return None
+        return Grouping(ss.layer_groups, ss.num_layers, tuple(ss.filters))
+
     def distributions(self) -> dict[str, BaseDistribution]:
-        """``{expert}.weight`` and ``{expert}.density`` per expert; the same for the whole study."""
+        ss = self.spec.search_space
+        grouping = self.grouping()
+        suffixes = [f"@{g}" for g in grouping.groups()] if grouping else [""]
         space: dict[str, BaseDistribution] = {}
         for e in self.spec.experts:
-            space[f"{e.name}.weight"] = _dist(self.spec.search_space.weight)
-            if self.spec.search_space.density is not None:
-                space[f"{e.name}.density"] = _dist(self.spec.search_space.density)
+            for suffix in suffixes:
+                space[f"{e.name}.weight{suffix}"] = _dist(ss.weight)
+                if ss.density is not None:
+                    space[f"{e.name}.density{suffix}"] = _dist(ss.density)
+        for key, choices in ss.method_choices.items():
+            space[f"method.{key}"] = CategoricalDistribution(choices)
         return space
 
     def merge_config(self, params: dict[str, Any]) -> MergeConfig:
-        experts = []
-        for e in self.spec.experts:
-            expert_params = {
-                key.split(".", 1)[1]: value for key, value in params.items() if key.split(".", 1)[0] == e.name
-            }
-            experts.append(ExpertRef(name=e.name, path=e.path, params=expert_params, calibration=e.calibration))
-        return MergeConfig(method=self.spec.method, base=self.spec.base, experts=tuple(experts),
-                           params=dict(self.spec.method_params), seed=self.spec.seed)
+        flat: dict[str, dict[str, Any]] = {e.name: {} for e in self.spec.experts}
+        grouped: dict[str, dict[str, dict[str, Any]]] = {e.name: {} for e in self.spec.experts}
+        global_params = dict(self.spec.method_params)
+        for key, value in params.items():
+            name, _, group = key.partition("@")
+            owner, param = name.rsplit(".", 1)
+            if owner == "method" and not group:
+                global_params[param] = value
+            elif group:
+                grouped[owner].setdefault(group, {})[param] = value
+            else:
+                flat[owner][param] = value
+        experts = tuple(ExpertRef(name=e.name, path=e.path, params=flat[e.name], calibration=e.calibration,
+                                  group_params=grouped[e.name]) for e in self.spec.experts)
+        return MergeConfig(method=self.spec.method, base=self.spec.base, experts=experts, params=global_params,
+                           seed=self.spec.seed, grouping=self.grouping())

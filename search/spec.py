@@ -40,6 +40,11 @@ class SearchSpaceSpec(_Strict):
 
     weight: Range = Range(low=0.0, high=1.5)
     density: Range | None = Range(low=0.1, high=1.0)  # None: density is not searched
+    method_choices: dict[str, list[str | float | bool]] = Field(
+        default_factory=dict, description="global merge parameters searched as categoricals, e.g. OBIM's order")
+    layer_groups: int | None = Field(default=None, ge=1, description="consecutive layers sharing one parameter set")
+    filters: list[str] = Field(default_factory=list, description="tensor-name substrings with their own parameters")
+    num_layers: int | None = Field(default=None, ge=1, description="filled from the base's config when unset")
 
     @field_validator("density")
     @classmethod
@@ -142,6 +147,8 @@ class StudySpec(_Strict):
     @classmethod
     def _unique_names(cls, v: list[ExpertSpec]) -> list[ExpertSpec]:
         names = [e.name for e in v]
+        if "method" in names:
+            raise ValueError("'method' is reserved (it names searched merge parameters)")
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"expert names must be unique; repeated: {dupes}")

@@ -17,7 +17,7 @@ from service.db.models import Study, Trial
 from service.objectives import objectives_of
 from service.queue import constraint_violations
 from service.schemas import HypervolumePoint, ObjectivePublic, ParetoPublic, StudyDetail, StudyPublic, TrialPublic
-from service.validation import SpecProblem, resolve_directions, spec_problems
+from service.validation import SpecProblem, resolve_directions, resolve_layers, spec_problems
 
 
 class InvalidSpec(ValueError):
@@ -31,6 +31,10 @@ def create_study(session: Session, optuna: OptunaStudies, catalog: TaskCatalog, 
     if problems:
         raise InvalidSpec(problems)
     spec = resolve_directions(spec, catalog)
+    try:
+        spec = resolve_layers(spec)
+    except (OSError, ValueError) as exc:
+        raise InvalidSpec([SpecProblem(("search_space", "num_layers"), str(exc))]) from None
     study = Study(name=spec.name, spec=spec.model_dump(mode="json"), budget=spec.budget.trials,
                   optuna_name=f"mmmo-{uuid.uuid4().hex}", status="running")
     optuna.create(study.optuna_name, spec)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from evals.catalog import TaskCatalog
 from merging.errors import MergeError
@@ -17,6 +19,18 @@ from service.objectives import objectives_of
 class SpecProblem:
     loc: tuple[str | int, ...]
     msg: str
+
+
+def resolve_layers(spec: StudySpec) -> StudySpec:
+    """With layer groups and no ``num_layers``, read it from the base's config."""
+    ss = spec.search_space
+    if not ss.layer_groups or ss.num_layers:
+        return spec
+    config = json.loads((Path(spec.base) / "config.json").read_text())
+    layers = config.get("num_hidden_layers") or config.get("n_layer")
+    if not layers:
+        raise ValueError("the base's config.json names no num_hidden_layers: set search_space.num_layers")
+    return spec.model_copy(update={"search_space": ss.model_copy(update={"num_layers": int(layers)})})
 
 
 def resolve_directions(spec: StudySpec, catalog: TaskCatalog) -> StudySpec:
@@ -81,4 +95,10 @@ def _method_problems(spec: StudySpec, method) -> list[SpecProblem]:
             method.resolve([expert_params] * len(names), spec.method_params, names)
         except MergeError as exc:
             return [SpecProblem(("method_params",), str(exc))]
+    for key, choices in space.method_choices.items():
+        for choice in choices:
+            try:
+                method.resolve([{"weight": space.weight.low}] * len(names), {**spec.method_params, key: choice}, names)
+            except MergeError as exc:
+                return [SpecProblem(("search_space", "method_choices", key), str(exc))]
     return []

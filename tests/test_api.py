@@ -260,3 +260,15 @@ def test_time_budget_stops_new_trials(client, zoo):
     client.post(f"/api/v1/leases/{first['token']}/result", json={"values": dict.fromkeys(_keys(spec), 0.5)})
     assert client.post("/api/v1/leases", json={"worker": "w"}).status_code == 204
     assert client.get(f"/api/v1/studies/{study['id']}").json()["status"] == "done"
+
+
+def test_layer_groups_read_the_layer_count_from_the_base(client, zoo):
+    spec = zoo_spec(zoo, trials=1)
+    spec["search_space"] = {"layer_groups": 2, "filters": ["mlp"]}
+    study = client.post("/api/v1/studies", json=spec).json()
+    lease = client.post("/api/v1/leases", json={"worker": "w"}).json()
+    assert lease["merge_config"]["grouping"] == {"layer_groups": 2, "num_layers": 4, "filters": ["mlp"]}
+    groups = lease["merge_config"]["experts"][0]["group_params"]
+    assert sorted(groups) == ["L0-1/mlp", "L0-1/other", "L2-3/mlp", "L2-3/other", "rest/mlp", "rest/other"]
+    r = client.get(f"/api/v1/studies/{study['id']}/trials/{lease['trial_number']}/export")
+    assert r.status_code == 422 and "mergekit" in r.json()["detail"]

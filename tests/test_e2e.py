@@ -35,7 +35,21 @@ def test_study_over_http_runs_to_completion(tmp_path, zoo, cache_dir):
         assert all(t["worker"] == "test-worker" for t in detail["trials"] if not t["cached"])
         distinct = {tuple(t["values"].values()) for t in detail["trials"]}
         assert len(distinct) > 1, "different merges must score differently"
-        assert client.pareto(study["id"])["front"]
+        selected = client.pareto(study["id"])["selected"]
+        assert selected is not None
+
+        env = {"MMMO_CACHE_DIR": str(cache_dir), "MMMO_SERVER_URL": running.url}
+        exported = _mmmo("study", "export", str(study["id"]), "--trial", str(selected), "--mergekit", env=env)
+        assert exported.returncode == 0, exported.stderr
+        assert "merge_method: ties" in exported.stdout
+        out = tmp_path / "materialized"
+        made = _mmmo("study", "materialize", str(study["id"]), "--trial", str(selected), str(out), env=env)
+        assert made.returncode == 0, made.stderr
+        from transformers import AutoModelForCausalLM
+
+        assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size == 128
+        missing = _mmmo("study", "export", str(study["id"]), "--trial", "999", env=env)
+        assert missing.returncode == 1 and "no trial 999" in missing.stderr
     finally:
         client.close()
         running.stop()

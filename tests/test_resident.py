@@ -104,3 +104,21 @@ def test_sharded_safetensors_are_read(tmp_path, models):
     loaded = load_state_dict(tmp_path)
     assert sorted(loaded) == names
     assert all(torch.equal(loaded[k], state[k]) for k in names)
+
+
+def test_layer_groups_and_filters_give_each_group_its_own_parameters(models):
+    from merging.config import Grouping
+
+    base, experts = models
+    merger = Merger(base.state_dict(), experts)
+    grouping = Grouping(layer_groups=1, num_layers=2, filters=("mlp",))
+    assert grouping.groups() == ["L0-0/mlp", "L0-0/other", "L1-1/mlp", "L1-1/other", "rest/mlp", "rest/other"]
+    only = {g: {"weight": 0.0} for g in grouping.groups()} | {"L1-1/mlp": {"weight": 1.0}}
+    config = MergeConfig(method="task_arithmetic", base="/base", grouping=grouping,
+                         experts=(ExpertRef("a", "/a", {"weight": 0.0}, group_params=only),
+                                  ExpertRef("b", "/b", {"weight": 0.0})))
+    live = _tiny(0)
+    merger.apply(live, config)
+    for name, p in live.named_parameters():
+        expected = experts["a"][name] if name.startswith("model.layers.1.mlp.") else base.state_dict()[name]
+        torch.testing.assert_close(p.detach(), expected, msg=name)

@@ -43,3 +43,26 @@ def test_yaml_spec_loads(tmp_path):
     path = tmp_path / "spec.yaml"
     path.write_text("base: /b\nexperts:\n  - {name: a, path: /a}\nobjectives:\n  - task: mmmo_add\n")
     assert load_spec(path).experts[0].name == "a"
+
+
+def test_grouped_space_and_method_choices_round_trip():
+    spec = StudySpec.model_validate(BASE | {"method": "obim", "search_space": {
+        "layer_groups": 2, "num_layers": 4, "filters": ["self_attn", "mlp"],
+        "method_choices": {"order": ["listed", "saliency"]}}})
+    space = SearchSpace(spec)
+    dists = space.distributions()
+    # 3 layer parts (two groups + the rest) x 3 filter parts (two filters + other) x 2 params x 2 experts + order
+    assert len(dists) == 3 * 3 * 2 * 2 + 1
+    assert "a.weight@L2-3/mlp" in dists and "method.order" in dists
+    params = {k: (d.choices[1] if k == "method.order" else d.low) for k, d in dists.items()}
+    params["b.density@rest/other"] = 0.5
+    config = space.merge_config(params)
+    assert config.params["order"] == "saliency"
+    assert config.experts[1].group_params["rest/other"]["density"] == 0.5
+    assert config.grouping.group_of("model.layers.3.mlp.up_proj.weight") == "L2-3/mlp"
+    assert config.grouping.group_of("lm_head.weight") == "rest/other"
+
+
+def test_expert_named_method_is_refused():
+    with pytest.raises(ValidationError, match="reserved"):
+        StudySpec.model_validate(BASE | {"experts": [{"name": "method", "path": "/a"}]})

@@ -6,6 +6,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
 
 from merging.config import MergeConfig
+from merging.errors import MergeError
 from merging.mergekit_yaml import to_mergekit
 from search.spec import StudySpec
 from service import studies
@@ -64,4 +65,7 @@ def export_trial(study_id: int, number: int, session: SessionDep,
     config = MergeConfig.from_dict(trial.merge_config)
     if format == "spec":
         return PlainTextResponse(yaml.safe_dump(config.to_dict(), sort_keys=False), media_type="application/yaml")
-    return PlainTextResponse(to_mergekit(config), media_type="application/yaml")
+    try:
+        return PlainTextResponse(to_mergekit(config), media_type="application/yaml")
+    except MergeError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
