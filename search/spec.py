@@ -64,6 +64,8 @@ class ObjectiveSpec(_Strict):
     direction: Literal["maximize", "minimize"] | None = Field(
         default=None, description="default: lm-eval's higher_is_better; minimize for sparsity and perplexity")
     samples: int | None = Field(default=100, ge=1)
+    subset_seed: int = Field(default=0, description="picks the fixed document subset; independent of the "
+                             "study seed so that studies score (and cache) the same documents")
     data: str | None = Field(default=None, description="text for a perplexity objective: jsonl or text file")
 
     @model_validator(mode="after")
@@ -133,6 +135,8 @@ class StudySpec(_Strict):
     budget: BudgetSpec = BudgetSpec()
     constraints: list[ConstraintSpec] = Field(default_factory=list)
     selection: SelectionSpec = SelectionSpec()
+    warm_start: list[int] = Field(default_factory=list, description="earlier studies (same base, experts and "
+                                  "method) whose evaluated trials seed this one without being re-evaluated")
     seed: int = 0
 
     @field_validator("objectives")

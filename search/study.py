@@ -75,6 +75,19 @@ class OptunaStudies:
                     trial.set_constraint(key, violation)
             study.tell(number, values)
 
+    def add_evaluated(self, name: str, spec: StudySpec, params: dict[str, Any], values: list[float],
+                      constraints: dict[str, float] | None = None) -> int:
+        """Add a trial evaluated elsewhere (warm start); NSGA-II sees it as a parent of generation 0."""
+        dists = SearchSpace(spec).distributions()
+        system_attrs = {f"{cls.__name__}:generation": 0 for cls in (optuna.samplers.NSGAIISampler,)}
+        system_attrs |= {f"constraints:{k}": v for k, v in (constraints or {}).items()}
+        trial = optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
+                                          values=values, system_attrs=system_attrs)
+        with self._lock:
+            study = self._study(name, spec)
+            study.add_trial(trial)
+            return study.get_trials(deepcopy=False)[-1].number  # callers hold the server's queue lock
+
     def fail(self, name: str, spec: StudySpec, number: int) -> None:
         with self._lock:
             study = self._study(name, spec)

@@ -57,7 +57,8 @@ def _finish_study_if_done(session: Session, study: Study) -> None:
     if study.status != "running":
         return
     counts = dict(session.execute(
-        select(Trial.state, func.count()).where(Trial.study_id == study.id).group_by(Trial.state)
+        select(Trial.state, func.count()).where(Trial.study_id == study.id, Trial.origin == "sampler")
+        .group_by(Trial.state)
     ).all())
     finished = sum(counts.get(s, 0) for s in FINISHED)
     in_flight = counts.get("queued", 0) + counts.get("leased", 0)
@@ -126,7 +127,8 @@ def _new_trial(session: Session, optuna: OptunaStudies) -> Trial | None:
             continue
         spec = _spec(study)
         objectives = objectives_of(spec)
-        while session.scalar(select(func.count()).select_from(Trial).where(Trial.study_id == study.id)) < study.budget:
+        while session.scalar(select(func.count()).select_from(Trial)
+                             .where(Trial.study_id == study.id, Trial.origin == "sampler")) < study.budget:
             number, params = _optuna(session, optuna.ask, study.optuna_name, spec)
             config = SearchSpace(spec).merge_config(params)
             trial = Trial(study_id=study.id, number=number, params=params, merge_config=config.to_dict(),

@@ -11,11 +11,12 @@ from sqlalchemy.orm import Session
 from evals.catalog import TaskCatalog
 from search.pareto import hypervolume, pareto_front
 from search.selection import select as select_trial
+from search.space import SearchSpace
 from search.spec import StudySpec
 from search.study import OptunaStudies
-from service.db.models import Study, Trial
+from service.db.models import Study, Trial, utcnow
 from service.objectives import objectives_of
-from service.queue import constraint_violations
+from service.queue import cached_values, constraint_violations
 from service.schemas import HypervolumePoint, ObjectivePublic, ParetoPublic, StudyDetail, StudyPublic, TrialPublic
 from service.validation import SpecProblem, resolve_directions, resolve_layers, spec_problems
 
@@ -26,8 +27,56 @@ class InvalidSpec(ValueError):
         self.problems = problems
 
 
+def _warm_start_problems(session: Session, spec: StudySpec) -> list[SpecProblem]:
+    problems = []
+    want = (spec.base, [(e.name, e.path) for e in spec.experts], spec.method)
+    for i, source_id in enumerate(spec.warm_start):
+        source = session.get(Study, source_id)
+        if source is None:
+            problems.append(SpecProblem(("warm_start", i), f"study {source_id} not found"))
+            continue
+        other = StudySpec.model_validate(source.spec)
+        if (other.base, [(e.name, e.path) for e in other.experts], other.method) != want:
+            problems.append(SpecProblem(("warm_start", i), f"study {source_id} merges other models or another "
+                                                           "method; warm starts need the same base, experts, method"))
+    return problems
+
+
+def _seed_from_history(session: Session, optuna: OptunaStudies, study: Study, spec: StudySpec) -> int:
+    """Copy the evaluated trials of ``spec.warm_start`` studies into ``study``; returns how many.
+
+    A source trial qualifies when its parameters lie in this study's space and the results cache
+    holds every objective of this study for its configuration (nothing is evaluated again).
+    """
+    space = SearchSpace(spec)
+    dists = space.distributions()
+    objectives = objectives_of(spec)
+    seen: set[str] = set()
+    added = 0
+    for source_id in spec.warm_start:
+        for t in session.get(Study, source_id).trials:
+            if t.state != "complete" or set(t.params) != set(dists):
+                continue
+            if not all(dists[k]._contains(dists[k].to_internal_repr(v)) for k, v in t.params.items()):
+                continue
+            config = space.merge_config(t.params)
+            values = cached_values(session, config.fingerprint(), objectives)
+            if values is None or config.fingerprint() in seen:
+                continue
+            seen.add(config.fingerprint())
+            session.commit()  # Optuna writes through its own connection (see queue.py)
+            number = optuna.add_evaluated(study.optuna_name, spec, t.params, [values[o.key] for o in objectives],
+                                          constraint_violations(spec, values))
+            session.add(Trial(study_id=study.id, number=number, params=t.params, merge_config=config.to_dict(),
+                              config_hash=config.fingerprint(), state="complete", values=values, cached=True,
+                              origin="warm_start", finished_at=utcnow()))
+            added += 1
+    session.commit()
+    return added
+
+
 def create_study(session: Session, optuna: OptunaStudies, catalog: TaskCatalog, spec: StudySpec) -> Study:
-    problems = spec_problems(spec, catalog)
+    problems = spec_problems(spec, catalog) + _warm_start_problems(session, spec)
     if problems:
         raise InvalidSpec(problems)
     spec = resolve_directions(spec, catalog)
@@ -41,9 +90,13 @@ def create_study(session: Session, optuna: OptunaStudies, catalog: TaskCatalog, 
     try:
         session.add(study)
         session.commit()
+        _seed_from_history(session, optuna, study, spec)
     except Exception:
         session.rollback()
         optuna.delete(study.optuna_name)
+        if study.id is not None:
+            session.delete(study)
+            session.commit()
         raise
     return study
 

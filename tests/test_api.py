@@ -272,3 +272,31 @@ def test_layer_groups_read_the_layer_count_from_the_base(client, zoo):
     assert sorted(groups) == ["L0-1/mlp", "L0-1/other", "L2-3/mlp", "L2-3/other", "rest/mlp", "rest/other"]
     r = client.get(f"/api/v1/studies/{study['id']}/trials/{lease['trial_number']}/export")
     assert r.status_code == 422 and "mergekit" in r.json()["detail"]
+
+
+def test_warm_start_seeds_evaluated_trials_outside_the_budget(client, settings, zoo):
+    spec = zoo_spec(zoo, trials=3)
+    first = client.post("/api/v1/studies", json=spec).json()
+    _run_trials(client, spec, [(0.9, 0.1), (0.1, 0.9), (0.5, 0.5)])
+    warm = dict(spec, seed=7, warm_start=[first["id"]], budget={"trials": 2})
+    second = client.post("/api/v1/studies", json=warm).json()
+    detail = client.get(f"/api/v1/studies/{second['id']}").json()
+    assert len(detail["trials"]) == 3 and all(t["state"] == "complete" and t["cached"] for t in detail["trials"])
+    assert sorted(tuple(t["values"].values()) for t in detail["trials"]) == [(0.1, 0.9), (0.5, 0.5), (0.9, 0.1)]
+    storage = optuna.storages.RDBStorage(settings.resolved_database_url())
+    loaded = [optuna.load_study(study_name=n, storage=storage) for n in optuna.get_all_study_names(storage)]
+    assert len(loaded) == 2 and all(len(s.trials) == 3 for s in loaded)
+    for s in loaded:  # sampled or copied, every trial sits in NSGA-II's generation 0: parents to come
+        assert all(t.system_attrs.get("NSGAIISampler:generation") == 0 for t in s.trials)
+    leases = [client.post("/api/v1/leases", json={"worker": "w"}).json() for _ in range(2)]
+    assert {lease["study_id"] for lease in leases} == {second["id"]}
+    assert client.post("/api/v1/leases", json={"worker": "w"}).status_code == 204  # budget: 2 new trials
+
+
+def test_warm_start_from_unknown_or_different_study_is_422(client, zoo):
+    spec = zoo_spec(zoo, trials=1)
+    r = client.post("/api/v1/studies", json=dict(spec, warm_start=[42]))
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "warm_start", 0]
+    other = client.post("/api/v1/studies", json=zoo_spec(zoo, experts=("sort", "upper"))).json()
+    r = client.post("/api/v1/studies", json=dict(spec, warm_start=[other["id"]]))
+    assert r.status_code == 422 and "same base" in r.json()["detail"][0]["msg"]

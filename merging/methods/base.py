@@ -67,6 +67,7 @@ class MergeMethod(ABC):
     """
 
     name: ClassVar[str]
+    uses_rng: ClassVar[bool] = False  # whether the merge depends on the seed (DARE, DELLA)
     expert_params: ClassVar[tuple[Param, ...]] = ()
     global_params: ClassVar[tuple[Param, ...]] = ()
 

@@ -29,6 +29,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
             params.append(Param("rescale", cls.default_rescale))
         cls.global_params = tuple(params) + cls.extra_global_params()
         cls.expert_params = (WEIGHT, DENSITY) if cls.sparsifier else (WEIGHT,)
+        cls.uses_rng = cls.sparsifier in ("random", "della_magprune")
 
     @classmethod
     def extra_global_params(cls) -> tuple[Param, ...]:

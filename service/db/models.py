@@ -46,6 +46,7 @@ class Trial(Base):
     merge_config: Mapped[dict[str, Any]] = mapped_column(JSON)
     config_hash: Mapped[str] = mapped_column(String(64), index=True)
     cached: Mapped[bool] = mapped_column(Boolean, default=False)  # answered from the results cache
+    origin: Mapped[str] = mapped_column(String(20), default="sampler")  # sampler | warm_start (outside budget)
     state: Mapped[str] = mapped_column(String(20), default="queued", index=True)
     lease_token: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
