@@ -300,3 +300,12 @@ def test_warm_start_from_unknown_or_different_study_is_422(client, zoo):
     other = client.post("/api/v1/studies", json=zoo_spec(zoo, experts=("sort", "upper"))).json()
     r = client.post("/api/v1/studies", json=dict(spec, warm_start=[other["id"]]))
     assert r.status_code == 422 and "same base" in r.json()["detail"][0]["msg"]
+
+
+def test_mmmo_bo_sampler_runs_through_the_server(client, zoo):
+    spec = zoo_spec(zoo, trials=5)
+    spec["sampler"] = {"name": "mmmo-bo", "n_startup_trials": 3}
+    study = client.post("/api/v1/studies", json=spec).json()
+    _run_trials(client, spec, [(0.1 * i, 1 - 0.1 * i) for i in range(5)])
+    detail = client.get(f"/api/v1/studies/{study['id']}").json()
+    assert detail["status"] == "done" and len({str(t["params"]) for t in detail["trials"]}) == 5

@@ -4,6 +4,7 @@ from collections.abc import Callable
 
 from optuna.samplers import BaseSampler
 
+from search.samplers._mmmo_bo import MMMOBOSampler, make_mmmo_bo
 from search.samplers._nsga2 import make_nsga2
 from search.samplers._random import make_random
 from search.samplers._tpe import make_tpe
@@ -11,6 +12,7 @@ from search.spec import SamplerSpec
 
 SAMPLERS: dict[str, Callable[[SamplerSpec, int], BaseSampler]] = {
     "nsga2": make_nsga2,
+    "mmmo-bo": make_mmmo_bo,
     "random": make_random,
     "tpe": make_tpe,
 }
@@ -20,4 +22,4 @@ def make_sampler(spec: SamplerSpec, seed: int) -> BaseSampler:
     return SAMPLERS[spec.name](spec, seed)
 
 
-__all__ = ["SAMPLERS", "make_sampler"]
+__all__ = ["SAMPLERS", "MMMOBOSampler", "make_sampler"]

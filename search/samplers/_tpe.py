@@ -4,4 +4,4 @@ from search.spec import SamplerSpec
 
 
 def make_tpe(spec: SamplerSpec, seed: int) -> TPESampler:
-    return TPESampler(seed=seed, multivariate=True)
+    return TPESampler(seed=seed, multivariate=True, n_startup_trials=spec.n_startup_trials)
