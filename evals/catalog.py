@@ -10,25 +10,35 @@ from evals.objective import Objective
 
 
 class TaskCatalog:
-    """One TaskManager; tasks are loaded (datasets read) at most once each."""
+    """Task managers per set of YAML directories (lm-eval's built-ins indexed only when a task is
+    found nowhere else); tasks are loaded (datasets read) at most once each."""
 
-    def __init__(self, include_paths: Sequence[Path] = ()) -> None:
-        self.manager = task_manager(include_paths)
-        self._loaded: dict[str, object] = {}
+    def __init__(self) -> None:
+        self._managers: dict[tuple[tuple[str, ...], bool], object] = {}
+        self._loaded: dict[tuple[tuple[str, ...], str], object] = {}
 
-    def _task(self, name: str):
-        if name not in self._loaded:
-            self._loaded[name] = self.manager.load([name])["tasks"][name]
-        return self._loaded[name]
+    def _manager(self, paths: tuple[str, ...], name: str):
+        for defaults in (False, True):
+            if (paths, defaults) not in self._managers:
+                self._managers[(paths, defaults)] = task_manager([Path(p) for p in paths], defaults=defaults)
+            manager = self._managers[(paths, defaults)]
+            if name in manager.all_tasks:
+                return manager
+        return None
 
-    def higher_is_better(self, objective: Objective) -> bool:
+    def _task(self, name: str, paths: tuple[str, ...]):
+        if (paths, name) not in self._loaded:
+            self._loaded[(paths, name)] = self._manager(paths, name).load([name])["tasks"][name]
+        return self._loaded[(paths, name)]
+
+    def higher_is_better(self, objective: Objective, include_paths: Sequence[str] = ()) -> bool:
         """lm-eval's own direction for the objective's metric (True where the task does not say)."""
-        for m in self._task(objective.task).config.metric_list or []:
+        for m in self._task(objective.task, tuple(include_paths)).config.metric_list or []:
             if m["metric"] == objective.metric:
                 return bool(m.get("higher_is_better", True))
         return True
 
-    def problem(self, objective: Objective) -> tuple[str, str] | None:
+    def problem(self, objective: Objective, include_paths: Sequence[str] = ()) -> tuple[str, str] | None:
         """``(field, message)`` if the objective cannot be scored, else None."""
         if objective.kind == "sparsity":
             return None
@@ -40,10 +50,11 @@ class TaskCatalog:
             except (OSError, ValueError, KeyError) as exc:
                 return "data", f"cannot read perplexity data: {exc}"
             return None
-        if objective.task not in self.manager.all_tasks:
-            return "task", f"unknown task '{objective.task}'"
+        paths = tuple(include_paths)
+        if self._manager(paths, objective.task) is None:
+            return "task", f"unknown task '{objective.task}' (not bundled, not in task_paths, not built into lm-eval)"
         try:
-            task = self._task(objective.task)
+            task = self._task(objective.task, paths)
         except Exception as exc:  # a broken YAML or missing data file: report it, don't crash the server
             return "task", f"task '{objective.task}' cannot be loaded: {exc}"
         metrics = [m["metric"] for m in task.config.metric_list or []]

@@ -7,6 +7,7 @@ on the same documents, so a trial pays for the model's forward passes and little
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -61,10 +62,26 @@ class Perplexity:
         return math.exp(nll / max(count, 1))
 
 
-def task_manager(include_paths: Sequence[Path] = ()) -> TaskManager:
-    """Bundled tasks plus the caller's YAML dirs; lm-eval's ~14,700 defaults are not indexed."""
-    paths = [str(BUNDLED_TASKS_DIR), *map(str, include_paths)]
-    return TaskManager(include_path=paths, include_defaults=False)
+def task_manager(include_paths: Sequence[Path] = (), defaults: bool = False) -> TaskManager:
+    """Bundled tasks plus the caller's YAML dirs; lm-eval's ~14,700 built-in tasks (about 10 s to
+    index) only with ``defaults``, and then indexed once per process and set of directories."""
+    paths = (str(BUNDLED_TASKS_DIR), *map(str, include_paths))
+    if defaults:
+        return _with_defaults(paths)
+    return TaskManager(include_path=list(paths), include_defaults=False)
+
+
+@functools.lru_cache(maxsize=4)
+def _with_defaults(paths: tuple[str, ...]) -> TaskManager:
+    return TaskManager(include_path=list(paths), include_defaults=True)
+
+
+def manager_for(tasks: Sequence[str], include_paths: Sequence[Path] = ()) -> TaskManager:
+    """The cheapest manager that knows every task: without lm-eval's built-ins when it can."""
+    local = task_manager(include_paths)
+    if all(t in local.all_tasks for t in tasks):
+        return local
+    return task_manager(include_paths, defaults=True)
 
 
 def bundled_task_names() -> list[str]:
@@ -95,7 +112,7 @@ class Evaluator:
         self.model, self.tokenizer = model, tokenizer
         self.objectives = [o for o in objectives if o.kind == "lm_eval"]
         self.perplexity = {o.key: Perplexity(o.data) for o in objectives if o.kind == "perplexity"}
-        self.manager = manager or task_manager(include_paths)
+        self.manager = manager or manager_for([o.task for o in self.objectives], include_paths)
         unknown = sorted({o.task for o in self.objectives} - set(self.manager.all_tasks))
         if unknown:
             raise EvaluationError(f"unknown task(s) {unknown}")

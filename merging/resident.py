@@ -49,19 +49,23 @@ class Merger:
 
     def __init__(self, base: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]],
                  dtype: torch.dtype = torch.float32,
-                 stats: Mapping[str, Mapping[str, Tensor]] | None = None) -> None:
+                 stats: Mapping[str, Mapping[str, Tensor]] | None = None, device: str | torch.device = "cpu") -> None:
         if not experts:
             raise MergeError("a merge needs at least one expert")
+        self.device = torch.device(device)
         self.expert_names = list(experts)
-        self.base = {k: v.to(dtype) for k, v in base.items()}
-        self.deltas = compute_deltas(self.base, experts, dtype)
-        self.stats = {name: dict((stats or {}).get(name, {})) for name in self.expert_names}
+        self.base = {k: v.to(self.device, dtype) for k, v in base.items()}
+        self.deltas = compute_deltas(self.base, {e: {k: v.to(self.device) for k, v in sd.items()}
+                                                 for e, sd in experts.items()}, dtype)
+        self.stats = {name: {k: v.to(self.device) for k, v in (stats or {}).get(name, {}).items()}
+                      for name in self.expert_names}
 
     @classmethod
     def from_checkpoints(cls, base_dir: str, expert_dirs: Mapping[str, str],
-                         stats: Mapping[str, Mapping[str, Tensor]] | None = None) -> Merger:
+                         stats: Mapping[str, Mapping[str, Tensor]] | None = None,
+                         device: str | torch.device = "cpu") -> Merger:
         return cls(load_state_dict(base_dir), {name: load_state_dict(p) for name, p in expert_dirs.items()},
-                   stats=stats)
+                   stats=stats, device=device)
 
     def merged_tensors(self, config: MergeConfig):
         """Yield (name, merged tensor) for every tensor of the base."""
@@ -70,7 +74,7 @@ class Merger:
             raise MergeError(f"merge config names experts {names}, the merger holds {self.expert_names}")
         plan = MergePlan(config)
         for name, base in self.base.items():
-            gen = torch.Generator().manual_seed(tensor_seed(config.seed, name))
+            gen = torch.Generator(device=self.device).manual_seed(tensor_seed(config.seed, name))
             stats = [self.stats[e].get(name) for e in names]
             experts, params = plan.params_for(name)
             yield name, plan.method.merge(TensorInputs(name, base, self.deltas[name], gen, stats), experts, params)
@@ -96,8 +100,4 @@ def expert_dirs(config: MergeConfig) -> dict[str, str]:
     return {e.name: e.path for e in config.experts}
 
 
-def merger_for(config: MergeConfig) -> Merger:
-    return Merger.from_checkpoints(config.base, expert_dirs(config))
-
-
-__all__ = ["Merger", "compute_deltas", "merger_for", "tensor_seed"]
+__all__ = ["Merger", "compute_deltas", "expert_dirs", "tensor_seed"]

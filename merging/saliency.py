@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -118,7 +118,12 @@ def read_calibration_texts(source: str | Path, limit: int = 256) -> list[str]:
     return texts[:limit]
 
 
-def stats_for(config_experts, cache_dir: Path | None, device: str = "cpu") -> dict[str, dict[str, Tensor]]:
-    """Statistics of every expert that names calibration data (cached); the others use magnitude."""
-    return {e.name: calibration_stats(Path(e.path), read_calibration_texts(e.calibration), cache_dir, device=device)
+def stats_for(config_experts, cache_dir: Path | None, device: str = "cpu",
+              texts_of: Callable[[str], list[str]] = read_calibration_texts) -> dict[str, dict[str, Tensor]]:
+    """Statistics of every expert that names calibration data (cached); the others use magnitude.
+
+    ``texts_of`` turns an expert's calibration source into texts (the service passes one that
+    also reads lm-eval tasks' documents).
+    """
+    return {e.name: calibration_stats(Path(e.path), texts_of(e.calibration), cache_dir, device=device)
             for e in config_experts if e.calibration}

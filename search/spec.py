@@ -132,6 +132,7 @@ class StudySpec(_Strict):
     method_params: dict[str, Any] = Field(default_factory=dict, description="global merge parameters")
     search_space: SearchSpaceSpec = SearchSpaceSpec()
     objectives: list[ObjectiveSpec] = Field(min_length=1)
+    task_paths: list[str] = Field(default_factory=list, description="directories of your own lm-eval task YAML")
     sampler: SamplerSpec = SamplerSpec()
     budget: BudgetSpec = BudgetSpec()
     constraints: list[ConstraintSpec] = Field(default_factory=list)

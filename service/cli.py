@@ -110,6 +110,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from evals.calibration import calibration_texts
     from merging.files import merge_to_dir
     from merging.mergekit_yaml import parse_mergekit
     from merging.saliency import stats_for
@@ -118,7 +119,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     plan = parse_mergekit(config_path.read_text(), relative_to=config_path.parent)
     stats = {}
     if plan.config.method == "obim":
-        stats = stats_for(plan.config.experts, _settings(args).cache_dir, args.device)
+        stats = stats_for(plan.config.experts, _settings(args).cache_dir, args.device, calibration_texts)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns) as progress:
         bar = progress.add_task("merging tensors", total=None)
@@ -147,12 +148,15 @@ def cmd_study_export(args: argparse.Namespace) -> int:
 def cmd_study_materialize(args: argparse.Namespace) -> int:
     import yaml
 
+    from evals.calibration import calibration_texts
     from merging.config import MergeConfig
     from merging.files import merge_to_dir
     from merging.saliency import stats_for
 
     config = MergeConfig.from_dict(yaml.safe_load(_client(args).export(args.study_id, args.trial, "spec")))
-    stats = stats_for(config.experts, _settings(args).cache_dir, args.device) if config.method == "obim" else {}
+    stats = {}
+    if config.method == "obim":
+        stats = stats_for(config.experts, _settings(args).cache_dir, args.device, calibration_texts)
     out = merge_to_dir(config, Path(args.out_dir), dtype=args.dtype, device=args.device, stats=stats)
     print(f"trial {args.trial} of study {args.study_id} written to {out}")
     return 0

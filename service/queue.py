@@ -151,6 +151,7 @@ def _new_trial(session: Session, optuna: OptunaStudies) -> Trial | None:
 class Lease:
     trial: Trial
     objectives: list[dict]
+    task_paths: list[str]
 
 
 def lease_next(session: Session, optuna: OptunaStudies, policy: QueuePolicy, worker: str) -> Lease | None:
@@ -169,7 +170,7 @@ def lease_next(session: Session, optuna: OptunaStudies, policy: QueuePolicy, wor
     trial.started_at = now
     session.commit()
     spec = _spec(trial.study)
-    return Lease(trial, [o.__dict__ for o in objectives_of(spec)])
+    return Lease(trial, [o.__dict__ for o in objectives_of(spec)], list(spec.task_paths))
 
 
 def _held(session: Session, token: str) -> Trial:

@@ -70,6 +70,7 @@ class LeasePublic(BaseModel):
     trial_number: int
     merge_config: dict[str, Any]
     objectives: list[dict[str, Any]]
+    task_paths: list[str] = Field(default_factory=list, description="lm-eval YAML directories of the study")
     expires_at: datetime
     lease_seconds: float
 

@@ -6,11 +6,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from evals.calibration import calibration_texts
 from evals.catalog import TaskCatalog
 from merging.errors import MergeError
 from merging.io import check_checkpoint
 from merging.methods import get_method
-from merging.saliency import read_calibration_texts
 from search.spec import StudySpec
 from service.objectives import objectives_of
 
@@ -39,7 +39,7 @@ def resolve_directions(spec: StudySpec, catalog: TaskCatalog) -> StudySpec:
     for spec_obj, obj in zip(spec.objectives, objectives_of(spec), strict=True):
         direction = spec_obj.direction
         if direction is None:
-            direction = "maximize" if catalog.higher_is_better(obj) else "minimize"
+            direction = "maximize" if catalog.higher_is_better(obj, spec.task_paths) else "minimize"
         objectives.append(spec_obj.model_copy(update={"direction": direction}))
     return spec.model_copy(update={"objectives": objectives})
 
@@ -54,7 +54,7 @@ def spec_problems(spec: StudySpec, catalog: TaskCatalog) -> list[SpecProblem]:
     for i, e in enumerate(spec.experts):
         if e.calibration is not None:
             try:
-                read_calibration_texts(e.calibration, limit=1)
+                calibration_texts(e.calibration, limit=1)
             except (OSError, ValueError, KeyError) as exc:
                 problems.append(SpecProblem(("experts", i, "calibration"), f"cannot read calibration data: {exc}"))
     try:
@@ -63,8 +63,13 @@ def spec_problems(spec: StudySpec, catalog: TaskCatalog) -> list[SpecProblem]:
         problems.append(SpecProblem(("method",), str(exc)))
     else:
         problems += _method_problems(spec, method)
+    for i, path in enumerate(spec.task_paths):
+        if not Path(path).is_dir():
+            problems.append(SpecProblem(("task_paths", i), f"'{path}' is not a directory"))
+    if problems and any(p.loc[0] == "task_paths" for p in problems):
+        return problems
     for i, objective in enumerate(objectives_of(spec)):
-        found = catalog.problem(objective)
+        found = catalog.problem(objective, spec.task_paths)
         if found:
             problems.append(SpecProblem(("objectives", i, found[0]), found[1]))
     keys = [o.key for o in objectives_of(spec)]

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from evals.calibration import calibration_texts
 from evals.evaluator import Evaluator
 from evals.objective import Objective
 from merging.config import MergeConfig
@@ -45,25 +46,29 @@ class TrialRunner:
         self.last_timing: dict[str, float] = {}  # seconds of the last trial: load, merge, evaluate
         self.on_timing: Callable[[dict[str, float]], None] | None = None  # e.g. a benchmark's recorder
 
-    def _load(self, config: MergeConfig, objectives: list[Objective]) -> _Resident:
+    def _load(self, config: MergeConfig, objectives: list[Objective], task_paths: tuple[str, ...]) -> _Resident:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        key = (config.base, config.method == "obim", tuple(config.experts_identity()), tuple(objectives))
+        key = (config.base, config.method == "obim", tuple(config.experts_identity()), tuple(objectives), task_paths)
         if self._resident is not None and self._resident.key == key:
             return self._resident
         self._resident = None  # free the previous set before loading the next
         log.info("loading base %s and %d experts", config.base, len(config.experts))
-        stats = stats_for(config.experts, self.cache_dir, str(self.device)) if config.method == "obim" else None
-        merger = Merger.from_checkpoints(config.base, expert_dirs(config), stats=stats)
+        stats = None
+        if config.method == "obim":
+            stats = stats_for(config.experts, self.cache_dir, str(self.device), calibration_texts)
+        merger = Merger.from_checkpoints(config.base, expert_dirs(config), stats=stats, device=self.device)
         model = AutoModelForCausalLM.from_pretrained(config.base, dtype=torch.float32).to(self.device).eval()
         tokenizer = AutoTokenizer.from_pretrained(config.base)
-        evaluator = Evaluator(model, tokenizer, objectives, batch_size=self.batch_size)
+        evaluator = Evaluator(model, tokenizer, objectives, batch_size=self.batch_size,
+                              include_paths=[Path(p) for p in task_paths])
         self._resident = _Resident(key, merger, model, evaluator)
         return self._resident
 
-    def run(self, config: MergeConfig, objectives: list[Objective]) -> dict[str, float]:
+    def run(self, config: MergeConfig, objectives: list[Objective],
+            task_paths: tuple[str, ...] = ()) -> dict[str, float]:
         t0 = time.perf_counter()
-        resident = self._load(config, objectives)
+        resident = self._load(config, objectives, tuple(task_paths))
         t1 = time.perf_counter()
         resident.merger.apply(resident.model, config)
         t2 = time.perf_counter()
@@ -139,7 +144,7 @@ class Worker:
         lease = held.lease
         try:
             values = self.runner.run(MergeConfig.from_dict(lease["merge_config"]),
-                                     [Objective(**o) for o in lease["objectives"]])
+                                     [Objective(**o) for o in lease["objectives"]], tuple(lease.get("task_paths", [])))
         except Exception as exc:  # the trial fails with its reason; the worker and the study go on
             log.warning("trial %s of study %s failed: %s", lease["trial_number"], lease["study_id"], exc)
             return _Outcome(held, error=f"{type(exc).__name__}: {exc}")

@@ -309,3 +309,41 @@ def test_mmmo_bo_sampler_runs_through_the_server(client, zoo):
     _run_trials(client, spec, [(0.1 * i, 1 - 0.1 * i) for i in range(5)])
     detail = client.get(f"/api/v1/studies/{study['id']}").json()
     assert detail["status"] == "done" and len({str(t["params"]) for t in detail["trials"]}) == 5
+
+
+def test_a_users_own_task_directory(client, zoo, tmp_path):
+    from evals.synthetic import DATA_DIR
+
+    tasks = tmp_path / "my_tasks"
+    tasks.mkdir()
+    (tasks / "my_add.yaml").write_text(f"""task: my_add
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {DATA_DIR / 'add' / 'test.jsonl'}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{target}}}}"
+target_delimiter: ""
+generation_kwargs: {{until: ["\\n"], max_gen_toks: 8, do_sample: false}}
+metric_list: [{{metric: exact_match, aggregation: mean, higher_is_better: true}}]
+""")
+    spec = zoo_spec(zoo, trials=1)
+    spec["objectives"] = [{"task": "my_add", "samples": 10}]
+    r = client.post("/api/v1/studies", json=spec)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "objectives", 0, "task"]
+    spec["task_paths"] = [str(tmp_path / "nope")]
+    assert client.post("/api/v1/studies", json=spec).json()["detail"][0]["loc"] == ["body", "task_paths", 0]
+    spec["task_paths"] = [str(tasks)]
+    assert client.post("/api/v1/studies", json=spec).status_code == 201
+    lease = client.post("/api/v1/leases", json={"worker": "w"}).json()
+    assert lease["task_paths"] == [str(tasks)]
+
+    from evals.objective import Objective
+    from merging.config import MergeConfig
+    from service.worker import TrialRunner
+
+    values = TrialRunner().run(MergeConfig.from_dict(lease["merge_config"]),
+                               [Objective(**o) for o in lease["objectives"]], tuple(lease["task_paths"]))
+    assert 0.0 <= values["my_add:exact_match"] <= 1.0

@@ -134,3 +134,30 @@ def test_obim_cli_with_calibration(zoo, tmp_path):
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "cache" / "saliency").glob("*.safetensors"))) == 2
+
+
+def test_ties_on_the_zoo_equals_the_mergekit_formulas(zoo):
+    from tests.test_methods import _ref_gta, _ref_magnitude
+
+    config = _config(zoo, "ties", normalize=True, **{"lambda": 1.2})
+    names = [e.name for e in config.experts]
+    merger = Merger.from_checkpoints(str(zoo.base), {e: str(zoo.experts[e]) for e in names})
+    p = config.experts[0].params
+    for tensor, merged in merger.merged_tensors(config):
+        trimmed = [_ref_magnitude(d, p["density"]) for d in merger.deltas[tensor]]
+        ref = _ref_gta(merger.base[tensor], trimmed, [p["weight"]] * len(names), consensus=True, normalize=True,
+                       lam=1.2)
+        torch.testing.assert_close(merged, ref, rtol=1e-6, atol=1e-6, msg=tensor)
+
+
+def test_obim_calibration_from_an_lm_eval_task(zoo, tmp_path):
+    from evals.calibration import calibration_texts
+    from merging.saliency import stats_for
+
+    texts = calibration_texts("task:mmmo_add", limit=16)
+    assert len(texts) == 16 and all("+" in t and "=" in t for t in texts)
+    experts = [ExpertRef("add", str(zoo.experts["add"]), {}, calibration="task:mmmo_add")]
+    stats = stats_for(experts, tmp_path, texts_of=calibration_texts)
+    assert stats["add"]["model.layers.0.mlp.down_proj.weight"].shape == (384,)
+    with pytest.raises(ValueError, match="unknown"):
+        calibration_texts("task:no_such_task")

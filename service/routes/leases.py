@@ -18,7 +18,7 @@ def lease(body: LeaseRequest, services: ServicesDep, session: SessionDep) -> Lea
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     t = leased.trial
     return LeasePublic(token=t.lease_token, study_id=t.study_id, trial_number=t.number, merge_config=t.merge_config,
-                       objectives=leased.objectives, expires_at=t.lease_expires_at,
+                       objectives=leased.objectives, task_paths=leased.task_paths, expires_at=t.lease_expires_at,
                        lease_seconds=services.policy.lease_seconds)
 
 
