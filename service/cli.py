@@ -162,6 +162,43 @@ def cmd_study_materialize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_local(args: argparse.Namespace, study_id: int | None) -> int:
+    from rich.console import Console
+
+    from search.spec import load_spec
+    from service import local
+    from service.demo import pareto_table
+    from service.services import Services
+    from service.studies import get_study, pareto
+    from service.worker import TrialRunner
+
+    settings = _settings(args)
+    services = Services.start(settings)
+    console = Console(width=max(Console().width, 120))
+    try:
+        if study_id is None:
+            study_id = local.create(services, load_spec(Path(args.spec)))
+        console.print(f"study {study_id} (database {settings.resolved_database_url()})")
+        runner = TrialRunner(device=args.device, cache_dir=settings.cache_dir)
+        final = local.run(services, study_id, runner,
+                          on_trial=lambda n, done, v: console.print(f"trial {n} done ({done} finished)"
+                                                                    + ("" if v else ": failed")))
+        with services.sessions() as session:
+            console.print(pareto_table(pareto(get_study(session, study_id)).model_dump(mode="json")))
+        console.print(f"study {study_id}: {final['status']}")
+    finally:
+        services.close()
+    return 0
+
+
+def cmd_study_run(args: argparse.Namespace) -> int:
+    return _run_local(args, None)
+
+
+def cmd_study_resume(args: argparse.Namespace) -> int:
+    return _run_local(args, args.study_id)
+
+
 def cmd_study_validate(args: argparse.Namespace) -> int:
     from search.spec import load_spec
 
@@ -228,6 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = study.add_parser("validate", help="check a spec (YAML or JSON) without running it")
     p.add_argument("spec")
     p.set_defaults(func=cmd_study_validate)
+
+    p = with_db(study.add_parser("run", help="run a whole study in this process (no server)"))
+    p.add_argument("spec")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_study_run)
+    p = with_db(study.add_parser("resume", help="go on with a study that `study run` did not finish"))
+    p.add_argument("study_id", type=int)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_study_resume)
 
     def with_server(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--server", help="API URL (default: MMMO_SERVER_URL or http://127.0.0.1:8765)")

@@ -113,15 +113,17 @@ def _store_results(session: Session, config_hash: str, objectives: list[Objectiv
             session.add(Result(config_hash=config_hash, objective_hash=o.identity(), value=float(values[o.key])))
 
 
-def _new_trial(session: Session, optuna: OptunaStudies) -> Trial | None:
+def _new_trial(session: Session, optuna: OptunaStudies, study_id: int | None = None) -> Trial | None:
     """Ask Optuna for a trial of the oldest running study that has budget left.
 
     A configuration already evaluated on the same objectives (in any study) is answered from
     the results cache and the next proposal asked for: small NSGA-II populations make
     duplicate children, and warm-started studies repeat their parents' configurations.
     """
-    studies = session.scalars(select(Study).where(Study.status == "running").order_by(Study.id)).all()
-    for study in studies:
+    running = select(Study).where(Study.status == "running").order_by(Study.id)
+    if study_id is not None:
+        running = running.where(Study.id == study_id)
+    for study in session.scalars(running).all():
         if _out_of_time(study):
             _finish_study_if_done(session, study)
             continue
@@ -154,13 +156,17 @@ class Lease:
     task_paths: list[str]
 
 
-def lease_next(session: Session, optuna: OptunaStudies, policy: QueuePolicy, worker: str) -> Lease | None:
+def lease_next(session: Session, optuna: OptunaStudies, policy: QueuePolicy, worker: str,
+               study_id: int | None = None) -> Lease | None:
+    """The next trial to run (of ``study_id`` only, if given): a queued one, else a new one."""
     now = utcnow()
     sweep_expired(session, optuna, policy, now)
+    queued = select(Trial).join(Study).where(Trial.state == "queued", Study.status == "running")
+    if study_id is not None:
+        queued = queued.where(Trial.study_id == study_id)
     trial = session.scalars(
-        select(Trial).join(Study).where(Trial.state == "queued", Study.status == "running")
-        .order_by(Trial.id).limit(1).with_for_update(skip_locked=True)
-    ).first() or _new_trial(session, optuna)
+        queued.order_by(Trial.id).limit(1).with_for_update(skip_locked=True)
+    ).first() or _new_trial(session, optuna, study_id)
     if trial is None:
         session.commit()
         return None
@@ -187,6 +193,16 @@ def heartbeat(session: Session, policy: QueuePolicy, token: str) -> datetime:
     trial.lease_expires_at = utcnow() + timedelta(seconds=policy.lease_seconds)
     session.commit()
     return trial.lease_expires_at
+
+
+def requeue_leases_of(session: Session, study_id: int, worker: str) -> int:
+    """Return a dead worker's leases of a study to the queue at once (``mmmo study resume``)."""
+    held = session.scalars(select(Trial).where(Trial.study_id == study_id, Trial.state == "leased",
+                                               Trial.worker == worker)).all()
+    for trial in held:
+        trial.state, trial.lease_token, trial.lease_expires_at = "queued", None, None
+    session.commit()
+    return len(held)
 
 
 def release(session: Session, token: str) -> Trial:

@@ -116,3 +116,49 @@ def test_cli_errors_are_one_line(tmp_path):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mmmo: error:") and "missing" in lines[0]
+
+
+def test_study_run_resumes_after_being_killed(tmp_path, zoo, cache_dir):
+    import signal
+
+    import optuna
+    import sqlalchemy as sa
+    import yaml
+
+    db = f"sqlite:///{tmp_path / 'run.db'}"
+    spec = zoo_spec(zoo, trials=8, samples=20)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "MMMO_CACHE_DIR": str(cache_dir), "MMMO_HOME": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "study", "run", str(tmp_path / "spec.yaml"),
+                             "--db", db], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    engine = sa.create_engine(db)
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no progress"
+            try:
+                with engine.connect() as conn:
+                    done = conn.execute(sa.text("SELECT count(*) FROM mmmo_trials WHERE state='complete'")).scalar()
+            except sa.exc.OperationalError:
+                done = 0
+            if done >= 3:
+                break
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    resumed = _mmmo("study", "resume", "1", "--db", db, env={"MMMO_CACHE_DIR": str(cache_dir),
+                                                              "MMMO_HOME": str(tmp_path)})
+    assert resumed.returncode == 0, resumed.stderr
+    assert "study 1: done" in resumed.stdout
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT number, state FROM mmmo_trials WHERE study_id=1")).all()
+    numbers = [n for n, _ in rows]
+    assert len(rows) == 8 and len(set(numbers)) == 8, "the budget holds and no trial is counted twice"
+    assert all(state == "complete" for _, state in rows)
+    name = optuna.get_all_study_names(db)[0]
+    trials = optuna.load_study(study_name=name, storage=db).trials
+    assert sorted(t.number for t in trials) == sorted(numbers)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    engine.dispose()

@@ -1,0 +1,102 @@
+"""Search benchmark on the demo zoo: hypervolume after N trials per sampler, and whose front
+dominates among merge methods at equal budget.
+
+    .venv/bin/python bench/search.py [--trials 60] [--seeds 5] [--samples 100]
+
+Samplers: per-expert task-arithmetic scales in [0, 1.5], 4 objectives (exact match per task),
+hypervolume against the origin (as in the issue's reference figures). Methods: OBIM, TIES and
+DARE-TIES with the sampler given by --method-sampler, each front's hypervolume and the share of
+its points dominated by the other methods' fronts. Runs whole studies in-process (`mmmo study
+run`'s path) on a temporary SQLite database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+from evals.offline import force_offline
+
+force_offline()
+
+from evals.zoo import ensure_zoo  # noqa: E402
+from search.pareto import hypervolume, pareto_front  # noqa: E402
+from search.spec import StudySpec  # noqa: E402
+from service import local  # noqa: E402
+from service.services import Services  # noqa: E402
+from service.settings import Settings  # noqa: E402
+from service.worker import TrialRunner  # noqa: E402
+
+
+def spec_for(zoo, *, method: str, sampler: str, trials: int, samples: int, seed: int) -> StudySpec:
+    space = {"task_arithmetic": {"weight": {"low": 0.0, "high": 1.5}, "density": None},
+             "ties": {"weight": {"low": 0.0, "high": 1.5}, "density": {"low": 0.1, "high": 1.0}},
+             "dare_ties": {"weight": {"low": 0.0, "high": 1.5}, "density": {"low": 0.1, "high": 1.0}},
+             "obim": {"weight": {"low": 0.0, "high": 3.0}, "density": {"low": 0.05, "high": 1.0}}}[method]
+    return StudySpec.model_validate({
+        "name": f"bench {method} {sampler} {seed}", "base": str(zoo.base), "method": method,
+        "method_params": {"normalize": False} if method in ("ties", "dare_ties") else {},
+        "experts": [{"name": n, "path": str(p), "calibration": str(zoo.calibration[n])}
+                    for n, p in zoo.experts.items()],
+        "search_space": space,
+        "objectives": [{"task": t, "samples": samples} for n in zoo.experts for t in zoo.expert_tasks[n]],
+        "sampler": {"name": sampler, "population_size": 10, "n_startup_trials": 10},
+        "budget": {"trials": trials}, "seed": seed})
+
+
+def run_study(services: Services, runner: TrialRunner, spec: StudySpec) -> list[list[float]]:
+    final = local.run(services, local.create(services, spec), runner)
+    keys = [o["key"] for o in final["objectives"]]
+    return [[t["values"][k] for k in keys] for t in final["trials"] if t["state"] == "complete"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=60)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--samplers", nargs="+", default=["nsga2", "mmmo-bo", "random"])
+    parser.add_argument("--methods", nargs="+", default=["obim", "ties", "dare_ties"])
+    parser.add_argument("--method-sampler", default="mmmo-bo")
+    args = parser.parse_args()
+    cache = Settings().cache_dir
+    zoo = ensure_zoo(cache)
+    with tempfile.TemporaryDirectory() as home:
+        services = Services.start(Settings(home=Path(home), cache_dir=cache))
+        runner = TrialRunner(cache_dir=cache)
+        dirs = ["maximize"] * len(zoo.experts)
+        origin = [0.0] * len(zoo.experts)
+        print(f"samplers: task arithmetic, {len(zoo.experts)} objectives, {args.trials} trials, "
+              f"{args.seeds} seeds, hypervolume against the origin")
+        print(f"  {'sampler':10s} {'HV mean':>8s} {'HV sd':>7s} {'best mean score':>16s}")
+        for sampler in args.samplers:
+            hvs, bests = [], []
+            for seed in range(args.seeds):
+                values = run_study(services, runner, spec_for(zoo, method="task_arithmetic", sampler=sampler,
+                                                              trials=args.trials, samples=args.samples, seed=seed))
+                hvs.append(hypervolume(values, origin, dirs))
+                bests.append(max(sum(v) / len(v) for v in values))
+            sd = statistics.stdev(hvs) if len(hvs) > 1 else 0.0
+            print(f"  {sampler:10s} {statistics.mean(hvs):8.3f} {sd:7.3f} {statistics.mean(bests):16.3f}")
+
+        fronts = {}
+        for method in args.methods:
+            values = run_study(services, runner, spec_for(zoo, method=method, sampler=args.method_sampler,
+                                                          trials=args.trials, samples=args.samples, seed=0))
+            fronts[method] = [values[i] for i in pareto_front(values, dirs)]
+        print(f"methods ({args.method_sampler}, {args.trials} trials, seed 0)")
+        print(f"  {'method':10s} {'HV':>7s} {'front':>6s} {'dominated by others':>20s}")
+        for method, front in fronts.items():
+            others = [p for m, f in fronts.items() if m != method for p in f]
+            union = front + others
+            kept = set(pareto_front(union, dirs))
+            dominated = sum(i not in kept for i in range(len(front)))
+            print(f"  {method:10s} {hypervolume(front, origin, dirs):7.3f} {len(front):6d} "
+                  f"{dominated:>13d} of {len(front)}")
+        services.close()
+
+
+if __name__ == "__main__":
+    main()
