@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
-from evals.offline import force_offline
+# Run as `python bench/search.py`, this file's folder comes first on sys.path and its own name
+# would shadow the `search` package.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from evals.offline import force_offline  # noqa: E402
 
 force_offline()
 
@@ -42,8 +47,18 @@ def spec_for(zoo, *, method: str, sampler: str, trials: int, samples: int, seed:
                     for n, p in zoo.experts.items()],
         "search_space": space,
         "objectives": [{"task": t, "samples": samples} for n in zoo.experts for t in zoo.expert_tasks[n]],
-        "sampler": {"name": sampler, "population_size": 10, "n_startup_trials": 10},
+        "sampler": _sampler(sampler),
         "budget": {"trials": trials}, "seed": seed})
+
+
+def _sampler(text: str) -> dict:
+    """``name`` or ``name:key=value,key=value`` (e.g. ``nsga2:warmup_trials=0``)."""
+    name, _, extra = text.partition(":")
+    spec: dict = {"name": name, "population_size": 10, "n_startup_trials": 10}
+    for item in filter(None, extra.split(",")):
+        key, value = item.split("=")
+        spec[key] = int(value)
+    return spec
 
 
 def run_study(services: Services, runner: TrialRunner, spec: StudySpec) -> list[list[float]]:
@@ -57,7 +72,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--samples", type=int, default=100)
-    parser.add_argument("--samplers", nargs="+", default=["nsga2", "mmmo-bo", "random"])
+    parser.add_argument("--samplers", nargs="+", default=["nsga2", "nsga2:warmup_trials=0", "mmmo-bo", "random"])
     parser.add_argument("--methods", nargs="+", default=["obim", "ties", "dare_ties"])
     parser.add_argument("--method-sampler", default="mmmo-bo")
     args = parser.parse_args()
@@ -70,7 +85,7 @@ def main() -> None:
         origin = [0.0] * len(zoo.experts)
         print(f"samplers: task arithmetic, {len(zoo.experts)} objectives, {args.trials} trials, "
               f"{args.seeds} seeds, hypervolume against the origin")
-        print(f"  {'sampler':10s} {'HV mean':>8s} {'HV sd':>7s} {'best mean score':>16s}")
+        print(f"  {'sampler':22s} {'HV mean':>8s} {'HV sd':>7s} {'best mean score':>16s}")
         for sampler in args.samplers:
             hvs, bests = [], []
             for seed in range(args.seeds):
@@ -79,7 +94,7 @@ def main() -> None:
                 hvs.append(hypervolume(values, origin, dirs))
                 bests.append(max(sum(v) / len(v) for v in values))
             sd = statistics.stdev(hvs) if len(hvs) > 1 else 0.0
-            print(f"  {sampler:10s} {statistics.mean(hvs):8.3f} {sd:7.3f} {statistics.mean(bests):16.3f}")
+            print(f"  {sampler:22s} {statistics.mean(hvs):8.3f} {sd:7.3f} {statistics.mean(bests):16.3f}")
 
         fronts = {}
         for method in args.methods:

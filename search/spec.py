@@ -85,6 +85,8 @@ class SamplerSpec(_Strict):
     crossover_prob: float = Field(default=0.9, ge=0, le=1)
     mutation_prob: float | None = Field(default=None, ge=0, le=1)
     n_startup_trials: int = Field(default=10, ge=1, description="random trials before mmmo-bo / tpe model")
+    warmup_trials: int | None = Field(default=None, ge=0, description="nsga2: model-proposed generation 0 "
+                                      "(default 2 x population_size; 0 = Optuna's NSGA-II as it ships)")
 
 
 class BudgetSpec(_Strict):

@@ -65,3 +65,16 @@ def test_posterior_variance_is_high_far_from_the_data():
     observed = np.array([[0.1, 0.1], [0.2, 0.15]])
     near, far = posterior_variance(np.array([[0.1, 0.1], [0.9, 0.9]]), observed)
     assert near < 0.01 and far > 0.9
+
+
+def test_nsga2_breeds_its_first_children_from_a_model_proposed_warm_up():
+    spec = SamplerSpec(name="nsga2", population_size=4, warmup_trials=8)
+    study = optuna.create_study(directions=["maximize", "maximize"], sampler=make_sampler(spec, seed=1))
+    for _ in range(14):
+        trial = study.ask(SPACE)
+        study.tell(trial, _objectives(trial.params))
+    generations = [t.system_attrs["NSGAIISampler:generation"] for t in study.trials]
+    assert generations[:8] == [0] * 8, "the whole warm-up is generation 0"
+    assert all(g >= 1 for g in generations[8:]), "children after the warm-up"
+    plain = make_sampler(SamplerSpec(name="nsga2", population_size=4, warmup_trials=0), seed=1)
+    assert type(plain) is optuna.samplers.NSGAIISampler
