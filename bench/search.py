@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--samplers", nargs="+", default=["nsga2", "nsga2:warmup_trials=0", "mmmo-bo", "random"])
-    parser.add_argument("--methods", nargs="+", default=["obim", "ties", "dare_ties"])
+    parser.add_argument("--methods", nargs="*", default=["obim", "ties", "dare_ties"])
     parser.add_argument("--method-sampler", default="mmmo-bo")
     args = parser.parse_args()
     cache = Settings().cache_dir
@@ -101,8 +101,9 @@ def main() -> None:
             values = run_study(services, runner, spec_for(zoo, method=method, sampler=args.method_sampler,
                                                           trials=args.trials, samples=args.samples, seed=0))
             fronts[method] = [values[i] for i in pareto_front(values, dirs)]
-        print(f"methods ({args.method_sampler}, {args.trials} trials, seed 0)")
-        print(f"  {'method':10s} {'HV':>7s} {'front':>6s} {'dominated by others':>20s}")
+        if fronts:
+            print(f"methods ({args.method_sampler}, {args.trials} trials, seed 0)")
+            print(f"  {'method':10s} {'HV':>7s} {'front':>6s} {'dominated by others':>20s}")
         for method, front in fronts.items():
             others = [p for m, f in fronts.items() if m != method for p in f]
             union = front + others
