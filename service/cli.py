@@ -199,6 +199,15 @@ def cmd_study_resume(args: argparse.Namespace) -> int:
     return _run_local(args, args.study_id)
 
 
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from service.db.migrate import current, upgrade
+
+    url = _settings(args).resolved_database_url()
+    upgrade(url)
+    print(f"database at revision {current(url)}: {url}")
+    return 0
+
+
 def cmd_study_validate(args: argparse.Namespace) -> int:
     from search.spec import load_spec
 
@@ -252,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", default=64, type=lambda v: v if v == "auto" else int(v))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    db = sub.add_parser("db", help="the database").add_subparsers(dest="db_command", required=True)
+    p = with_db(db.add_parser("upgrade", help="apply the service's migrations (Optuna's tables are Optuna's)"))
+    p.set_defaults(func=cmd_db_upgrade)
 
     p = with_db(sub.add_parser("merge", help="merge checkpoints from a mergekit-style YAML into OUT_DIR"))
     p.add_argument("config")

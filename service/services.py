@@ -11,7 +11,8 @@ from sqlalchemy.orm import sessionmaker
 
 from evals.catalog import TaskCatalog
 from search.study import OptunaStudies
-from service.db.session import init_db, make_engine, session_factory
+from service.db.migrate import upgrade
+from service.db.session import make_engine, session_factory
 from service.queue import QueuePolicy
 from service.settings import Settings
 
@@ -29,8 +30,8 @@ class Services:
     @classmethod
     def start(cls, settings: Settings) -> Services:
         url = settings.resolved_database_url()
+        upgrade(url)  # the service's tables are always at the newest migration before serving
         engine = make_engine(url)
-        init_db(engine)
         return cls(settings=settings, engine=engine, sessions=session_factory(engine), optuna=OptunaStudies(url),
                    catalog=TaskCatalog(), policy=QueuePolicy(settings.lease_seconds, settings.max_attempts))
 
