@@ -6,7 +6,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.routes import api_router, health, web
+from service.routes import api_router, health, metrics, web
 from service.services import Services
 from service.settings import Settings
 
@@ -24,5 +24,6 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.state.services = services
     app.include_router(api_router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(web.router)
     return app

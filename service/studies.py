@@ -109,8 +109,44 @@ def get_trial(study: Study, number: int) -> Trial | None:
     return next((t for t in study.trials if t.number == number), None)
 
 
-def list_studies(session: Session) -> list[Study]:
-    return list(session.scalars(select(Study).order_by(Study.id.desc())))
+def list_studies(session: Session, *, status: str | None = None, method: str | None = None,
+                 model: str | None = None, text: str | None = None) -> list[Study]:
+    """The history, newest first; ``model`` matches the base or any expert path, ``text`` the name too."""
+    query = select(Study).order_by(Study.id.desc())
+    if status:
+        query = query.where(Study.status == status)
+    found = list(session.scalars(query))
+
+    def matches(study: Study) -> bool:
+        spec = study.spec
+        paths = [spec["base"], *(e["path"] for e in spec["experts"])]
+        return ((method is None or spec["method"] == method)
+                and (model is None or any(model in p for p in paths))
+                and (text is None or text.lower() in " ".join([study.name, *paths]).lower()))
+
+    return [s for s in found if matches(s)]
+
+
+def cancel_study(session: Session, optuna: OptunaStudies, study: Study) -> Study:
+    """No new trials; queued ones fail; results of trials in flight are still accepted."""
+    if study.status != "running":
+        return study
+    spec = StudySpec.model_validate(study.spec)
+    for trial in [t for t in study.trials if t.state == "queued"]:
+        session.commit()  # Optuna writes through its own connection (see queue.py)
+        optuna.fail(study.optuna_name, spec, trial.number)
+        trial.state, trial.error, trial.finished_at = "failed", "study cancelled", utcnow()
+    study.status, study.finished_at = "cancelled", utcnow()
+    session.commit()
+    return study
+
+
+def delete_study(session: Session, optuna: OptunaStudies, study: Study) -> None:
+    """The study, its trials and its Optuna study; the results cache keeps its (reusable) values."""
+    name = study.optuna_name
+    session.delete(study)
+    session.commit()
+    optuna.delete(name)
 
 
 def _objectives(study: Study) -> list[ObjectivePublic]:

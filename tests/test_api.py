@@ -347,3 +347,43 @@ metric_list: [{{metric: exact_match, aggregation: mean, higher_is_better: true}}
     values = TrialRunner().run(MergeConfig.from_dict(lease["merge_config"]),
                                [Objective(**o) for o in lease["objectives"]], tuple(lease["task_paths"]))
     assert 0.0 <= values["my_add:exact_match"] <= 1.0
+
+
+def test_cancel_clone_delete_and_search(client, settings, zoo):
+    spec = zoo_spec(zoo, trials=4)
+    study = client.post("/api/v1/studies", json=spec).json()
+    other = client.post("/api/v1/studies", json=zoo_spec(zoo, experts=("sort", "upper"), method="dare_ties")).json()
+    held = client.post("/api/v1/leases", json={"worker": "w"}).json()
+    assert held["study_id"] == study["id"]
+    cancelled = client.post(f"/api/v1/studies/{study['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled"
+    # results of trials in flight are still accepted, but no new trial of the study starts
+    r = client.post(f"/api/v1/leases/{held['token']}/result", json={"values": dict.fromkeys(_keys(spec), 0.4)})
+    assert r.status_code == 200
+    assert client.post("/api/v1/leases", json={"worker": "w"}).json()["study_id"] == other["id"]
+
+    assert [s["id"] for s in client.get("/api/v1/studies", params={"status": "cancelled"}).json()] == [study["id"]]
+    assert [s["id"] for s in client.get("/api/v1/studies", params={"method": "dare_ties"}).json()] == [other["id"]]
+    assert [s["id"] for s in client.get("/api/v1/studies", params={"model": "expert-reverse"}).json()] == [study["id"]]
+    assert len(client.get("/api/v1/studies", params={"q": "TEST STUDY"}).json()) == 2
+
+    clone = client.post(f"/api/v1/studies/{study['id']}/clone")
+    assert clone.status_code == 201 and clone.json()["status"] == "running"
+    assert client.get(f"/api/v1/studies/{clone.json()['id']}").json()["spec"] == \
+        client.get(f"/api/v1/studies/{study['id']}").json()["spec"]
+
+    assert client.delete(f"/api/v1/studies/{study['id']}").status_code == 204
+    assert client.get(f"/api/v1/studies/{study['id']}").status_code == 404
+    storage = optuna.storages.RDBStorage(settings.resolved_database_url())
+    assert len(optuna.get_all_study_names(storage)) == 2
+
+
+def test_metrics_in_prometheus_text(client, zoo):
+    spec = zoo_spec(zoo, trials=2)
+    client.post("/api/v1/studies", json=spec)
+    _run_trials(client, spec, [(0.1, 0.2)])
+    client.post("/api/v1/leases", json={"worker": "busy"})
+    text = client.get("/metrics").text
+    assert 'mmmo_studies{status="running"} 1' in text
+    assert 'mmmo_trials{state="complete"} 1' in text and 'mmmo_trials{state="leased"} 1' in text
+    assert "mmmo_busy_workers 1" in text and "mmmo_trial_duration_seconds_count 1" in text

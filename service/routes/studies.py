@@ -36,8 +36,30 @@ def create_study(spec: StudySpec, services: ServicesDep, session: SessionDep) ->
 
 
 @router.get("")
-def list_studies(session: SessionDep) -> list[StudyPublic]:
-    return [studies.study_public(s) for s in studies.list_studies(session)]
+def list_studies(session: SessionDep, status: str | None = None, method: str | None = None,
+                 model: str | None = None, q: str | None = None) -> list[StudyPublic]:
+    """The study history; filter by status, method, a model path fragment, or free text."""
+    found = studies.list_studies(session, status=status, method=method, model=model, text=q)
+    return [studies.study_public(s) for s in found]
+
+
+@router.post("/{study_id}/cancel")
+def cancel_study(study_id: int, services: ServicesDep, session: SessionDep) -> StudyPublic:
+    with services.lock:
+        return studies.study_public(studies.cancel_study(session, services.optuna, _found(session, study_id)))
+
+
+@router.delete("/{study_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_study(study_id: int, services: ServicesDep, session: SessionDep) -> None:
+    with services.lock:
+        studies.delete_study(session, services.optuna, _found(session, study_id))
+
+
+@router.post("/{study_id}/clone", status_code=status.HTTP_201_CREATED)
+def clone_study(study_id: int, services: ServicesDep, session: SessionDep) -> StudyPublic:
+    """A new study with the same spec (its evaluated configurations come from the results cache)."""
+    spec = StudySpec.model_validate(_found(session, study_id).spec)
+    return create_study(spec, services, session)
 
 
 @router.get("/{study_id}")
