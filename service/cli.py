@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -51,14 +52,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from service.client import ApiClient
     from service.worker import TrialRunner, Worker, default_worker_name
 
-    client = ApiClient(args.server, token=args.token)
+    client = ApiClient(args.server or _settings(args).server_url, token=args.token)
     runner = TrialRunner(device=args.device, batch_size=args.batch_size, cache_dir=_settings(args).cache_dir)
     worker = Worker(client, runner, name=args.name or default_worker_name(), prefetch=not args.no_prefetch)
     stop = threading.Event()
-    try:
-        worker.run(stop)
-    except KeyboardInterrupt:
+
+    def finish_then_exit(signum: int, _frame: object) -> None:
+        if signum == signal.SIGINT and stop.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C aborts the trial; its lease expires
         stop.set()
+        print("mmmo worker: finishing the current trial, then exiting (Ctrl-C again to abort)", file=sys.stderr)
+
+    signal.signal(signal.SIGTERM, finish_then_exit)
+    signal.signal(signal.SIGINT, finish_then_exit)
+    worker.run(stop)
     return 0
 
 
@@ -233,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="lease and run trials from a server")
-    p.add_argument("--server", required=True)
+    p.add_argument("--server", help="API URL (default: MMMO_SERVER_URL or http://127.0.0.1:8765)")
     p.add_argument("--token")
     p.add_argument("--device", default="cpu")
     p.add_argument("--name")
@@ -316,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmmo: error: {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
     except (OSError, ValueError, RuntimeError, KeyError, httpx.HTTPError) as exc:
         print(f"mmmo: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("mmmo: interrupted", file=sys.stderr)
+        return 130
     return 1
 
 

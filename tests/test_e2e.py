@@ -162,3 +162,31 @@ def test_study_run_resumes_after_being_killed(tmp_path, zoo, cache_dir):
     assert sorted(t.number for t in trials) == sorted(numbers)
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     engine.dispose()
+
+
+def test_worker_finishes_its_trial_on_sigterm_and_hands_back_the_rest(tmp_path, zoo, cache_dir):
+    import signal
+
+    settings = Settings(home=tmp_path, cache_dir=cache_dir)
+    running = start_server(settings, port=0)
+    client = ApiClient(running.url)
+    try:
+        study = client.create_study(zoo_spec(zoo, trials=30, samples=60))
+        env = {**os.environ, "MMMO_CACHE_DIR": str(cache_dir)}
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--server", running.url,
+                                 "--name", "w-term"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        deadline = time.monotonic() + 300
+        while not any(t["state"] == "complete" for t in client.study(study["id"])["trials"]):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+        trials = client.study(study["id"])["trials"]
+        assert not [t for t in trials if t["state"] == "leased"], "nothing may stay leased by a stopped worker"
+        assert all(t["state"] in ("complete", "queued") for t in trials)
+        assert "finishing the current trial" in proc.stderr.read()
+    finally:
+        client.close()
+        running.stop()
