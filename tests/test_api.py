@@ -26,6 +26,16 @@ def _keys(spec: dict) -> list[str]:
     return [f"{o['task']}:exact_match" for o in spec["objectives"]]
 
 
+def _run_trials(client, spec, scores):
+    numbers = []
+    for s in scores:
+        lease = client.post("/api/v1/leases", json={"worker": "w"}).json()
+        numbers.append(lease["trial_number"])
+        client.post(f"/api/v1/leases/{lease['token']}/result",
+                    json={"values": dict(zip(_keys(spec), s, strict=True))})
+    return numbers
+
+
 @pytest.mark.parametrize(
     "mutate,loc",
     [
@@ -113,13 +123,7 @@ def test_expired_lease_is_re_leased_then_failed_after_max_attempts(settings, zoo
 def test_budget_reached_marks_done_and_pareto_lists_the_front(client, zoo):
     spec = zoo_spec(zoo, trials=3)
     study = client.post("/api/v1/studies", json=spec).json()
-    scores = [(0.9, 0.1), (0.1, 0.9), (0.05, 0.05)]
-    numbers = []
-    for s in scores:
-        lease = client.post("/api/v1/leases", json={"worker": "w"}).json()
-        numbers.append(lease["trial_number"])
-        client.post(f"/api/v1/leases/{lease['token']}/result",
-                    json={"values": dict(zip(_keys(spec), s, strict=True))})
+    numbers = _run_trials(client, spec, [(0.9, 0.1), (0.1, 0.9), (0.05, 0.05)])
     assert client.post("/api/v1/leases", json={"worker": "w"}).status_code == 204
     detail = client.get(f"/api/v1/studies/{study['id']}").json()
     assert detail["status"] == "done"
@@ -180,16 +184,6 @@ def test_released_lease_goes_back_to_the_queue_without_costing_an_attempt(client
     assert again["trial_number"] == first["trial_number"]
     trial = client.get(f"/api/v1/studies/{study['id']}").json()["trials"][0]
     assert trial["attempts"] == 1 and trial["worker"] == "w2"
-
-
-def _run_trials(client, spec, scores):
-    numbers = []
-    for s in scores:
-        lease = client.post("/api/v1/leases", json={"worker": "w"}).json()
-        numbers.append(lease["trial_number"])
-        client.post(f"/api/v1/leases/{lease['token']}/result",
-                    json={"values": dict(zip(_keys(spec), s, strict=True))})
-    return numbers
 
 
 def test_constraints_exclude_infeasible_trials_from_front_and_tell_optuna(client, settings, zoo):
