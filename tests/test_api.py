@@ -245,10 +245,10 @@ def test_export_trial_as_mergekit_and_spec(client, zoo):
 
 def test_time_budget_stops_new_trials(client, zoo):
     spec = zoo_spec(zoo, trials=50)
-    spec["budget"]["seconds"] = 0.5
+    spec["budget"]["seconds"] = 3.0  # room for a slow machine to create the study and lease once
     study = client.post("/api/v1/studies", json=spec).json()
     first = client.post("/api/v1/leases", json={"worker": "w"}).json()
-    time.sleep(0.7)
+    time.sleep(3.2)
     assert client.post("/api/v1/leases", json={"worker": "w"}).status_code == 204
     assert client.get(f"/api/v1/studies/{study['id']}").json()["status"] == "running"  # one still in flight
     client.post(f"/api/v1/leases/{first['token']}/result", json={"values": dict.fromkeys(_keys(spec), 0.5)})
