@@ -190,3 +190,44 @@ def test_worker_finishes_its_trial_on_sigterm_and_hands_back_the_rest(tmp_path, 
     finally:
         client.close()
         running.stop()
+
+
+def test_server_sent_events_follow_a_study_to_its_end(tmp_path, zoo, cache_dir):
+    import threading
+
+    import httpx
+
+    running = start_server(Settings(home=tmp_path, cache_dir=cache_dir), port=0)
+    client = ApiClient(running.url)
+    events: list[tuple[str, dict]] = []
+
+    def listen(study_id: int) -> None:
+        with httpx.stream("GET", f"{running.url}/api/v1/studies/{study_id}/events", timeout=60) as r:
+            kind = None
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    kind = line.removeprefix("event: ")
+                elif line.startswith("data: "):
+                    events.append((kind, json.loads(line.removeprefix("data: "))))
+
+    try:
+        spec = zoo_spec(zoo, trials=2)
+        study = client.create_study(spec)
+        listener = threading.Thread(target=listen, args=(study["id"],))
+        listener.start()
+        keys = [f"{o['task']}:exact_match" for o in spec["objectives"]]
+        for value in (0.2, 0.7):
+            lease = client.lease("w")
+            time.sleep(0.6)  # let the stream see the lease before the result
+            client.complete(lease["token"], dict.fromkeys(keys, value))
+        listener.join(timeout=30)
+        assert not listener.is_alive(), "the stream must end with the study"
+        states = [(e["number"], e["state"]) for k, e in events if k == "trial"]
+        assert (0, "complete") in states and (1, "complete") in states
+        assert states.index((0, "leased")) < states.index((0, "complete"))
+        assert events[-1] == ("study", {"study": study["id"], "status": "done"})
+        with httpx.Client() as http:
+            assert http.get(f"{running.url}/api/v1/studies/999/events").status_code == 404
+    finally:
+        client.close()
+        running.stop()

@@ -1,9 +1,10 @@
 from fastapi import APIRouter
 
-from service.routes import health, leases, metrics, studies, web
+from service.routes import events, health, leases, metrics, studies, web
 
 api_router = APIRouter(prefix="/api/v1")
 api_router.include_router(studies.router)
+api_router.include_router(events.router)
 api_router.include_router(leases.router)
 
 __all__ = ["api_router", "health", "metrics", "web"]
