@@ -99,3 +99,10 @@ def test_perplexity_and_sparsity_objectives(zoo):
     at_expert = runner.run(config(1.0), objectives)
     assert at_base["sparsity"] == 0.0 and at_expert["sparsity"] > 0.0
     assert 1.0 < at_expert["perplexity:validation"] < at_base["perplexity:validation"]
+
+
+def test_auto_batch_size_scores_like_a_fixed_one(base_model):
+    model, tok = base_model
+    objectives = [Objective(task="mmmo_sort", samples=20), Objective(task="mmmo_sort_mc", metric="acc", samples=20)]
+    fixed = Evaluator(model, tok, objectives, batch_size=8).score()
+    assert Evaluator(model, tok, objectives, batch_size="auto").score() == fixed
