@@ -139,6 +139,8 @@ class StudySpec(_Strict):
     budget: BudgetSpec = BudgetSpec()
     constraints: list[ConstraintSpec] = Field(default_factory=list)
     selection: SelectionSpec = SelectionSpec()
+    reference_point: dict[str, float] | None = Field(
+        default=None, description="hypervolume reference per objective key; derived from the trials if unset")
     warm_start: list[int] = Field(default_factory=list, description="earlier studies (same base, experts and "
                                   "method) whose evaluated trials seed this one without being re-evaluated")
     seed: int = 0

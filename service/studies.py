@@ -171,10 +171,15 @@ def study_detail(study: Study) -> StudyDetail:
                        trials=[trial_public(t) for t in study.trials])
 
 
-def reference_point(values: list[list[float]], directions: list[str]) -> list[float]:
-    """Just worse than the worst value seen in each objective (10% of its range, or 0.1)."""
+def reference_point(values: list[list[float]], directions: list[str], keys: list[str],
+                    given: dict[str, float] | None = None) -> list[float]:
+    """The spec's point where it gives one; else just worse than the worst value seen in each
+    objective (10% of its range, or 0.1)."""
     ref = []
     for d, column in enumerate(zip(*values, strict=True)):
+        if given and keys[d] in given:
+            ref.append(given[keys[d]])
+            continue
         lo, hi = min(column), max(column)
         margin = 0.1 * (hi - lo) or 0.1
         ref.append(lo - margin if directions[d] == "maximize" else hi + margin)
@@ -199,7 +204,7 @@ def pareto(study: Study) -> ParetoPublic:
         return ParetoPublic(objectives=objectives, front=[], selected=None, hypervolume=0.0, reference=[])
     front = pareto_front(values, directions)
     chosen = select_trial(values, keys, directions, spec.selection)
-    ref = reference_point(values, directions)
+    ref = reference_point(values, directions, keys, spec.reference_point)
     return ParetoPublic(objectives=objectives, front=[trial_public(done[i]) for i in front],
                         selected=done[chosen].number if chosen is not None else None,
                         hypervolume=hypervolume(values, ref, directions), reference=ref)
@@ -207,11 +212,12 @@ def pareto(study: Study) -> ParetoPublic:
 
 def hypervolume_history(study: Study) -> list[HypervolumePoint]:
     """Hypervolume of the feasible front after each completed trial, against the final reference."""
-    done, values, _spec = _feasible_points(study)
-    directions = [o.direction for o in _objectives(study)]
+    done, values, spec = _feasible_points(study)
+    objectives = _objectives(study)
+    directions, keys = [o.direction for o in objectives], [o.key for o in objectives]
     if not done:
         return []
-    ref = reference_point(values, directions)
+    ref = reference_point(values, directions, keys, spec.reference_point)
     out, front_points = [], []
     for t, v in zip(done, values, strict=True):
         front_points.append(v)

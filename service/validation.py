@@ -76,6 +76,9 @@ def spec_problems(spec: StudySpec, catalog: TaskCatalog) -> list[SpecProblem]:
     for i, c in enumerate(spec.constraints):
         if c.objective not in keys:
             problems.append(SpecProblem(("constraints", i, "objective"), f"no objective '{c.objective}' (have {keys})"))
+    for key in spec.reference_point or {}:
+        if key not in keys:
+            problems.append(SpecProblem(("reference_point",), f"no objective '{key}' (have {keys})"))
     named = list((spec.selection.weights or {}).keys())
     if spec.selection.policy.startswith("best:"):
         named.append(spec.selection.policy.removeprefix("best:"))

@@ -381,3 +381,16 @@ def test_metrics_in_prometheus_text(client, zoo):
     assert 'mmmo_studies{status="running"} 1' in text
     assert 'mmmo_trials{state="complete"} 1' in text and 'mmmo_trials{state="leased"} 1' in text
     assert "mmmo_busy_workers 1" in text and "mmmo_trial_duration_seconds_count 1" in text
+
+
+def test_reference_point_from_the_spec(client, zoo):
+    spec = zoo_spec(zoo, trials=2)
+    keys = _keys(spec)
+    spec["reference_point"] = dict.fromkeys(keys, 0.0)
+    study = client.post("/api/v1/studies", json=spec).json()
+    _run_trials(client, spec, [(0.5, 0.5), (1.0, 0.25)])
+    pareto = client.get(f"/api/v1/studies/{study['id']}/pareto").json()
+    assert pareto["reference"] == [0.0, 0.0]
+    assert pareto["hypervolume"] == pytest.approx(0.5 * 0.5 + 0.5 * 0.25)  # the union of two boxes from the origin
+    spec["reference_point"] = {"nope": 0.0}
+    assert client.post("/api/v1/studies", json=spec).json()["detail"][0]["loc"] == ["body", "reference_point"]
