@@ -9,6 +9,7 @@ restarted server does not replay the proposals it already made.
 from __future__ import annotations
 
 import threading
+from datetime import datetime
 from typing import Any
 
 import optuna
@@ -87,6 +88,12 @@ class OptunaStudies:
             study = self._study(name, spec)
             study.add_trial(trial)
             return study.get_trials(deepcopy=False)[-1].number  # callers hold the server's queue lock
+
+    def running_since(self, name: str, spec: StudySpec) -> dict[int, datetime]:
+        """Trials Optuna holds as RUNNING, with their start times."""
+        with self._lock:
+            study = self._study(name, spec)
+            return {t.number: t.datetime_start for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
 
     def fail(self, name: str, spec: StudySpec, number: int) -> None:
         with self._lock:

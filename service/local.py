@@ -28,8 +28,11 @@ def run(services: Services, study_id: int, runner: TrialRunner,
     from evals.objective import Objective
     from merging.config import MergeConfig
 
-    with services.sessions() as session:
-        queue.requeue_leases_of(session, study_id, LOCAL_WORKER)  # a previous run of ours died
+    with services.sessions() as session, services.lock:
+        # A previous run of ours died: its leases go back to the queue at once, and what it had
+        # asked Optuna for but not yet recorded is failed there (nothing else runs this study).
+        queue.requeue_leases_of(session, study_id, LOCAL_WORKER)
+        queue.fail_orphans(session, services.optuna, studies.get_study(session, study_id), older_than_s=0.0)
     while True:
         with services.sessions() as session, services.lock:
             lease = queue.lease_next(session, services.optuna, services.policy, LOCAL_WORKER, study_id)

@@ -113,7 +113,21 @@ def _store_results(session: Session, config_hash: str, objectives: list[Objectiv
             session.add(Result(config_hash=config_hash, objective_hash=o.identity(), value=float(values[o.key])))
 
 
-def _new_trial(session: Session, optuna: OptunaStudies, study_id: int | None = None) -> Trial | None:
+def fail_orphans(session: Session, optuna: OptunaStudies, study: Study, older_than_s: float) -> list[int]:
+    """Fail Optuna trials that were asked but never got a row of ours (the process asking died
+    in between). Only those older than ``older_than_s``: another server may be mid-ask."""
+    spec = _spec(study)
+    known = set(session.scalars(select(Trial.number).where(Trial.study_id == study.id)))
+    cutoff = datetime.now() - timedelta(seconds=older_than_s)  # Optuna stores local naive times
+    orphans = [n for n, started in _optuna(session, optuna.running_since, study.optuna_name, spec).items()
+               if n not in known and (started is None or started <= cutoff)]
+    for number in orphans:
+        _optuna(session, optuna.fail, study.optuna_name, spec, number)
+    return orphans
+
+
+def _new_trial(session: Session, optuna: OptunaStudies, study_id: int | None = None,
+               orphan_grace_s: float = 300.0) -> Trial | None:
     """Ask Optuna for a trial of the oldest running study that has budget left.
 
     A configuration already evaluated on the same objectives (in any study) is answered from
@@ -129,6 +143,7 @@ def _new_trial(session: Session, optuna: OptunaStudies, study_id: int | None = N
             continue
         spec = _spec(study)
         objectives = objectives_of(spec)
+        fail_orphans(session, optuna, study, orphan_grace_s)
         while session.scalar(select(func.count()).select_from(Trial)
                              .where(Trial.study_id == study.id, Trial.origin == "sampler")) < study.budget:
             number, params = _optuna(session, optuna.ask, study.optuna_name, spec)
@@ -166,7 +181,7 @@ def lease_next(session: Session, optuna: OptunaStudies, policy: QueuePolicy, wor
         queued = queued.where(Trial.study_id == study_id)
     trial = session.scalars(
         queued.order_by(Trial.id).limit(1).with_for_update(skip_locked=True)
-    ).first() or _new_trial(session, optuna, study_id)
+    ).first() or _new_trial(session, optuna, study_id, orphan_grace_s=max(policy.lease_seconds, 60.0))
     if trial is None:
         session.commit()
         return None

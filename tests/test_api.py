@@ -394,3 +394,23 @@ def test_reference_point_from_the_spec(client, zoo):
     assert pareto["hypervolume"] == pytest.approx(0.5 * 0.5 + 0.5 * 0.25)  # the union of two boxes from the origin
     spec["reference_point"] = {"nope": 0.0}
     assert client.post("/api/v1/studies", json=spec).json()["detail"][0]["loc"] == ["body", "reference_point"]
+
+
+def test_trials_asked_but_never_recorded_are_failed_in_optuna(client, zoo):
+    from search.spec import StudySpec
+    from service import queue, studies
+
+    spec = zoo_spec(zoo, trials=3)
+    study_id = client.post("/api/v1/studies", json=spec).json()["id"]
+    services = client.app.state.services
+    with services.sessions() as session:
+        study = studies.get_study(session, study_id)
+        name, parsed = study.optuna_name, StudySpec.model_validate(study.spec)
+        orphan, _ = services.optuna.ask(name, parsed)  # as if the asking process died right after
+        assert queue.fail_orphans(session, services.optuna, study, older_than_s=3600) == []  # too recent
+        lease = client.post("/api/v1/leases", json={"worker": "w"}).json()
+        assert lease["trial_number"] != orphan
+        assert queue.fail_orphans(session, services.optuna, study, older_than_s=0) == [orphan]
+    trials = optuna.load_study(study_name=name, storage=services.optuna.storage).trials
+    assert trials[orphan].state == optuna.trial.TrialState.FAIL
+    assert trials[lease["trial_number"]].state == optuna.trial.TrialState.RUNNING  # ours, leased: untouched

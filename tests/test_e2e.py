@@ -158,9 +158,10 @@ def test_study_run_resumes_after_being_killed(tmp_path, zoo, cache_dir):
     assert len(rows) == 8 and len(set(numbers)) == 8, "the budget holds and no trial is counted twice"
     assert all(state == "complete" for _, state in rows)
     name = optuna.get_all_study_names(db)[0]
-    trials = optuna.load_study(study_name=name, storage=db).trials
-    assert sorted(t.number for t in trials) == sorted(numbers)
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    trials = {t.number: t.state for t in optuna.load_study(study_name=name, storage=db).trials}
+    assert all(trials[n] == optuna.trial.TrialState.COMPLETE for n in numbers)
+    # A kill between Optuna's ask and our row leaves an asked-but-unrecorded trial: failed on resume.
+    assert all(state == optuna.trial.TrialState.FAIL for n, state in trials.items() if n not in numbers)
     engine.dispose()
 
 
