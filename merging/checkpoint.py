@@ -50,7 +50,7 @@ class CheckpointReader:
         f = self._file(name)
         if f in self._handles:
             return self._handles[f].get(name)
-        return self._load_bin(f)[name]
+        return self._load_bin(f)[name].clone()  # callers may overwrite what they get
 
     def _file(self, name: str) -> Path:
         try:

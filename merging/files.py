@@ -168,12 +168,13 @@ def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None 
             b = base.get(name)
             target = out_dtype or b.dtype
             b32 = b.to(dev, torch.float32)
-            deltas = [readers[e].get(name).to(dev, torch.float32) - b32 for e in names_k]
+            # Each expert tensor becomes its delta in place: one buffer per expert, no temporaries.
+            deltas = [readers[e].get(name).to(dev, torch.float32).sub_(b32) for e in names_k]
             gen = torch.Generator(device=dev).manual_seed(tensor_seed(config.seed, name))
             tensor_stats = [stats.get(e, {}).get(name) for e in names_k]
             experts_params, params = plan_params.params_for(name)
-            merged = plan_params.method.merge(TensorInputs(name, b32, deltas, gen, tensor_stats), experts_params,
-                                              params)
+            inputs = TensorInputs(name, b32, deltas, gen, tensor_stats, owned=True)
+            merged = plan_params.method.merge(inputs, experts_params, params)
             writer.add(name, merged.to(target).cpu())
             del b32, deltas, merged
             if progress:

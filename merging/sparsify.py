@@ -13,20 +13,29 @@ from merging.errors import MergeError
 from merging.select import topk_mask
 
 
-def rescale_l1(original: Tensor, masked: Tensor, eps: float = 1e-7) -> Tensor:
+def _l1(t: Tensor) -> Tensor:
     # vector_norm reduces in one pass, ~10x faster than abs().sum() on a CPU (no temporary).
-    before, after = torch.linalg.vector_norm(original, 1), torch.linalg.vector_norm(masked, 1)
+    return torch.linalg.vector_norm(t, 1)
+
+
+def rescale_l1(before: Tensor, masked: Tensor, eps: float = 1e-7) -> Tensor:
+    """Scale ``masked`` (in place) so its L1 norm is ``before``, as mergekit's ``rescale`` does."""
+    after = _l1(masked)
     if before < eps or after < eps:
         return masked
-    return masked * (before / after)
+    return masked.mul_(before / after)
 
 
-def _finish(delta: Tensor, mask: Tensor, rescale: bool) -> Tensor:
-    masked = delta * mask if mask.dtype != torch.bool else torch.where(mask, delta, 0.0)
-    return rescale_l1(delta, masked) if rescale else masked
+def _finish(delta: Tensor, mask: Tensor, rescale: bool, inplace: bool = False) -> Tensor:
+    """``delta`` with the entries outside ``mask`` zeroed; ``inplace`` reuses ``delta``'s memory."""
+    before = _l1(delta) if rescale else None
+    if mask.dtype != torch.bool:
+        mask = mask.bool()
+    masked = delta.masked_fill_(~mask, 0.0) if inplace else torch.where(mask, delta, 0.0)
+    return rescale_l1(before, masked) if rescale else masked
 
 
-def magnitude(delta: Tensor, density: float, rescale: bool = False) -> Tensor:
+def magnitude(delta: Tensor, density: float, rescale: bool = False, inplace: bool = False) -> Tensor:
     """TIES: keep the ``int(density * numel)`` entries of largest magnitude in the whole tensor."""
     if density >= 1:
         return delta
@@ -34,18 +43,20 @@ def magnitude(delta: Tensor, density: float, rescale: bool = False) -> Tensor:
     if k <= 0:
         raise MergeError(f"density {density} keeps no entry of a tensor of {delta.numel()} elements")
     # The same set as mergekit's full argsort (ties aside), for a fraction of its cost.
-    return _finish(delta, topk_mask(delta.abs(), k), rescale)
+    return _finish(delta, topk_mask(delta.abs(), k), rescale, inplace)
 
 
-def bernoulli(delta: Tensor, density: float, rescale: bool, generator: torch.Generator | None) -> Tensor:
+def bernoulli(delta: Tensor, density: float, rescale: bool, generator: torch.Generator | None,
+              inplace: bool = False) -> Tensor:
     """DARE: keep each entry with probability ``density``; the draw is seeded by ``generator``."""
     if density >= 1:
         return delta
     mask = torch.bernoulli(torch.full_like(delta, density), generator=generator).bool()
-    return _finish(delta, mask, rescale)
+    return _finish(delta, mask, rescale, inplace)
 
 
-def magnitude_outliers(delta: Tensor, density: float, gamma: float, rescale: bool = False) -> Tensor:
+def magnitude_outliers(delta: Tensor, density: float, gamma: float, rescale: bool = False,
+                       inplace: bool = False) -> Tensor:
     """Model breadcrumbs: drop the largest ``gamma`` fraction and the smallest rest.
 
     Differs from mergekit on purpose in one case: where ``int(gamma * numel)`` is 0, mergekit's
@@ -62,11 +73,12 @@ def magnitude_outliers(delta: Tensor, density: float, gamma: float, rescale: boo
     order = delta.abs().view(-1).argsort()
     mask = torch.zeros_like(delta)
     mask.view(-1)[order[n_bot : n - n_top]] = 1
-    return _finish(delta, mask, rescale)
+    return _finish(delta, mask, rescale, inplace)
 
 
 def della_magprune(
-    delta: Tensor, density: float, epsilon: float, rescale: bool, generator: torch.Generator | None
+    delta: Tensor, density: float, epsilon: float, rescale: bool, generator: torch.Generator | None,
+    inplace: bool = False,
 ) -> Tensor:
     """DELLA: per row, keep probability ramps with magnitude rank over density +- epsilon."""
     if density >= 1:
@@ -80,4 +92,4 @@ def della_magprune(
     span = max(rows.shape[1] - 1, 1)
     probs = (density - epsilon) + (ranks / span) * (2 * epsilon)
     mask = torch.bernoulli(probs, generator=generator).reshape(delta.shape)
-    return _finish(delta, mask, rescale)
+    return _finish(delta, mask, rescale, inplace)

@@ -57,6 +57,7 @@ class TensorInputs:
     deltas: list[Tensor]
     generator: torch.Generator | None = None
     stats: list[Tensor | None] | None = None
+    owned: bool = False  # the deltas are this call's to overwrite (the file path's temporaries)
 
 
 class MergeMethod(ABC):

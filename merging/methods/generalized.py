@@ -35,24 +35,25 @@ class GeneralizedTaskArithmetic(MergeMethod):
     def extra_global_params(cls) -> tuple[Param, ...]:
         return ()
 
-    def sparsify(self, delta: Tensor, expert: Mapping[str, Any], params: Mapping[str, Any], gen) -> Tensor:
+    def sparsify(self, delta: Tensor, expert: Mapping[str, Any], params: Mapping[str, Any], gen,
+                 inplace: bool = False) -> Tensor:
         if self.sparsifier is None:
             return delta
         density, rescale = expert["density"], params["rescale"]
         if self.sparsifier == "magnitude":
-            return sparsify.magnitude(delta, density, rescale)
+            return sparsify.magnitude(delta, density, rescale, inplace)
         if self.sparsifier == "random":
-            return sparsify.bernoulli(delta, density, rescale, gen)
+            return sparsify.bernoulli(delta, density, rescale, gen, inplace)
         if self.sparsifier == "magnitude_outliers":
-            return sparsify.magnitude_outliers(delta, density, params["gamma"], rescale)
+            return sparsify.magnitude_outliers(delta, density, params["gamma"], rescale, inplace)
         if self.sparsifier == "della_magprune":
-            return sparsify.della_magprune(delta, density, params["epsilon"], rescale, gen)
+            return sparsify.della_magprune(delta, density, params["epsilon"], rescale, gen, inplace)
         raise AssertionError(f"unknown sparsifier {self.sparsifier}")
 
     def merge(self, t: TensorInputs, experts: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> Tensor:
         # Expert by expert, accumulating in place: no (K, ...) stacks, so memory stays near
         # the K sparsified deltas plus a few tensor-sized buffers.
-        sparse = [self.sparsify(d, e, params, t.generator) for d, e in zip(t.deltas, experts, strict=True)]
+        sparse = [self.sparsify(d, e, params, t.generator, t.owned) for d, e in zip(t.deltas, experts, strict=True)]
         weights = [float(e["weight"]) for e in experts]
         mixed = torch.zeros_like(t.base)
         if self.consensus:
