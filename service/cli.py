@@ -46,6 +46,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bytes(text: str) -> int:
+    """``20GB``, ``512MiB``, ``1e9`` -> bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "tb": 10**12, "b": 1}
+    lowered = text.strip().lower()
+    for unit, factor in units.items():
+        if lowered.endswith(unit):
+            return int(float(lowered.removesuffix(unit)) * factor)
+    return int(float(lowered))
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     import threading
 
@@ -53,7 +64,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from service.worker import TrialRunner, Worker, default_worker_name
 
     client = ApiClient(args.server or _settings(args).server_url, token=args.token)
-    runner = TrialRunner(device=args.device, batch_size=args.batch_size, cache_dir=_settings(args).cache_dir)
+    runner = TrialRunner(device=args.device, batch_size=args.batch_size, cache_dir=_settings(args).cache_dir,
+                         max_resident_bytes=_bytes(args.max_memory) if args.max_memory else None)
     worker = Worker(client, runner, name=args.name or default_worker_name(), prefetch=not args.no_prefetch)
     stop = threading.Event()
 
@@ -246,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name")
     p.add_argument("--batch-size", default=64, type=lambda v: v if v == "auto" else int(v),
                    help="lm-eval batch size, or 'auto'")
+    p.add_argument("--max-memory", help="keep several model sets resident up to this size, e.g. 40GB "
+                   "(default: only the last set used)")
     p.add_argument("--no-prefetch", action="store_true",
                    help="do not lease the next trial during the current one (for a server on the same cores)")
     p.set_defaults(func=cmd_worker)

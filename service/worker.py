@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +35,29 @@ class _Resident:
     model: Any
     evaluator: Evaluator
 
+    @property
+    def nbytes(self) -> int:
+        tensors = [*self.merger.base.values(), *(d for ds in self.merger.deltas.values() for d in ds),
+                   *self.model.parameters()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
 
 class TrialRunner:
-    """Merges and scores trials, keeping one resident set of models (the last one used)."""
+    """Merges and scores trials, keeping sets of models resident between trials.
 
-    def __init__(self, device: str = "cpu", batch_size: int | str = 64, cache_dir: Path | None = None) -> None:
+    A set is the base, the expert deltas, a live model and its evaluator for one (base, experts,
+    objectives). Without ``max_resident_bytes`` only the last set used stays; with it, sets stay
+    until a new one needs their room, the least recently used going first.
+    """
+
+    def __init__(self, device: str = "cpu", batch_size: int | str = 64, cache_dir: Path | None = None,
+                 max_resident_bytes: int | None = None) -> None:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.cache_dir = cache_dir
-        self._resident: _Resident | None = None
+        self.max_resident_bytes = max_resident_bytes
+        self._sets: OrderedDict[tuple, _Resident] = OrderedDict()
+        self.loads = 0  # sets loaded so far (a reload after eviction counts again)
         self.last_timing: dict[str, float] = {}  # seconds of the last trial: load, merge, evaluate
         self.on_timing: Callable[[dict[str, float]], None] | None = None  # e.g. a benchmark's recorder
 
@@ -50,9 +65,11 @@ class TrialRunner:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         key = (config.base, config.method == "obim", tuple(config.experts_identity()), tuple(objectives), task_paths)
-        if self._resident is not None and self._resident.key == key:
-            return self._resident
-        self._resident = None  # free the previous set before loading the next
+        if key in self._sets:
+            self._sets.move_to_end(key)
+            return self._sets[key]
+        if self.max_resident_bytes is None:
+            self._sets.clear()  # free the previous set before loading the next
         log.info("loading base %s and %d experts", config.base, len(config.experts))
         stats = None
         if config.method == "obim":
@@ -62,8 +79,18 @@ class TrialRunner:
         tokenizer = AutoTokenizer.from_pretrained(config.base)
         evaluator = Evaluator(model, tokenizer, objectives, batch_size=self.batch_size,
                               include_paths=[Path(p) for p in task_paths])
-        self._resident = _Resident(key, merger, model, evaluator)
-        return self._resident
+        resident = _Resident(key, merger, model, evaluator)
+        self.loads += 1
+        if self.max_resident_bytes is not None:
+            while self._sets and sum(r.nbytes for r in self._sets.values()) + resident.nbytes > self.max_resident_bytes:
+                evicted = self._sets.popitem(last=False)[1]
+                log.info("evicting the resident models of %s", evicted.key[0])
+        self._sets[key] = resident
+        return resident
+
+    @property
+    def resident_keys(self) -> list[tuple]:
+        return list(self._sets)
 
     def run(self, config: MergeConfig, objectives: list[Objective],
             task_paths: tuple[str, ...] = ()) -> dict[str, float]:

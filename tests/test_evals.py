@@ -76,9 +76,8 @@ def test_trial_runner_scores_depend_on_the_merge(zoo):
                                     ExpertRef("reverse", str(zoo.experts["reverse"]), {"weight": w_rev})))
 
     add_heavy = runner.run(config(1.0, 0.0), objectives)
-    resident = runner._resident
     rev_heavy = runner.run(config(0.0, 1.0), objectives)
-    assert runner._resident is resident, "the same base/experts must stay resident between trials"
+    assert runner.loads == 1, "the same base/experts must stay resident between trials"
     assert add_heavy["mmmo_add:exact_match"] > rev_heavy["mmmo_add:exact_match"]
     assert rev_heavy["mmmo_reverse:exact_match"] >= add_heavy["mmmo_reverse:exact_match"]
 
@@ -106,3 +105,18 @@ def test_auto_batch_size_scores_like_a_fixed_one(base_model):
     objectives = [Objective(task="mmmo_sort", samples=20), Objective(task="mmmo_sort_mc", metric="acc", samples=20)]
     fixed = Evaluator(model, tok, objectives, batch_size=8).score()
     assert Evaluator(model, tok, objectives, batch_size="auto").score() == fixed
+
+
+@pytest.mark.parametrize("budget,loads,resident", [(None, 4, 1), (10**12, 2, 2), (1, 4, 1)])
+def test_resident_sets_are_kept_within_the_memory_budget(zoo, budget, loads, resident):
+    runner = TrialRunner(max_resident_bytes=budget)
+    objectives = [Objective(task="mmmo_add", samples=5)]
+
+    def config(expert: str) -> MergeConfig:
+        return MergeConfig(method="task_arithmetic", base=str(zoo.base),
+                           experts=(ExpertRef(expert, str(zoo.experts[expert]), {"weight": 0.5}),))
+
+    for expert in ("add", "sort", "add", "sort"):
+        runner.run(config(expert), objectives)
+    assert runner.loads == loads
+    assert len(runner.resident_keys) == resident
