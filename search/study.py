@@ -16,6 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search.samplers import make_sampler
+from search.samplers._nsga2 import GENERATION_KEY
 from search.space import SearchSpace
 from search.spec import StudySpec
 
@@ -80,7 +81,7 @@ class OptunaStudies:
                       constraints: dict[str, float] | None = None) -> int:
         """Add a trial evaluated elsewhere (warm start); NSGA-II sees it as a parent of generation 0."""
         dists = SearchSpace(spec).distributions()
-        system_attrs = {f"{cls.__name__}:generation": 0 for cls in (optuna.samplers.NSGAIISampler,)}
+        system_attrs: dict[str, Any] = {GENERATION_KEY: 0}
         system_attrs |= {f"constraints:{k}": v for k, v in (constraints or {}).items()}
         trial = optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
                                           values=values, system_attrs=system_attrs)
