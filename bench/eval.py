@@ -41,7 +41,7 @@ def main() -> None:
     zoo = ensure_zoo(settings.cache_dir)
     with tempfile.TemporaryDirectory() as home:
         running = start_server(Settings(home=Path(home), cache_dir=settings.cache_dir), port=0)
-        client = ApiClient(running.url)
+        client = ApiClient(running.url, token=running.token)
         runner = TrialRunner(cache_dir=settings.cache_dir)
         worker = Worker(client, runner, name="bench", prefetch=args.prefetch)
         spec = demo_spec(zoo, args.trials + 1, samples=args.samples) | {"method": args.method}

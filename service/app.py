@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service.limits import BodySizeLimit
 from service.routes import api_router, health, metrics, web
 from service.services import Services
 from service.settings import Settings
@@ -22,6 +23,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app = FastAPI(title="mmmo", version="0.1.0", lifespan=lifespan,
                   description="Multi-objective search for LLM merges: studies, trials, leases, Pareto fronts.")
     app.state.services = services
+    app.add_middleware(BodySizeLimit, max_bytes=services.settings.max_body_bytes)
     app.include_router(api_router)
     app.include_router(health.router)
     app.include_router(metrics.router)

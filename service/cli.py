@@ -37,13 +37,103 @@ def _settings(args: argparse.Namespace):
     return Settings(**overrides)
 
 
+def embedded_access(settings, services) -> str | None:
+    """The embedded default makes a local team and token; tell where the token is stored."""
+    from service.auth import ensure_local_token
+
+    if not settings.is_embedded():
+        return None
+    with services.sessions() as session:
+        token, made = ensure_local_token(session, settings.resolved_token_file())
+    print(f"mmmo: {'new ' if made else ''}API token of team 'local' in {settings.resolved_token_file()} "
+          "(CLI commands and workers on this machine read it from there)", file=sys.stderr)
+    return token
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.services import Services
 
-    uvicorn.run(create_app(_settings(args)), host=args.host, port=args.port, log_level="info")
+    settings = _settings(args)
+    services = Services.start(settings)
+    embedded_access(settings, services)
+    uvicorn.run(create_app(settings, services), host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def cmd_admin_create_team(args: argparse.Namespace) -> int:
+    from service import auth
+
+    with _admin_session(args) as session:
+        team = auth.create_team(session, args.name)
+        print(f"team {team.name} created (id {team.id})")
+    return 0
+
+
+def cmd_admin_list_teams(args: argparse.Namespace) -> int:
+    from service import auth
+
+    with _admin_session(args) as session:
+        for team in auth.list_teams(session):
+            print(team.name)
+    return 0
+
+
+def cmd_admin_create_token(args: argparse.Namespace) -> int:
+    from service import auth
+
+    if (args.team is None) == (not args.workers):
+        raise ValueError("give either --team NAME or --workers (a worker-pool token)")
+    with _admin_session(args) as session:
+        issued = auth.create_token(session, args.team, name=args.name, user=args.user)
+    owner = f"team {issued.team}" if issued.team else "the worker pool (leases of every team, nothing else)"
+    print(f"token {issued.id} ({issued.name}) for {owner}; it is shown only now:", file=sys.stderr)
+    print(issued.token)
+    return 0
+
+
+def cmd_admin_list_tokens(args: argparse.Namespace) -> int:
+    from service import auth
+
+    with _admin_session(args) as session:
+        for t in auth.list_tokens(session, args.team):
+            state = f"revoked {t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "active"
+            used = f"{t.last_used_at:%Y-%m-%d %H:%M}" if t.last_used_at else "never"
+            print(f"{t.id}\t{t.prefix}…\t{t.team.name if t.team else '(worker pool)'}\t{t.name}\t{state}\t"
+                  f"last used {used}")
+    return 0
+
+
+def cmd_admin_revoke(args: argparse.Namespace) -> int:
+    from service import auth
+
+    with _admin_session(args) as session:
+        token = auth.revoke_token(session, args.token_id)
+        print(f"token {token.id} ({token.name}) revoked")
+    return 0
+
+
+def _admin_session(args: argparse.Namespace):
+    """A session on the migrated database, for admin commands (they need no server)."""
+    from contextlib import contextmanager
+
+    from service.db.migrate import upgrade
+    from service.db.session import make_engine, session_factory
+
+    @contextmanager
+    def opened():
+        url = _settings(args).resolved_database_url()
+        upgrade(url)
+        engine = make_engine(url)
+        try:
+            with session_factory(engine)() as session:
+                yield session
+        finally:
+            engine.dispose()
+
+    return opened()
 
 
 def _bytes(text: str) -> int:
@@ -63,7 +153,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from service.client import ApiClient
     from service.worker import TrialRunner, Worker, default_worker_name
 
-    client = ApiClient(args.server or _settings(args).server_url, token=args.token)
+    settings = _settings(args)
+    client = ApiClient(args.server or settings.server_url, token=args.token or settings.resolved_token())
     runner = TrialRunner(device=args.device, batch_size=args.batch_size, cache_dir=_settings(args).cache_dir,
                          max_resident_bytes=_bytes(args.max_memory) if args.max_memory else None)
     worker = Worker(client, runner, name=args.name or default_worker_name(), prefetch=not args.no_prefetch)
@@ -155,7 +246,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace):
     from service.client import ApiClient
 
-    return ApiClient(args.server or _settings(args).server_url, token=getattr(args, "token", None))
+    settings = _settings(args)
+    token = getattr(args, "token", None) or settings.resolved_token()
+    return ApiClient(args.server or settings.server_url, token=token)
 
 
 def cmd_study_export(args: argparse.Namespace) -> int:
@@ -172,12 +265,40 @@ def cmd_study_materialize(args: argparse.Namespace) -> int:
     from merging.files import merge_to_dir
     from merging.saliency import stats_for
 
+    if args.on_worker:
+        return _materialize_on_worker(args)
     config = MergeConfig.from_dict(yaml.safe_load(_client(args).export(args.study_id, args.trial, "spec")))
     stats = {}
     if config.method == "obim":
         stats = stats_for(config.experts, _settings(args).cache_dir, args.device, calibration_texts)
     out = merge_to_dir(config, Path(args.out_dir), dtype=args.dtype, device=args.device, stats=stats)
     print(f"trial {args.trial} of study {args.study_id} written to {out}")
+    return 0
+
+
+def _materialize_on_worker(args: argparse.Namespace) -> int:
+    """Queue the job for a worker, wait for it, download and unpack the archive into OUT_DIR."""
+    import tarfile
+    import tempfile
+    import time
+
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"output directory '{out}' exists and is not empty")
+    client = _client(args)
+    job = client.materialize(args.study_id, args.trial, args.dtype)
+    print(f"job {job['id']} queued; waiting for a worker", file=sys.stderr)
+    while job["state"] in ("queued", "leased"):
+        time.sleep(1.0)
+        job = client.job(job["id"])
+    if job["state"] != "done":
+        raise RuntimeError(f"job {job['id']} failed: {job['error']}")
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = client.download(job["id"], Path(tmp) / "model.tar")
+        out.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(out, filter="data")
+    print(f"trial {args.trial} of study {args.study_id} written to {out} (by worker {job['worker']})")
     return 0
 
 
@@ -203,7 +324,7 @@ def _run_local(args: argparse.Namespace, study_id: int | None) -> int:
                           on_trial=lambda n, done, v: console.print(f"trial {n} done ({done} finished)"
                                                                     + ("" if v else ": failed")))
         with services.sessions() as session:
-            console.print(pareto_table(pareto(get_study(session, study_id)).model_dump(mode="json")))
+            console.print(pareto_table(pareto(get_study(session, study_id, None)).model_dump(mode="json")))
         console.print(f"study {study_id}: {final['status']}")
     finally:
         services.close()
@@ -253,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="lease and run trials from a server")
     p.add_argument("--server", help="API URL (default: MMMO_SERVER_URL or http://127.0.0.1:8765)")
-    p.add_argument("--token")
+    p.add_argument("--token", help="API token (default: MMMO_TOKEN, MMMO_TOKEN_FILE, or ~/.mmmo/token)")
+    p.add_argument("--home", help="state directory holding the default token file")
     p.add_argument("--device", default="cpu")
     p.add_argument("--name")
     p.add_argument("--batch-size", default=64, type=lambda v: v if v == "auto" else int(v),
@@ -295,6 +417,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-gb", type=float, default=5.0)
     p.set_defaults(func=cmd_merge)
 
+    admin = sub.add_parser("admin", help="teams and API tokens (works on the database directly)")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True)
+    p = with_db(admin_sub.add_parser("create-team", help="a new team"))
+    p.add_argument("name")
+    p.set_defaults(func=cmd_admin_create_team)
+    p = with_db(admin_sub.add_parser("list-teams", help="team names, one a line"))
+    p.set_defaults(func=cmd_admin_list_teams)
+    p = with_db(admin_sub.add_parser("create-token", help="a new API token; printed alone on the last line"))
+    p.add_argument("--team", help="the team whose studies the token opens")
+    p.add_argument("--workers", action="store_true", help="a worker-pool token: leases trials of every team")
+    p.add_argument("--name", help="a label for listings")
+    p.add_argument("--user", help="the person it is for (recorded as the creator of their studies)")
+    p.set_defaults(func=cmd_admin_create_token)
+    p = with_db(admin_sub.add_parser("list-tokens", help="tokens (never their secrets)"))
+    p.add_argument("--team")
+    p.set_defaults(func=cmd_admin_list_tokens)
+    p = with_db(admin_sub.add_parser("revoke", help="revoke a token by its id"))
+    p.add_argument("token_id", type=int)
+    p.set_defaults(func=cmd_admin_revoke)
+
     study = sub.add_parser("study", help="study specs").add_subparsers(dest="study_command", required=True)
     p = study.add_parser("validate", help="check a spec (YAML or JSON) without running it")
     p.add_argument("spec")
@@ -311,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_server(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--server", help="API URL (default: MMMO_SERVER_URL or http://127.0.0.1:8765)")
-        p.add_argument("--token")
+        p.add_argument("--token", help="API token (default: MMMO_TOKEN, MMMO_TOKEN_FILE, or ~/.mmmo/token)")
+        p.add_argument("--home", help="state directory holding the default token file")
         p.add_argument("study_id", type=int)
         p.add_argument("--trial", type=int, required=True)
         return p
@@ -323,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--on-worker", action="store_true",
+                   help="have a worker write it (a job) and download the result, instead of merging here")
     p.set_defaults(func=cmd_study_materialize)
     return parser
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -57,6 +58,39 @@ class ApiClient:
         if response.status_code >= 400:
             raise ApiError(response.status_code, _message(response))
         return response.text
+
+    def trials(self, study_id: int) -> list[dict[str, Any]]:
+        return self._call("GET", f"/api/v1/studies/{study_id}/trials")
+
+    def cancel(self, study_id: int) -> dict[str, Any]:
+        return self._call("POST", f"/api/v1/studies/{study_id}/cancel")
+
+    def materialize(self, study_id: int, number: int, dtype: str | None = None) -> dict[str, Any]:
+        body = {"dtype": dtype} if dtype else {}
+        return self._call("POST", f"/api/v1/studies/{study_id}/trials/{number}/materialize", json=body)
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        return self._call("GET", f"/api/v1/jobs/{job_id}")
+
+    def download(self, job_id: int, out: Path) -> Path:
+        """Stream a finished job's archive to ``out``."""
+        with self.http.stream("GET", f"/api/v1/jobs/{job_id}/download") as response:
+            if response.status_code >= 400:
+                response.read()
+                raise ApiError(response.status_code, _message(response))
+            with out.open("wb") as f:
+                for chunk in response.iter_bytes(1 << 20):
+                    f.write(chunk)
+        return out
+
+    def upload_artifact(self, token: str, archive: Path) -> dict[str, Any]:
+        def chunks():
+            with archive.open("rb") as f:
+                while block := f.read(1 << 20):
+                    yield block
+
+        return self._call("PUT", f"/api/v1/leases/{token}/artifact", content=chunks(),
+                          headers={"Content-Type": "application/x-tar"})
 
     def lease(self, worker: str) -> dict[str, Any] | None:
         return self._call("POST", "/api/v1/leases", json={"worker": worker})

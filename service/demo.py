@@ -15,7 +15,9 @@ from rich.table import Table
 
 from evals.zoo import Zoo, ensure_zoo
 from service.app import create_app
+from service.auth import ensure_local_token
 from service.client import ApiClient
+from service.services import Services
 from service.settings import Settings
 from service.worker import TrialRunner, Worker
 
@@ -43,6 +45,8 @@ class RunningServer:
     server: uvicorn.Server
     thread: threading.Thread
     url: str
+    token: str  # the local team's token (made if the database has none valid in the token file)
+    token_file: Path
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -50,8 +54,11 @@ class RunningServer:
 
 
 def start_server(settings: Settings, host: str = "127.0.0.1", port: int = 8765) -> RunningServer:
-    """Run uvicorn in a thread; port 0 picks a free port."""
-    app = create_app(settings)
+    """Run uvicorn in a thread with the local team's token ready; port 0 picks a free port."""
+    services = Services.start(settings)
+    with services.sessions() as session:
+        token, _ = ensure_local_token(session, settings.resolved_token_file())
+    app = create_app(settings, services)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, name="mmmo-server", daemon=True)
     thread.start()
@@ -63,13 +70,13 @@ def start_server(settings: Settings, host: str = "127.0.0.1", port: int = 8765) 
             raise RuntimeError("the server did not start within 60 s")
         time.sleep(0.05)
     bound = server.servers[0].sockets[0].getsockname()[1]
-    return RunningServer(server, thread, f"http://{host}:{bound}")
+    return RunningServer(server, thread, f"http://{host}:{bound}", token, settings.resolved_token_file())
 
 
 @contextmanager
-def in_process_worker(url: str, name: str = "demo-worker", cache_dir: Path | None = None):
+def in_process_worker(url: str, token: str, name: str = "demo-worker", cache_dir: Path | None = None):
     stop = threading.Event()
-    client = ApiClient(url)
+    client = ApiClient(url, token=token)
     # The server shares this process's cores: no prefetching (see Worker).
     worker = Worker(client, TrialRunner(cache_dir=cache_dir), name=name, poll_seconds=0.2, prefetch=False)
     thread = threading.Thread(target=worker.run, args=(stop,), name="mmmo-worker", daemon=True)
@@ -138,9 +145,10 @@ def run_demo(settings: Settings, *, port: int, trials: int, exit_when_done: bool
     console.print(f"demo zoo: {zoo.root}")
     running = start_server(settings, port=port)
     console.print(f"server: {running.url}  (database {settings.resolved_database_url()})")
-    client = ApiClient(running.url)
+    console.print(f"API token of team 'local': {running.token_file} (the dashboard's login asks for it)")
+    client = ApiClient(running.url, token=running.token)
     try:
-        with in_process_worker(running.url, cache_dir=settings.cache_dir):
+        with in_process_worker(running.url, running.token, cache_dir=settings.cache_dir):
             study = client.create_study(demo_spec(zoo, trials))
             console.print(f"study {study['id']} submitted; dashboard: {running.url}/studies/{study['id']}")
             final = watch_study(client, study["id"], console)

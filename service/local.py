@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 
 from search.spec import StudySpec
-from service import queue, studies
+from service import auth, queue, studies
 from service.services import Services
 from service.worker import TrialRunner
 
@@ -19,7 +19,9 @@ LOCAL_WORKER = "study-run"
 
 def create(services: Services, spec: StudySpec) -> int:
     with services.sessions() as session, services.lock:
-        return studies.create_study(session, services.optuna, services.catalog, spec).id
+        team = auth.local_team(session)
+        return studies.create_study(session, services.optuna, services.catalog, spec, team_id=team.id,
+                                    created_by=LOCAL_WORKER).id
 
 
 def run(services: Services, study_id: int, runner: TrialRunner,
@@ -32,10 +34,10 @@ def run(services: Services, study_id: int, runner: TrialRunner,
         # A previous run of ours died: its leases go back to the queue at once, and what it had
         # asked Optuna for but not yet recorded is failed there (nothing else runs this study).
         queue.requeue_leases_of(session, study_id, LOCAL_WORKER)
-        queue.fail_orphans(session, services.optuna, studies.get_study(session, study_id), older_than_s=0.0)
+        queue.fail_orphans(session, services.optuna, studies.get_study(session, study_id, None), older_than_s=0.0)
     while True:
         with services.sessions() as session, services.lock:
-            lease = queue.lease_next(session, services.optuna, services.policy, LOCAL_WORKER, study_id)
+            lease = queue.lease_next(session, services.optuna, services.policy, LOCAL_WORKER, study_id=study_id)
         if lease is None:
             break
         token, number = lease.trial.lease_token, lease.trial.number
@@ -56,18 +58,18 @@ def run(services: Services, study_id: int, runner: TrialRunner,
                 queue.complete(session, services.optuna, token, values)
             else:
                 queue.fail(session, services.optuna, token, error)
-            study = studies.get_study(session, study_id)
+            study = studies.get_study(session, study_id, None)
             done = sum(t.state in ("complete", "failed") and t.origin == "sampler" for t in study.trials)
         if on_trial:
             on_trial(number, done, values)
     with services.sessions() as session:
-        return studies.study_detail(studies.get_study(session, study_id)).model_dump(mode="json")
+        return studies.study_detail(studies.get_study(session, study_id, None)).model_dump(mode="json")
 
 
 def _heartbeat(services: Services, token: str, stop: threading.Event) -> None:
     while not stop.wait(services.policy.lease_seconds / 3):
         with services.sessions() as session, services.lock:
             try:
-                queue.heartbeat(session, services.policy, token)
+                queue.heartbeat(session, services.optuna, services.policy, token)
             except queue.StaleLease:
                 return

@@ -13,10 +13,12 @@ changes, and telling is idempotent, so a crash in between heals on the next repo
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from evals.objective import Objective
@@ -84,12 +86,15 @@ def _fail(session: Session, optuna: OptunaStudies, trial: Trial, error: str, now
 
 
 def sweep_expired(session: Session, optuna: OptunaStudies, policy: QueuePolicy, now: datetime) -> None:
-    """Return expired leases to the queue, or fail trials that used up their attempts."""
+    """Return expired leases to the queue, or fail trials that used up their attempts (or whose
+    study was cancelled meanwhile)."""
     expired = session.scalars(
         select(Trial).where(Trial.state == "leased", Trial.lease_expires_at < now).with_for_update(skip_locked=True)
     ).all()
     for trial in expired:
-        if trial.attempts >= policy.max_attempts:
+        if trial.study.status == "cancelled":
+            _fail(session, optuna, trial, "study cancelled", now)
+        elif trial.attempts >= policy.max_attempts:
             _fail(session, optuna, trial, f"lease expired {trial.attempts} times (last worker: {trial.worker})", now)
         else:
             trial.state, trial.lease_token, trial.lease_expires_at = "queued", None, None
@@ -126,23 +131,49 @@ def fail_orphans(session: Session, optuna: OptunaStudies, study: Study, older_th
     return orphans
 
 
-def _new_trial(session: Session, optuna: OptunaStudies, study_id: int | None = None,
-               orphan_grace_s: float = 300.0) -> Trial | None:
-    """Ask Optuna for a trial of the oldest running study that has budget left.
+# Advisory-lock namespace for "asking Optuna for a trial of study N" (an arbitrary constant).
+_ASK_LOCK_NAMESPACE = 0x6D6D6D6F
+
+
+@contextmanager
+def ask_lock(session: Session, study_id: int) -> Iterator[bool]:
+    """Whether this process may ask for ``study_id``'s next trial now.
+
+    Servers sharing a PostgreSQL database would otherwise both count "budget left" and both ask.
+    The lock is a session-level advisory lock on a connection of its own, so it outlives the
+    commits ``_optuna`` makes; a busy study is skipped, not waited for (another server is asking
+    for it). On SQLite one server owns the file and ``Services.lock`` serialises it.
+    """
+    bind = session.get_bind()
+    if bind.dialect.name != "postgresql":
+        yield True
+        return
+    with bind.connect() as conn:
+        key = {"ns": _ASK_LOCK_NAMESPACE, "id": study_id}
+        got = conn.execute(text("SELECT pg_try_advisory_lock(:ns, :id)"), key).scalar()
+        try:
+            yield bool(got)
+        finally:
+            if got:
+                conn.execute(text("SELECT pg_advisory_unlock(:ns, :id)"), key)
+            conn.commit()
+
+
+def _new_trial(session: Session, optuna: OptunaStudies, study: Study, orphan_grace_s: float = 300.0) -> Trial | None:
+    """Ask Optuna for a new trial of ``study`` if it has budget left.
 
     A configuration already evaluated on the same objectives (in any study) is answered from
     the results cache and the next proposal asked for: small NSGA-II populations make
     duplicate children, and warm-started studies repeat their parents' configurations.
     """
-    running = select(Study).where(Study.status == "running").order_by(Study.id)
-    if study_id is not None:
-        running = running.where(Study.id == study_id)
-    for study in session.scalars(running).all():
-        if _out_of_time(study):
-            _finish_study_if_done(session, study)
-            continue
-        spec = _spec(study)
-        objectives = objectives_of(spec)
+    if _out_of_time(study):
+        _finish_study_if_done(session, study)
+        return None
+    spec = _spec(study)
+    objectives = objectives_of(spec)
+    with ask_lock(session, study.id) as mine:
+        if not mine:
+            return None
         fail_orphans(session, optuna, study, orphan_grace_s)
         while session.scalar(select(func.count()).select_from(Trial)
                              .where(Trial.study_id == study.id, Trial.origin == "sampler")) < study.budget:
@@ -171,27 +202,40 @@ class Lease:
     task_paths: list[str]
 
 
-def lease_next(session: Session, optuna: OptunaStudies, policy: QueuePolicy, worker: str,
-               study_id: int | None = None) -> Lease | None:
-    """The next trial to run (of ``study_id`` only, if given): a queued one, else a new one."""
+def _running_studies(session: Session, team_id: int | None, study_id: int | None) -> list[Study]:
+    """Running studies in round-robin order: the one that waited longest for a lease first."""
+    query = select(Study).where(Study.status == "running")
+    if team_id is not None:
+        query = query.where(Study.team_id == team_id)
+    if study_id is not None:
+        query = query.where(Study.id == study_id)
+    return list(session.scalars(query.order_by(Study.last_leased_at.asc().nulls_first(), Study.id)))
+
+
+def lease_next(session: Session, optuna: OptunaStudies, policy: QueuePolicy, worker: str, *,
+               team_id: int | None = None, study_id: int | None = None) -> Lease | None:
+    """The next trial to run: a queued one, else a new one, of the running study (of ``team_id``'s
+    studies, or of every team's if None; of ``study_id`` only, if given) that was served longest ago."""
     now = utcnow()
     sweep_expired(session, optuna, policy, now)
-    queued = select(Trial).join(Study).where(Trial.state == "queued", Study.status == "running")
-    if study_id is not None:
-        queued = queued.where(Trial.study_id == study_id)
-    trial = session.scalars(
-        queued.order_by(Trial.id).limit(1).with_for_update(skip_locked=True)
-    ).first() or _new_trial(session, optuna, study_id, orphan_grace_s=max(policy.lease_seconds, 60.0))
-    if trial is None:
+    grace = max(policy.lease_seconds, 60.0)
+    for study in _running_studies(session, team_id, study_id):
+        trial = session.scalars(
+            select(Trial).where(Trial.study_id == study.id, Trial.state == "queued")
+            .order_by(Trial.id).limit(1).with_for_update(skip_locked=True)
+        ).first() or _new_trial(session, optuna, study, orphan_grace_s=grace)
+        if trial is None:
+            continue
+        trial.state, trial.worker, trial.attempts = "leased", worker, trial.attempts + 1
+        trial.lease_token = secrets.token_urlsafe(24)
+        trial.lease_expires_at = now + timedelta(seconds=policy.lease_seconds)
+        trial.started_at = now
+        study.last_leased_at = now
         session.commit()
-        return None
-    trial.state, trial.worker, trial.attempts = "leased", worker, trial.attempts + 1
-    trial.lease_token = secrets.token_urlsafe(24)
-    trial.lease_expires_at = now + timedelta(seconds=policy.lease_seconds)
-    trial.started_at = now
+        spec = _spec(study)
+        return Lease(trial, [o.__dict__ for o in objectives_of(spec)], list(spec.task_paths))
     session.commit()
-    spec = _spec(trial.study)
-    return Lease(trial, [o.__dict__ for o in objectives_of(spec)], list(spec.task_paths))
+    return None
 
 
 def _held(session: Session, token: str) -> Trial:
@@ -201,10 +245,15 @@ def _held(session: Session, token: str) -> Trial:
     return trial
 
 
-def heartbeat(session: Session, policy: QueuePolicy, token: str) -> datetime:
+def heartbeat(session: Session, optuna: OptunaStudies, policy: QueuePolicy, token: str) -> datetime:
+    """Extend the lease. A cancelled study's trial fails here: its worker should stop."""
     trial = _held(session, token)
     if trial.lease_expires_at < utcnow():
         raise StaleLease("this lease expired before the heartbeat arrived")
+    if trial.study.status == "cancelled":
+        _fail(session, optuna, trial, "study cancelled", utcnow())
+        session.commit()
+        raise StaleLease("the study was cancelled: stop this trial")
     trial.lease_expires_at = utcnow() + timedelta(seconds=policy.lease_seconds)
     session.commit()
     return trial.lease_expires_at

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class TrialPublic(BaseModel):
@@ -38,6 +38,9 @@ class StudyPublic(BaseModel):
     budget: int
     created_at: datetime
     finished_at: datetime | None
+    created_by: str | None = None
+    base: str
+    experts: list[str]
     objectives: list[ObjectivePublic]
     counts: dict[str, int] = Field(description="trials by state")
 
@@ -61,13 +64,19 @@ class HypervolumePoint(BaseModel):
 
 
 class LeaseRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     worker: str = Field(min_length=1, max_length=200)
 
 
 class LeasePublic(BaseModel):
+    kind: Literal["trial", "materialize"] = Field(
+        default="trial", description="a trial to score, or a trial's model to write and upload as a job")
     token: str
     study_id: int
     trial_number: int
+    job_id: int | None = None
+    options: dict[str, Any] = Field(default_factory=dict, description="a job's options (e.g. dtype)")
     merge_config: dict[str, Any]
     objectives: list[dict[str, Any]]
     task_paths: list[str] = Field(default_factory=list, description="lm-eval YAML directories of the study")
@@ -75,6 +84,29 @@ class LeasePublic(BaseModel):
     lease_seconds: float
 
 
+class JobPublic(BaseModel):
+    id: int
+    study_id: int
+    trial_number: int
+    kind: str
+    state: str
+    worker: str | None
+    size_bytes: int | None
+    error: str | None
+    created_by: str | None
+    created_at: datetime
+    finished_at: datetime | None
+    download: str | None = Field(description="where the finished model's tar archive is served")
+
+
+class MaterializeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+
+
 class TrialResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     values: dict[str, float] | None = None
     error: str | None = Field(default=None, max_length=10_000)

@@ -27,11 +27,11 @@ class InvalidSpec(ValueError):
         self.problems = problems
 
 
-def _warm_start_problems(session: Session, spec: StudySpec) -> list[SpecProblem]:
+def _warm_start_problems(session: Session, spec: StudySpec, team_id: int) -> list[SpecProblem]:
     problems = []
     want = (spec.base, [(e.name, e.path) for e in spec.experts], spec.method)
     for i, source_id in enumerate(spec.warm_start):
-        source = session.get(Study, source_id)
+        source = get_study(session, source_id, team_id)
         if source is None:
             problems.append(SpecProblem(("warm_start", i), f"study {source_id} not found"))
             continue
@@ -75,8 +75,9 @@ def _seed_from_history(session: Session, optuna: OptunaStudies, study: Study, sp
     return added
 
 
-def create_study(session: Session, optuna: OptunaStudies, catalog: TaskCatalog, spec: StudySpec) -> Study:
-    problems = spec_problems(spec, catalog) + _warm_start_problems(session, spec)
+def create_study(session: Session, optuna: OptunaStudies, catalog: TaskCatalog, spec: StudySpec, *,
+                 team_id: int, created_by: str | None = None) -> Study:
+    problems = spec_problems(spec, catalog) + _warm_start_problems(session, spec, team_id)
     if problems:
         raise InvalidSpec(problems)
     spec = resolve_directions(spec, catalog)
@@ -84,7 +85,8 @@ def create_study(session: Session, optuna: OptunaStudies, catalog: TaskCatalog, 
         spec = resolve_layers(spec)
     except (OSError, ValueError) as exc:
         raise InvalidSpec([SpecProblem(("search_space", "num_layers"), str(exc))]) from None
-    study = Study(name=spec.name, spec=spec.model_dump(mode="json"), budget=spec.budget.trials,
+    study = Study(team_id=team_id, created_by=created_by, name=spec.name, spec=spec.model_dump(mode="json"),
+                  budget=spec.budget.trials,
                   optuna_name=f"mmmo-{uuid.uuid4().hex}", status="running")
     optuna.create(study.optuna_name, spec)
     try:
@@ -101,18 +103,23 @@ def create_study(session: Session, optuna: OptunaStudies, catalog: TaskCatalog, 
     return study
 
 
-def get_study(session: Session, study_id: int) -> Study | None:
-    return session.get(Study, study_id)
+def get_study(session: Session, study_id: int, team_id: int | None) -> Study | None:
+    """The study if it exists and belongs to ``team_id`` (any team's if None: internal callers)."""
+    study = session.get(Study, study_id)
+    if study is None or (team_id is not None and study.team_id != team_id):
+        return None
+    return study
 
 
 def get_trial(study: Study, number: int) -> Trial | None:
     return next((t for t in study.trials if t.number == number), None)
 
 
-def list_studies(session: Session, *, status: str | None = None, method: str | None = None,
+def list_studies(session: Session, team_id: int, *, status: str | None = None, method: str | None = None,
                  model: str | None = None, text: str | None = None) -> list[Study]:
-    """The history, newest first; ``model`` matches the base or any expert path, ``text`` the name too."""
-    query = select(Study).order_by(Study.id.desc())
+    """A team's history, newest first; ``model`` matches the base or any expert path, ``text`` the
+    name and creator too."""
+    query = select(Study).where(Study.team_id == team_id).order_by(Study.id.desc())
     if status:
         query = query.where(Study.status == status)
     found = list(session.scalars(query))
@@ -122,7 +129,7 @@ def list_studies(session: Session, *, status: str | None = None, method: str | N
         paths = [spec["base"], *(e["path"] for e in spec["experts"])]
         return ((method is None or spec["method"] == method)
                 and (model is None or any(model in p for p in paths))
-                and (text is None or text.lower() in " ".join([study.name, *paths]).lower()))
+                and (text is None or text.lower() in " ".join([study.name, study.created_by or "", *paths]).lower()))
 
     return [s for s in found if matches(s)]
 
@@ -163,6 +170,8 @@ def trial_public(t: Trial) -> TrialPublic:
 def study_public(study: Study) -> StudyPublic:
     return StudyPublic(id=study.id, name=study.name, status=study.status, method=study.spec["method"],
                        budget=study.budget, created_at=study.created_at, finished_at=study.finished_at,
+                       created_by=study.created_by, base=study.spec["base"],
+                       experts=[e["name"] for e in study.spec["experts"]],
                        objectives=_objectives(study), counts=dict(Counter(t.state for t in study.trials)))
 
 

@@ -92,12 +92,16 @@ class TrialRunner:
     def resident_keys(self) -> list[tuple]:
         return list(self._sets)
 
-    def run(self, config: MergeConfig, objectives: list[Objective],
-            task_paths: tuple[str, ...] = ()) -> dict[str, float]:
+    def run(self, config: MergeConfig, objectives: list[Objective], task_paths: tuple[str, ...] = (),
+            check: Callable[[], None] | None = None) -> dict[str, float]:
+        """Merge and score; ``check`` is called between the steps and may raise to abandon the trial."""
+        check = check or (lambda: None)
         t0 = time.perf_counter()
         resident = self._load(config, objectives, tuple(task_paths))
+        check()
         t1 = time.perf_counter()
         resident.merger.apply(resident.model, config)
+        check()
         t2 = time.perf_counter()
         scores = resident.evaluator.score()
         if any(o.kind == "sparsity" for o in objectives):
@@ -108,10 +112,30 @@ class TrialRunner:
         return scores
 
 
+def materialize(config: MergeConfig, out_tar: Path, *, dtype: str | None, device: str,
+                cache_dir: Path | None) -> int:
+    """Write ``config``'s merged model through the merge engine's file path and pack it as a tar
+    archive (safetensors do not compress: no gzip); returns the archive's size."""
+    import tarfile
+    import tempfile
+
+    from merging.files import merge_to_dir
+
+    stats = stats_for(config.experts, cache_dir, device, calibration_texts) if config.method == "obim" else {}
+    with tempfile.TemporaryDirectory(prefix="mmmo-materialize-") as tmp:
+        model_dir = merge_to_dir(config, Path(tmp) / "model", dtype=dtype, device=device, stats=stats)
+        with tarfile.open(out_tar, "w") as tar:
+            for path in sorted(model_dir.iterdir()):
+                tar.add(path, arcname=path.name)
+    return out_tar.stat().st_size
+
+
 class _Heartbeat:
-    """Renews a lease until stopped; a refused renewal is logged (the result will be refused too)."""
+    """Renews a lease until stopped. A refused renewal (lease lost, study cancelled) sets ``lost``:
+    the work is abandoned at its next check and no result is posted."""
 
     def __init__(self, client: ApiClient, token: str, every: float) -> None:
+        self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, args=(client, token, every), name="heartbeat",
                                         daemon=True)
@@ -121,7 +145,12 @@ class _Heartbeat:
         while not self._stop.wait(every):
             try:
                 client.heartbeat(token)
-            except (ApiError, OSError) as exc:
+            except ApiError as exc:
+                log.warning("lease lost: %s", exc)
+                if exc.status == 409:
+                    self.lost.set()
+                    return
+            except OSError as exc:
                 log.warning("heartbeat failed: %s", exc)
 
     def stop(self) -> None:
@@ -142,6 +171,11 @@ class _Outcome:
     held: _Held
     values: dict[str, float] | None = None
     error: str | None = None
+    done: bool = False  # nothing left to post (a job's upload was its result, or the lease was lost)
+
+
+class _LeaseLost(Exception):
+    pass
 
 
 class Worker:
@@ -169,18 +203,49 @@ class Worker:
 
     def _execute(self, held: _Held) -> _Outcome:
         lease = held.lease
+        if lease.get("kind") == "materialize":
+            return self._materialize(held)
+
+        def check() -> None:
+            if held.heartbeat.lost.is_set():
+                raise _LeaseLost
+
         try:
             values = self.runner.run(MergeConfig.from_dict(lease["merge_config"]),
-                                     [Objective(**o) for o in lease["objectives"]], tuple(lease.get("task_paths", [])))
+                                     [Objective(**o) for o in lease["objectives"]], tuple(lease.get("task_paths", [])),
+                                     check=check)
+        except _LeaseLost:
+            log.warning("trial %s of study %s abandoned: its lease was lost or the study cancelled",
+                        lease["trial_number"], lease["study_id"])
+            return _Outcome(held, done=True)
         except Exception as exc:  # the trial fails with its reason; the worker and the study go on
             log.warning("trial %s of study %s failed: %s", lease["trial_number"], lease["study_id"], exc)
             return _Outcome(held, error=f"{type(exc).__name__}: {exc}")
         return _Outcome(held, values=values)
 
+    def _materialize(self, held: _Held) -> _Outcome:
+        import tempfile
+
+        lease = held.lease
+        try:
+            with tempfile.TemporaryDirectory(prefix="mmmo-upload-") as tmp:
+                archive = Path(tmp) / "model.tar"
+                materialize(MergeConfig.from_dict(lease["merge_config"]), archive,
+                            dtype=lease.get("options", {}).get("dtype"), device=str(self.runner.device),
+                            cache_dir=self.runner.cache_dir)
+                self.client.upload_artifact(lease["token"], archive)
+        except Exception as exc:  # the job fails with its reason
+            log.warning("materialising trial %s of study %s failed: %s", lease["trial_number"], lease["study_id"],
+                        exc)
+            return _Outcome(held, error=f"{type(exc).__name__}: {exc}")
+        return _Outcome(held, done=True)
+
     def _post(self, outcome: _Outcome) -> None:
         token = outcome.held.lease["token"]
         try:
-            if outcome.values is not None:
+            if outcome.done:
+                pass
+            elif outcome.values is not None:
                 self.client.complete(token, outcome.values)
             else:
                 self.client.fail(token, outcome.error or "unknown error")

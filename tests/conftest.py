@@ -72,3 +72,17 @@ def zoo_spec(zoo, *, trials: int = 6, samples: int = 20, experts: tuple[str, ...
         "sampler": {"name": "nsga2", "population_size": 4},
         "budget": {"trials": trials},
     }
+
+
+def authorize(client, team: str = "team-a", user: str | None = None) -> str:
+    """Make ``team`` (if new) and a token of it on the app's database; the client sends it from now on."""
+    from service import auth
+
+    with client.app.state.services.sessions() as session:
+        try:
+            auth.find_team(session, team)
+        except auth.AuthError:
+            auth.create_team(session, team)
+        token = auth.create_token(session, team, user=user).token
+    client.headers["Authorization"] = f"Bearer {token}"
+    return token

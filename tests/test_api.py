@@ -13,12 +13,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from tests.conftest import zoo_spec
+from tests.conftest import authorize, zoo_spec
 
 
 @pytest.fixture
 def client(settings):
     with TestClient(create_app(settings)) as c:
+        authorize(c)
         yield c
 
 
@@ -103,6 +104,7 @@ def test_failed_evaluation_keeps_the_reason_and_the_study_goes_on(client, zoo):
 def test_expired_lease_is_re_leased_then_failed_after_max_attempts(settings, zoo):
     settings = settings.model_copy(update={"lease_seconds": 0.3, "max_attempts": 2})
     with TestClient(create_app(settings)) as client:
+        authorize(client)
         spec = zoo_spec(zoo, trials=2)
         study = client.post("/api/v1/studies", json=spec).json()
         first = client.post("/api/v1/leases", json={"worker": "slow"}).json()
@@ -404,7 +406,7 @@ def test_trials_asked_but_never_recorded_are_failed_in_optuna(client, zoo):
     study_id = client.post("/api/v1/studies", json=spec).json()["id"]
     services = client.app.state.services
     with services.sessions() as session:
-        study = studies.get_study(session, study_id)
+        study = studies.get_study(session, study_id, None)
         name, parsed = study.optuna_name, StudySpec.model_validate(study.spec)
         orphan, _ = services.optuna.ask(name, parsed)  # as if the asking process died right after
         assert queue.fail_orphans(session, services.optuna, study, older_than_s=3600) == []  # too recent

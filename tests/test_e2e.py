@@ -21,9 +21,9 @@ pytestmark = pytest.mark.slow
 def test_study_over_http_runs_to_completion(tmp_path, zoo, cache_dir):
     settings = Settings(home=tmp_path, cache_dir=cache_dir)
     running = start_server(settings, port=0)
-    client = ApiClient(running.url)
+    client = ApiClient(running.url, token=running.token)
     try:
-        with in_process_worker(running.url, name="test-worker"):
+        with in_process_worker(running.url, running.token, name="test-worker"):
             study = client.create_study(zoo_spec(zoo, trials=6, samples=30))
             deadline = time.monotonic() + 600
             while client.study(study["id"])["status"] == "running":
@@ -38,7 +38,7 @@ def test_study_over_http_runs_to_completion(tmp_path, zoo, cache_dir):
         selected = client.pareto(study["id"])["selected"]
         assert selected is not None
 
-        env = {"MMMO_CACHE_DIR": str(cache_dir), "MMMO_SERVER_URL": running.url}
+        env = {"MMMO_CACHE_DIR": str(cache_dir), "MMMO_SERVER_URL": running.url, "MMMO_HOME": str(tmp_path)}
         exported = _mmmo("study", "export", str(study["id"]), "--trial", str(selected), "--mergekit", env=env)
         assert exported.returncode == 0, exported.stderr
         assert "merge_method: ties" in exported.stdout
@@ -62,12 +62,13 @@ def test_prefetching_worker_runs_every_trial_exactly_once(tmp_path, zoo, cache_d
 
     settings = Settings(home=tmp_path, cache_dir=cache_dir)
     running = start_server(settings, port=0)
-    client = ApiClient(running.url)
+    client = ApiClient(running.url, token=running.token)
     runs: list[dict] = []
     runner = TrialRunner(cache_dir=cache_dir)
     runner.on_timing = runs.append
     stop = threading.Event()
-    worker = Worker(ApiClient(running.url), runner, name="pipelined", poll_seconds=0.2, prefetch=True)
+    worker = Worker(ApiClient(running.url, token=running.token), runner, name="pipelined", poll_seconds=0.2,
+                    prefetch=True)
     thread = threading.Thread(target=worker.run, args=(stop,))
     try:
         study = client.create_study(zoo_spec(zoo, trials=5, samples=20))
@@ -170,10 +171,10 @@ def test_worker_finishes_its_trial_on_sigterm_and_hands_back_the_rest(tmp_path, 
 
     settings = Settings(home=tmp_path, cache_dir=cache_dir)
     running = start_server(settings, port=0)
-    client = ApiClient(running.url)
+    client = ApiClient(running.url, token=running.token)
     try:
         study = client.create_study(zoo_spec(zoo, trials=30, samples=60))
-        env = {**os.environ, "MMMO_CACHE_DIR": str(cache_dir)}
+        env = {**os.environ, "MMMO_CACHE_DIR": str(cache_dir), "MMMO_TOKEN": running.token}
         proc = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--server", running.url,
                                  "--name", "w-term"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
@@ -199,11 +200,12 @@ def test_server_sent_events_follow_a_study_to_its_end(tmp_path, zoo, cache_dir):
     import httpx
 
     running = start_server(Settings(home=tmp_path, cache_dir=cache_dir), port=0)
-    client = ApiClient(running.url)
+    client = ApiClient(running.url, token=running.token)
     events: list[tuple[str, dict]] = []
 
     def listen(study_id: int) -> None:
-        with httpx.stream("GET", f"{running.url}/api/v1/studies/{study_id}/events", timeout=60) as r:
+        with httpx.stream("GET", f"{running.url}/api/v1/studies/{study_id}/events", timeout=60,
+                          headers={"Authorization": f"Bearer {running.token}"}) as r:
             kind = None
             for line in r.iter_lines():
                 if line.startswith("event: "):
@@ -230,7 +232,7 @@ def test_server_sent_events_follow_a_study_to_its_end(tmp_path, zoo, cache_dir):
             seen = [s for n, s in states if n == number]
             assert seen[-1] == "complete" and seen == sorted(seen, key=["leased", "complete"].index)
         assert events[-1] == ("study", {"study": study["id"], "status": "done"})
-        with httpx.Client() as http:
+        with httpx.Client(headers={"Authorization": f"Bearer {running.token}"}) as http:
             assert http.get(f"{running.url}/api/v1/studies/999/events").status_code == 404
     finally:
         client.close()

@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from service import studies
-from service.deps import ServicesDep
+from service.deps import MemberDep, ServicesDep, StudyId
 from service.services import Services
 
 router = APIRouter(prefix="/studies", tags=["studies"])
@@ -23,9 +23,9 @@ POLL_SECONDS = 0.5
 KEEPALIVE_SECONDS = 15.0
 
 
-def _snapshot(services: Services, study_id: int) -> tuple[str, dict[int, dict]] | None:
+def _snapshot(services: Services, study_id: int, team_id: int) -> tuple[str, dict[int, dict]] | None:
     with services.sessions() as session:
-        study = studies.get_study(session, study_id)
+        study = studies.get_study(session, study_id, team_id)
         if study is None:
             return None
         return study.status, {t.number: studies.trial_public(t).model_dump(mode="json") for t in study.trials}
@@ -35,13 +35,13 @@ def _event(kind: str, data: dict) -> str:
     return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
 
 
-async def _stream(services: Services, study_id: int, poll: float) -> AsyncIterator[str]:
+async def _stream(services: Services, study_id: int, team_id: int, poll: float) -> AsyncIterator[str]:
     sent: dict[int, str] = {}
     last_status = None
     idle = 0.0
     yield "retry: 2000\n\n"
     while True:
-        snapshot = await run_in_threadpool(_snapshot, services, study_id)
+        snapshot = await run_in_threadpool(_snapshot, services, study_id, team_id)
         if snapshot is None:
             yield _event("deleted", {"study": study_id})
             return
@@ -64,9 +64,9 @@ async def _stream(services: Services, study_id: int, poll: float) -> AsyncIterat
 
 
 @router.get("/{study_id}/events")
-async def study_events(study_id: int, services: ServicesDep) -> StreamingResponse:
+async def study_events(study_id: StudyId, who: MemberDep, services: ServicesDep) -> StreamingResponse:
     """``trial`` events (a trial's state changed), ``study`` events (status); ends when the study does."""
-    if await run_in_threadpool(_snapshot, services, study_id) is None:
+    if await run_in_threadpool(_snapshot, services, study_id, who.team_id) is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study_id} not found")
-    return StreamingResponse(_stream(services, study_id, POLL_SECONDS), media_type="text/event-stream",
+    return StreamingResponse(_stream(services, study_id, who.team_id, POLL_SECONDS), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -9,25 +9,44 @@ from merging.config import MergeConfig
 from merging.errors import MergeError
 from merging.mergekit_yaml import to_mergekit
 from search.spec import StudySpec
-from service import studies
-from service.deps import ServicesDep, SessionDep
-from service.schemas import HypervolumePoint, ParetoPublic, StudyDetail, StudyPublic
+from service import jobs, studies
+from service.auth import Principal
+from service.db.models import Study, Trial
+from service.deps import MemberDep, ServicesDep, SessionDep, StudyId, TrialNumber
+from service.schemas import (
+    HypervolumePoint,
+    JobPublic,
+    MaterializeRequest,
+    ParetoPublic,
+    StudyDetail,
+    StudyPublic,
+    TrialPublic,
+)
 
 router = APIRouter(prefix="/studies", tags=["studies"])
 
 
-def _found(session, study_id: int):
-    study = studies.get_study(session, study_id)
+def _found(session, study_id: int, who: Principal) -> Study:
+    """The caller's team's study; another team's answers exactly as a missing one."""
+    study = studies.get_study(session, study_id, who.team_id)
     if study is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study_id} not found")
     return study
 
 
+def _trial(study: Study, number: int) -> Trial:
+    trial = studies.get_trial(study, number)
+    if trial is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study.id} has no trial {number}")
+    return trial
+
+
 @router.post("", status_code=status.HTTP_201_CREATED)
-def create_study(spec: StudySpec, services: ServicesDep, session: SessionDep) -> StudyPublic:
+def create_study(spec: StudySpec, who: MemberDep, services: ServicesDep, session: SessionDep) -> StudyPublic:
     try:
         with services.lock:
-            study = studies.create_study(session, services.optuna, services.catalog, spec)
+            study = studies.create_study(session, services.optuna, services.catalog, spec,
+                                         team_id=who.team_id, created_by=who.user)
     except studies.InvalidSpec as exc:
         raise RequestValidationError(
             [{"loc": ("body", *p.loc), "msg": p.msg, "type": "value_error"} for p in exc.problems]
@@ -36,58 +55,81 @@ def create_study(spec: StudySpec, services: ServicesDep, session: SessionDep) ->
 
 
 @router.get("")
-def list_studies(session: SessionDep, status: str | None = None, method: str | None = None,
+def list_studies(who: MemberDep, session: SessionDep, status: str | None = None, method: str | None = None,
                  model: str | None = None, q: str | None = None) -> list[StudyPublic]:
-    """The study history; filter by status, method, a model path fragment, or free text."""
-    found = studies.list_studies(session, status=status, method=method, model=model, text=q)
+    """The team's study history; filter by status, method, a model path fragment, or free text."""
+    found = studies.list_studies(session, who.team_id, status=status, method=method, model=model, text=q)
     return [studies.study_public(s) for s in found]
 
 
 @router.post("/{study_id}/cancel")
-def cancel_study(study_id: int, services: ServicesDep, session: SessionDep) -> StudyPublic:
+def cancel_study(study_id: StudyId, who: MemberDep, services: ServicesDep, session: SessionDep) -> StudyPublic:
+    """No new leases from now; trials being run stop at their worker's next heartbeat."""
     with services.lock:
-        return studies.study_public(studies.cancel_study(session, services.optuna, _found(session, study_id)))
+        return studies.study_public(studies.cancel_study(session, services.optuna, _found(session, study_id, who)))
 
 
 @router.delete("/{study_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_study(study_id: int, services: ServicesDep, session: SessionDep) -> None:
+def delete_study(study_id: StudyId, who: MemberDep, services: ServicesDep, session: SessionDep) -> None:
     with services.lock:
-        studies.delete_study(session, services.optuna, _found(session, study_id))
+        studies.delete_study(session, services.optuna, _found(session, study_id, who))
 
 
 @router.post("/{study_id}/clone", status_code=status.HTTP_201_CREATED)
-def clone_study(study_id: int, services: ServicesDep, session: SessionDep) -> StudyPublic:
+def clone_study(study_id: StudyId, who: MemberDep, services: ServicesDep, session: SessionDep) -> StudyPublic:
     """A new study with the same spec (its evaluated configurations come from the results cache)."""
-    spec = StudySpec.model_validate(_found(session, study_id).spec)
-    return create_study(spec, services, session)
+    spec = StudySpec.model_validate(_found(session, study_id, who).spec)
+    return create_study(spec, who, services, session)
 
 
 @router.get("/{study_id}")
-def get_study(study_id: int, session: SessionDep) -> StudyDetail:
-    return studies.study_detail(_found(session, study_id))
+def get_study(study_id: StudyId, who: MemberDep, session: SessionDep) -> StudyDetail:
+    return studies.study_detail(_found(session, study_id, who))
+
+
+@router.get("/{study_id}/trials")
+def list_trials(study_id: StudyId, who: MemberDep, session: SessionDep) -> list[TrialPublic]:
+    return [studies.trial_public(t) for t in _found(session, study_id, who).trials]
+
+
+@router.get("/{study_id}/trials/{number}")
+def get_trial(study_id: StudyId, number: TrialNumber, who: MemberDep, session: SessionDep) -> TrialPublic:
+    return studies.trial_public(_trial(_found(session, study_id, who), number))
 
 
 @router.get("/{study_id}/pareto")
-def get_pareto(study_id: int, session: SessionDep) -> ParetoPublic:
-    return studies.pareto(_found(session, study_id))
+def get_pareto(study_id: StudyId, who: MemberDep, session: SessionDep) -> ParetoPublic:
+    return studies.pareto(_found(session, study_id, who))
 
 
 @router.get("/{study_id}/hypervolume")
-def get_hypervolume_history(study_id: int, session: SessionDep) -> list[HypervolumePoint]:
-    return studies.hypervolume_history(_found(session, study_id))
+def get_hypervolume_history(study_id: StudyId, who: MemberDep, session: SessionDep) -> list[HypervolumePoint]:
+    return studies.hypervolume_history(_found(session, study_id, who))
 
 
 @router.get("/{study_id}/trials/{number}/export")
-def export_trial(study_id: int, number: int, session: SessionDep,
+def export_trial(study_id: StudyId, number: TrialNumber, who: MemberDep, session: SessionDep,
                  format: Literal["spec", "mergekit"] = "mergekit") -> PlainTextResponse:
     """A trial as mergekit YAML (methods mergekit has; OBIM is written for mmmo) or as our merge config."""
-    trial = studies.get_trial(_found(session, study_id), number)
-    if trial is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study_id} has no trial {number}")
-    config = MergeConfig.from_dict(trial.merge_config)
+    config = MergeConfig.from_dict(_trial(_found(session, study_id, who), number).merge_config)
     if format == "spec":
         return PlainTextResponse(yaml.safe_dump(config.to_dict(), sort_keys=False), media_type="application/yaml")
     try:
         return PlainTextResponse(to_mergekit(config), media_type="application/yaml")
     except MergeError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+
+
+@router.post("/{study_id}/trials/{number}/materialize", status_code=status.HTTP_202_ACCEPTED)
+def materialize_trial(study_id: StudyId, number: TrialNumber, who: MemberDep, session: SessionDep,
+                      body: MaterializeRequest | None = None) -> JobPublic:
+    """Queue a job: a worker writes the trial's merged model; download it from the job when done."""
+    study = _found(session, study_id, who)
+    _trial(study, number)
+    options = body.model_dump(exclude_none=True) if body else {}
+    return jobs.public(jobs.request(session, study, number, options, who.user))
+
+
+@router.get("/{study_id}/jobs")
+def list_jobs(study_id: StudyId, who: MemberDep, session: SessionDep) -> list[JobPublic]:
+    return [jobs.public(j) for j in jobs.list_for_study(session, _found(session, study_id, who).id)]

@@ -1,0 +1,184 @@
+"""The service's queue under pressure and its edges: cancellation, bad input, several servers on
+one PostgreSQL database, materialise jobs, and a schemathesis run over the OpenAPI schema."""
+
+from __future__ import annotations
+
+import tarfile
+import threading
+import time
+
+import hypothesis
+import pytest
+import schemathesis
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from tests.conftest import authorize, zoo_spec
+
+
+@pytest.fixture
+def client(settings):
+    with TestClient(create_app(settings)) as c:
+        authorize(c)
+        yield c
+
+
+def _keys(spec: dict) -> list[str]:
+    return [f"{o['task']}:exact_match" for o in spec["objectives"]]
+
+
+def test_cancel_stops_running_trials_at_their_next_heartbeat(client, zoo):
+    spec = zoo_spec(zoo, trials=4)
+    study = client.post("/api/v1/studies", json=spec).json()
+    held = client.post("/api/v1/leases", json={"worker": "w"}).json()
+    assert client.post(f"/api/v1/leases/{held['token']}/heartbeat").status_code == 200
+    client.post(f"/api/v1/studies/{study['id']}/cancel")
+    beat = client.post(f"/api/v1/leases/{held['token']}/heartbeat")
+    assert beat.status_code == 409 and "cancelled" in beat.json()["detail"]
+    trial = client.get(f"/api/v1/studies/{study['id']}/trials/{held['trial_number']}").json()
+    assert trial["state"] == "failed" and trial["error"] == "study cancelled"
+    assert client.post("/api/v1/leases", json={"worker": "w"}).status_code == 204
+
+
+@pytest.mark.parametrize("send,code", [
+    (dict(content=b'{"name": ', headers={"Content-Type": "application/json"}), 422),  # malformed JSON
+    (dict(content=b"name: x", headers={"Content-Type": "text/plain"}), 422),  # wrong content type
+    (dict(json={"unknown_field": 1}), 422),
+    (dict(content=b"[" + b"1," * 700_000 + b"1]", headers={"Content-Type": "application/json"}), 413),  # huge
+])
+def test_bad_requests_are_4xx_with_a_message_and_store_nothing(client, zoo, send, code):
+    r = client.post("/api/v1/studies", **send)
+    assert r.status_code == code, r.text
+    assert r.json()["detail"]
+    assert client.get("/api/v1/studies").json() == []
+
+
+def test_bad_lease_requests_are_refused(client, zoo):
+    spec = zoo_spec(zoo, trials=2)
+    client.post("/api/v1/studies", json=spec)
+    assert client.post("/api/v1/leases", json={"worker": ""}).status_code == 422
+    assert client.post("/api/v1/leases", json={"worker": "w", "extra": 1}).status_code == 422
+    lease = client.post("/api/v1/leases", json={"worker": "w"}).json()
+    both = {"values": dict.fromkeys(_keys(spec), 0.5), "error": "x"}
+    assert client.post(f"/api/v1/leases/{lease['token']}/result", json=both).status_code == 422
+    nan = client.post(f"/api/v1/leases/{lease['token']}/result", content=b'{"values": {"a": NaN}}',
+                      headers={"Content-Type": "application/json"})
+    assert nan.status_code == 422
+    assert client.post("/api/v1/leases/not-a-token/heartbeat").status_code == 409
+    assert client.get(f"/api/v1/studies/{lease['study_id']}/trials/0").json()["state"] == "leased"
+
+
+def test_materialize_is_a_job_for_a_worker_and_its_model_downloads(client, zoo, cache_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from service.client import ApiClient
+    from service.worker import TrialRunner, Worker
+
+    spec = zoo_spec(zoo, trials=2)
+    study = client.post("/api/v1/studies", json=spec).json()
+    lease = client.post("/api/v1/leases", json={"worker": "w"}).json()
+    client.post(f"/api/v1/leases/{lease['token']}/result", json={"values": dict.fromkeys(_keys(spec), 0.5)})
+    number = lease["trial_number"]
+    assert client.post(f"/api/v1/studies/{study['id']}/trials/99/materialize").status_code == 404
+    job = client.post(f"/api/v1/studies/{study['id']}/trials/{number}/materialize", json={"dtype": "bfloat16"})
+    assert job.status_code == 202 and job.json()["state"] == "queued"
+    job_id = job.json()["id"]
+    assert client.get(f"/api/v1/jobs/{job_id}/download").status_code == 409
+
+    class _Through(ApiClient):  # the worker's HTTP calls go through the test client's app
+        def __init__(self) -> None:
+            self.http = client
+
+    worker = Worker(_Through(), TrialRunner(cache_dir=cache_dir), name="materializer")
+    assert worker.run_one()  # jobs come before trials
+    done = client.get(f"/api/v1/jobs/{job_id}").json()
+    assert done["state"] == "done" and done["worker"] == "materializer" and done["size_bytes"] > 0
+    archive = tmp_path / "model.tar"
+    archive.write_bytes(client.get(done["download"]).content)
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        tar.extractall(tmp_path / "model", filter="data")
+    assert "config.json" in names and any(n.endswith(".safetensors") for n in names)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert str(model.dtype) == "torch.bfloat16"
+    assert [j["id"] for j in client.get(f"/api/v1/studies/{study['id']}/jobs").json()] == [job_id]
+
+    # an upload that is not a tar archive, or to a finished job, is refused and changes nothing
+    again = client.post(f"/api/v1/studies/{study['id']}/trials/{number}/materialize").json()
+    held = client.post("/api/v1/leases", json={"worker": "w"}).json()
+    assert held["kind"] == "materialize" and held["job_id"] == again["id"]
+    url = f"/api/v1/leases/{held['token']}/artifact"
+    assert client.put(url, content=b"not a tar", headers={"Content-Type": "application/x-tar"}).status_code == 422
+    assert client.put(url, content=b"x", headers={"Content-Type": "text/plain"}).status_code == 415
+    assert client.get(f"/api/v1/jobs/{again['id']}").json()["state"] == "leased"
+    assert client.put(f"/api/v1/leases/{lease['token']}/artifact", content=archive.read_bytes(),
+                      headers={"Content-Type": "application/x-tar"}).status_code == 409
+
+
+def test_two_servers_on_one_postgres_never_lease_a_trial_twice_or_exceed_the_budget(postgres_url, tmp_path,
+                                                                                     zoo, cache_dir):
+    from service.settings import Settings
+
+    settings = Settings(home=tmp_path, cache_dir=cache_dir, database_url=postgres_url, lease_seconds=300)
+    apps = [create_app(settings), create_app(settings)]  # two processes' worth of state: engines, locks
+    clients = [TestClient(a) for a in apps]
+    for c in clients:
+        c.__enter__()
+    try:
+        token = authorize(clients[0])
+        for c in clients:
+            c.headers["Authorization"] = f"Bearer {token}"
+        budget = 16
+        clients[0].post("/api/v1/studies", json=zoo_spec(zoo, trials=budget))
+        leased: list[tuple[int, int, str]] = []
+        guard = threading.Lock()
+
+        def hammer(c: TestClient, worker: str) -> None:
+            # a server skips a study another server is asking for (204): keep asking for a while
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and len(leased) < budget + 2:
+                r = c.post("/api/v1/leases", json={"worker": worker})
+                if r.status_code == 200:
+                    with guard:
+                        leased.append((r.json()["study_id"], r.json()["trial_number"], r.json()["token"]))
+
+        threads = [threading.Thread(target=hammer, args=(clients[i % 2], f"w{i}")) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        numbers = [n for _, n, _ in leased]
+        assert len(numbers) == len(set(numbers)), "a trial was leased twice"
+        assert len(numbers) == budget
+        assert all(c.post("/api/v1/leases", json={"worker": "late"}).status_code == 204 for c in clients)
+        trials = clients[1].get(f"/api/v1/studies/{leased[0][0]}/trials").json()
+        assert len(trials) == budget and all(t["state"] == "leased" for t in trials)
+    finally:
+        for c in clients:
+            c.__exit__(None, None, None)
+
+
+def test_openapi_schema_fuzzed_without_a_server_error(tmp_path, cache_dir):
+    """Schemathesis generates requests for every operation (bounded examples); none may be a 5xx."""
+    from service.settings import Settings
+
+    app = create_app(Settings(home=tmp_path, cache_dir=cache_dir))
+    with TestClient(app) as c:
+        headers = {"Authorization": f"Bearer {authorize(c)}"}
+        schemathesis.serializer.alias("application/x-tar", "application/octet-stream")  # arbitrary bytes
+        schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+        operations = [result.ok() for result in schema.get_all_operations()]
+        assert len(operations) >= 15
+        for operation in operations:
+            _fuzz(operation, headers)
+
+
+def _fuzz(operation, headers: dict[str, str]) -> None:
+    @hypothesis.given(case=operation.as_strategy())
+    @hypothesis.settings(max_examples=15, deadline=None, database=None,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    def no_server_error(case) -> None:
+        response = case.call(headers=headers)
+        assert response.status_code < 500, (operation.label, response.text)
+
+    no_server_error()
