@@ -245,7 +245,7 @@ def _held(session: Session, token: str) -> Trial:
     return trial
 
 
-def heartbeat(session: Session, optuna: OptunaStudies, policy: QueuePolicy, token: str) -> datetime:
+def heartbeat(session: Session, optuna: OptunaStudies, policy: QueuePolicy, token: str) -> Trial:
     """Extend the lease. A cancelled study's trial fails here: its worker should stop."""
     trial = _held(session, token)
     if trial.lease_expires_at < utcnow():
@@ -256,7 +256,7 @@ def heartbeat(session: Session, optuna: OptunaStudies, policy: QueuePolicy, toke
         raise StaleLease("the study was cancelled: stop this trial")
     trial.lease_expires_at = utcnow() + timedelta(seconds=policy.lease_seconds)
     session.commit()
-    return trial.lease_expires_at
+    return trial
 
 
 def requeue_leases_of(session: Session, study_id: int, worker: str) -> int:

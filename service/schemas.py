@@ -110,3 +110,20 @@ class TrialResult(BaseModel):
 
     values: dict[str, float] | None = None
     error: str | None = Field(default=None, max_length=10_000)
+
+
+class WorkerTask(BaseModel):
+    kind: Literal["trial", "materialize"]
+    study_id: int
+    trial_number: int
+    since: datetime | None
+    lease_expires_at: datetime | None
+
+
+class WorkerPublic(BaseModel):
+    name: str
+    pool: bool = Field(description="a worker-pool worker (serves every team)")
+    status: Literal["busy", "idle", "gone"]
+    first_seen_at: datetime
+    last_seen_at: datetime = Field(description="last lease request, heartbeat or result")
+    running: list[WorkerTask]

@@ -146,3 +146,15 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
     study: Mapped[Study] = relationship()
+
+
+class WorkerSeen(Base):
+    """A worker as the server last saw it (any lease, heartbeat or result call), for the workers page."""
+
+    __tablename__ = "mmmo_workers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    team_id: Mapped[int | None] = mapped_column(ForeignKey("mmmo_teams.id", ondelete="CASCADE"), nullable=True)
+    first_seen_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

@@ -7,7 +7,7 @@ import uuid
 from fastapi import APIRouter, HTTPException, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
-from service import jobs, queue
+from service import jobs, queue, workers
 from service.db.models import Job
 from service.deps import CallerDep, ServicesDep, SessionDep
 from service.schemas import JobPublic, LeasePublic, LeaseRequest, TrialPublic, TrialResult
@@ -23,6 +23,7 @@ def _stale(exc: queue.StaleLease) -> HTTPException:
 
 @router.post("", response_model=LeasePublic, responses={204: {"description": "no work to run now"}})
 def lease(body: LeaseRequest, who: CallerDep, services: ServicesDep, session: SessionDep) -> LeasePublic | Response:
+    workers.seen(session, body.worker, who.team_id)
     with services.lock:
         job = jobs.lease(session, services.policy, body.worker, who.team_id)
         if job is not None:
@@ -41,17 +42,19 @@ def lease(body: LeaseRequest, who: CallerDep, services: ServicesDep, session: Se
 
 
 @router.post("/{token}/heartbeat")
-def heartbeat(token: str, _who: CallerDep, services: ServicesDep, session: SessionDep) -> dict:
+def heartbeat(token: str, who: CallerDep, services: ServicesDep, session: SessionDep) -> dict:
     """Extend the lease; 409 when it is no longer held, or its study was cancelled: stop the work."""
     try:
         with services.lock:
-            job = jobs.held(session, token)
-            if job is not None:
-                jobs.heartbeat(session, services.policy, job)
-                return {"expires_at": job.lease_expires_at}
-            expires = queue.heartbeat(session, services.optuna, services.policy, token)
+            held = jobs.held(session, token)
+            if held is not None:
+                jobs.heartbeat(session, services.policy, held)
+            else:
+                held = queue.heartbeat(session, services.optuna, services.policy, token)
     except queue.StaleLease as exc:
         raise _stale(exc) from None
+    expires, name = held.lease_expires_at, held.worker
+    workers.seen(session, name, who.team_id)
     return {"expires_at": expires}
 
 

@@ -1,9 +1,11 @@
 from typing import Literal
 
 import yaml
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from merging.config import MergeConfig
 from merging.errors import MergeError
@@ -52,6 +54,28 @@ def create_study(spec: StudySpec, who: MemberDep, services: ServicesDep, session
             [{"loc": ("body", *p.loc), "msg": p.msg, "type": "value_error"} for p in exc.problems]
         ) from None
     return studies.study_public(study)
+
+
+@router.post("/yaml", status_code=status.HTTP_201_CREATED, openapi_extra={
+    "requestBody": {"required": True, "content": {"application/yaml": {"schema": {"type": "string"}}}}})
+async def create_study_from_yaml(request: Request, who: MemberDep, services: ServicesDep) -> StudyPublic:
+    """The same as ``POST /studies`` with the spec as YAML (or JSON) text, as the dashboard's form sends it."""
+    try:
+        data = yaml.safe_load((await request.body()).decode())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"not YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "the spec must be a mapping of fields")
+    try:
+        spec = StudySpec.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+
+    def create() -> StudyPublic:
+        with services.sessions() as session:
+            return create_study(spec, who, services, session)
+
+    return await run_in_threadpool(create)
 
 
 @router.get("")

@@ -1,4 +1,4 @@
-"""teams, users, tokens, jobs; studies belong to a team
+"""teams, users, tokens, jobs, workers; studies belong to a team
 
 Revision ID: 0002
 Revises: 0001
@@ -76,6 +76,17 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("lease_token"),
     )
+    op.create_table(
+        "mmmo_workers",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("name", sa.String(length=200), nullable=False),
+        sa.Column("team_id", sa.Integer(), nullable=True),
+        sa.Column("first_seen_at", sa.DateTime(), nullable=False),
+        sa.Column("last_seen_at", sa.DateTime(), nullable=False),
+        sa.ForeignKeyConstraint(["team_id"], ["mmmo_teams.id"], ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("name"),
+    )
     op.create_index("ix_mmmo_jobs_study_id", "mmmo_jobs", ["study_id"])
     op.create_index("ix_mmmo_jobs_state", "mmmo_jobs", ["state"])
 
@@ -102,6 +113,7 @@ def downgrade() -> None:
         batch.drop_column("last_leased_at")
         batch.drop_column("created_by")
         batch.drop_column("team_id")
+    op.drop_table("mmmo_workers")
     op.drop_table("mmmo_jobs")
     op.drop_table("mmmo_tokens")
     op.drop_table("mmmo_users")

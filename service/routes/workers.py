@@ -1,0 +1,13 @@
+from fastapi import APIRouter
+
+from service import workers
+from service.deps import MemberDep, ServicesDep, SessionDep
+from service.schemas import WorkerPublic
+
+router = APIRouter(prefix="/workers", tags=["workers"])
+
+
+@router.get("")
+def list_workers(who: MemberDep, services: ServicesDep, session: SessionDep) -> list[WorkerPublic]:
+    """Workers seen in the last 24 h (the team's and the worker pool's), and what each runs for the team."""
+    return workers.listing(session, who.team_id, services.policy.lease_seconds)
