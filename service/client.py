@@ -8,6 +8,10 @@ from typing import Any
 import httpx
 
 
+class ServerUnreachable(ConnectionError):
+    """The server could not be reached (down, restarting, network): an OSError, so callers retry."""
+
+
 class ApiError(RuntimeError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"HTTP {status}: {message}")
@@ -33,7 +37,10 @@ class ApiClient:
         self.http.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self.http.request(method, path, **kwargs)
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"{self.http.base_url}: {exc}") from exc
         if response.status_code >= 400:
             raise ApiError(response.status_code, _message(response))
         return None if response.status_code == 204 else response.json()

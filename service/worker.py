@@ -241,16 +241,28 @@ class Worker:
         return _Outcome(held, done=True)
 
     def _post(self, outcome: _Outcome) -> None:
-        token = outcome.held.lease["token"]
+        """Report the outcome; while the server is unreachable (a restart), keep trying for as long
+        as the lease could still be valid, since a result is worth the wait."""
+        lease = outcome.held.lease
+        deadline = time.monotonic() + max(float(lease["lease_seconds"]), 10.0)
         try:
-            if outcome.done:
-                pass
-            elif outcome.values is not None:
-                self.client.complete(token, outcome.values)
-            else:
-                self.client.fail(token, outcome.error or "unknown error")
-        except ApiError as exc:  # a stale lease: the trial went to another worker
-            log.warning("result of trial %s refused: %s", outcome.held.lease["trial_number"], exc)
+            while True:
+                try:
+                    if outcome.done:
+                        pass
+                    elif outcome.values is not None:
+                        self.client.complete(lease["token"], outcome.values)
+                    else:
+                        self.client.fail(lease["token"], outcome.error or "unknown error")
+                    return
+                except ApiError as exc:  # a stale lease: the trial went to another worker
+                    log.warning("result of trial %s refused: %s", lease["trial_number"], exc)
+                    return
+                except OSError as exc:
+                    if time.monotonic() > deadline:
+                        log.warning("result of trial %s lost, server unreachable: %s", lease["trial_number"], exc)
+                        return
+                    time.sleep(min(self.poll_seconds, 1.0))
         finally:
             outcome.held.heartbeat.stop()
 
