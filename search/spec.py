@@ -87,6 +87,9 @@ class SamplerSpec(_Strict):
     n_startup_trials: int = Field(default=10, ge=1, description="random trials before mmmo-bo / tpe model")
     warmup_trials: int | None = Field(default=None, ge=0, description="nsga2: model-proposed generation 0 "
                                       "(default 2 x population_size; 0 = Optuna's NSGA-II as it ships)")
+    warmup: Literal["gp", "tpe"] = Field(default="gp", description="nsga2: the model of the warm-up generation")
+    screen: int = Field(default=8, ge=1, le=256, description="nsga2: children bred per trial, of which a GP "
+                        "surrogate keeps the most promising (1 = no screening)")
 
 
 class BudgetSpec(_Strict):

@@ -76,5 +76,44 @@ def test_nsga2_breeds_its_first_children_from_a_model_proposed_warm_up():
     generations = [t.system_attrs["NSGAIISampler:generation"] for t in study.trials]
     assert generations[:8] == [0] * 8, "the whole warm-up is generation 0"
     assert all(g >= 1 for g in generations[8:]), "children after the warm-up"
-    plain = make_sampler(SamplerSpec(name="nsga2", population_size=4, warmup_trials=0), seed=1)
+    plain = make_sampler(SamplerSpec(name="nsga2", population_size=4, warmup_trials=0, screen=1), seed=1)
     assert type(plain) is optuna.samplers.NSGAIISampler
+
+
+def test_surrogate_ranks_a_candidate_that_extends_the_front_first():
+    from search.samplers._surrogate import GaussianProcess, rank_by_improvement
+
+    rng = np.random.RandomState(0)
+    x = rng.rand(30, 2)
+    y = np.stack([x[:, 0], 1 - x[:, 0] ** 2 + 0.5 * x[:, 1]], 1)  # the front lies along x1 = 1
+    gp = GaussianProcess(x, y[:, 0])
+    mean, sd = gp.predict(x[:3])
+    assert np.allclose(mean, y[:3, 0], atol=0.05) and (sd < 0.1).all()
+    candidates = np.array([[0.5, 0.0], [0.5, 1.0], [0.02, 0.0]])
+    assert rank_by_improvement(x, y, candidates)[0] == 1
+
+
+def _zdt_like(p: dict) -> list[float]:
+    x = [p[f"x{i}"] for i in range(4)]
+    g = 1 + 9 * sum(x[1:]) / 3
+    return [x[0], g * (1 - (x[0] / g) ** 0.5)]
+
+
+def _final_hypervolume(spec: SamplerSpec, seed: int, trials: int) -> float:
+    from search.pareto import hypervolume
+
+    space = {f"x{i}": FloatDistribution(0.0, 1.0) for i in range(4)}
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=make_sampler(spec, seed=seed))
+    for _ in range(trials):
+        trial = study.ask(space)
+        study.tell(trial, _zdt_like(trial.params))
+    return hypervolume([t.values for t in study.trials], (1.1, 10.0), ["minimize", "minimize"])
+
+
+def test_model_warm_up_and_screened_children_beat_nsga2_as_it_ships():
+    shipped = SamplerSpec(name="nsga2", population_size=8, warmup_trials=0, screen=1)
+    ours = SamplerSpec(name="nsga2", population_size=8)
+    seeds = (0, 1, 2)
+    plain = np.mean([_final_hypervolume(shipped, s, 40) for s in seeds])
+    better = np.mean([_final_hypervolume(ours, s, 40) for s in seeds])
+    assert better > plain + 0.1, (plain, better)

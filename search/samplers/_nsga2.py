@@ -1,10 +1,17 @@
 """NSGA-II, made to work at the budgets merge searches can afford.
 
 Optuna's NSGA-II draws its whole first generation uniformly at random, so at 30–60 trials it
-is little better than random search. Here the first ``warmup_trials`` trials are proposed by a
-model (multivariate TPE) and all tagged as NSGA-II's generation 0; the first generation of
-children is then bred from the elite of that larger, better-than-random pool. With
-``warmup_trials: 0`` this is Optuna's NSGA-II unchanged.
+is little better than random search. Two changes, each a setting:
+
+- *Warm-up*: the first ``warmup_trials`` trials are proposed by a model (``warmup``: Optuna's
+  GPSampler, or multivariate TPE) and all tagged as NSGA-II's generation 0, so the first
+  children are bred from the elite of a larger, better-than-random pool.
+- *Screened children*: for each later trial NSGA-II breeds ``screen`` children (its own
+  selection, crossover and mutation) and a GP surrogate keeps the one whose optimistic
+  prediction adds most hypervolume (``_surrogate.py``). The search stays NSGA-II's — parents,
+  generations, elitism — but evaluations go to the children the data says are promising.
+
+With ``warmup_trials: 0`` and ``screen: 1`` this is Optuna's NSGA-II unchanged.
 """
 
 from __future__ import annotations
@@ -12,11 +19,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from optuna.distributions import BaseDistribution
-from optuna.samplers import BaseSampler, NSGAIISampler, TPESampler
-from optuna.study import Study
+import numpy as np
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.samplers import BaseSampler, GPSampler, NSGAIISampler, TPESampler
+from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from search.samplers._mmmo_bo import _from_unit, _to_unit
+from search.samplers._surrogate import rank_by_improvement
 from search.spec import SamplerSpec
 
 GENERATION_KEY = "NSGAIISampler:generation"
@@ -24,11 +34,17 @@ GENERATION_KEY = "NSGAIISampler:generation"
 
 class WarmNSGAIISampler(BaseSampler):
     def __init__(self, *, population_size: int, crossover_prob: float = 0.9, mutation_prob: float | None = None,
-                 warmup_trials: int = 0, tpe_startup_trials: int = 4, seed: int | None = None) -> None:
+                 warmup_trials: int = 0, warmup: str = "gp", startup_trials: int = 5, screen: int = 1,
+                 seed: int | None = None) -> None:
         self.nsga = NSGAIISampler(population_size=population_size, crossover_prob=crossover_prob,
                                   mutation_prob=mutation_prob, seed=seed)
-        self.warm = TPESampler(seed=seed, multivariate=True, n_startup_trials=tpe_startup_trials)
-        self.warmup_trials = warmup_trials
+        if warmup == "gp":
+            self.warm: BaseSampler = GPSampler(seed=seed, n_startup_trials=startup_trials,
+                                               warn_independent_sampling=False)
+        else:
+            self.warm = TPESampler(seed=seed, multivariate=True, n_startup_trials=startup_trials)
+        self.warmup_trials, self.screen = warmup_trials, screen
+        self._rng = np.random.RandomState(seed)
 
     def _warming(self, trial: FrozenTrial) -> bool:
         return trial.number < self.warmup_trials
@@ -48,7 +64,43 @@ class WarmNSGAIISampler(BaseSampler):
             # Generation 0, whatever NSGA-II's own count says: the warm-up is one large generation.
             study._storage.set_trial_system_attr(trial._trial_id, GENERATION_KEY, 0)
             return self.warm.sample_relative(study, trial, search_space)
-        return self.nsga.sample_relative(study, trial, search_space)
+        child = self.nsga.sample_relative(study, trial, search_space)
+        if self.screen <= 1 or not child:
+            return child
+        return self._screened(study, trial, search_space, child)
+
+    def _screened(self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution],
+                  first: dict[str, Any]) -> dict[str, Any]:
+        """The most promising of ``screen`` NSGA-II children, by the surrogate's ranking."""
+        names = sorted(search_space)
+        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.values is not None and all(n in t.params for n in names)]
+        if len(done) < 5:
+            return first
+        children = [self._filled(first, search_space)]
+        children += [self._filled(self.nsga.sample_relative(study, trial, search_space), search_space)
+                     for _ in range(self.screen - 1)]
+
+        def encode(params: dict[str, Any]) -> list[float]:
+            return [_encode(search_space[n], params[n]) for n in names]
+
+        signs = np.array([1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in study.directions])
+        order = rank_by_improvement(np.array([encode(t.params) for t in done]),
+                                    np.array([t.values for t in done]) * signs,
+                                    np.array([encode(c) for c in children]))
+        return children[int(order[0])]
+
+    def _filled(self, child: dict[str, Any], search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        """NSGA-II leaves mutated parameters out (to be drawn at random later): draw them now, so
+        the surrogate judges the child that will actually be evaluated."""
+        out = dict(child)
+        for name, dist in search_space.items():
+            if name not in out:
+                if isinstance(dist, CategoricalDistribution):
+                    out[name] = dist.choices[self._rng.randint(len(dist.choices))]
+                else:
+                    out[name] = _from_unit(dist, float(self._rng.rand()))
+        return out
 
     def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
                            param_distribution: BaseDistribution) -> Any:
@@ -64,11 +116,19 @@ class WarmNSGAIISampler(BaseSampler):
         self.warm.after_trial(study, trial, state, values)
 
 
+def _encode(dist: BaseDistribution, value: Any) -> float:
+    if isinstance(dist, (FloatDistribution, IntDistribution)):
+        return _to_unit(dist, value)
+    return dist.choices.index(value) / max(1, len(dist.choices) - 1)
+
+
 def make_nsga2(spec: SamplerSpec, seed: int) -> BaseSampler:
     # Optuna 5 defaults multi-objective studies to TPE: NSGA-II must be asked for.
     warmup = 2 * spec.population_size if spec.warmup_trials is None else spec.warmup_trials
-    if warmup == 0:
+    if warmup == 0 and spec.screen <= 1:
         return NSGAIISampler(population_size=spec.population_size, crossover_prob=spec.crossover_prob,
                              mutation_prob=spec.mutation_prob, seed=seed)
     return WarmNSGAIISampler(population_size=spec.population_size, crossover_prob=spec.crossover_prob,
-                             mutation_prob=spec.mutation_prob, warmup_trials=warmup, seed=seed)
+                             mutation_prob=spec.mutation_prob, warmup_trials=warmup, warmup=spec.warmup,
+                             startup_trials=min(spec.n_startup_trials, max(warmup // 2, 1)), screen=spec.screen,
+                             seed=seed)
