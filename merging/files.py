@@ -22,6 +22,7 @@ from merging.checkpoint import CheckpointReader
 from merging.config import MergeConfig
 from merging.errors import MergeError
 from merging.io import BIN_INDEX, SAFETENSORS_INDEX
+from merging.locate import locate
 from merging.mergekit_yaml import to_mergekit
 from merging.methods import TensorInputs
 from merging.plan import MergePlan
@@ -180,7 +181,7 @@ def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None 
             if progress:
                 progress(name, i + 1, len(names))
         writer.finish()
-        _copy_side_files(Path(config.base), staging, out_dtype)
+        _copy_side_files(locate(config.base), staging, out_dtype)
         (staging / "README.md").write_text(_model_card(config, dtype))
         if out_dir.exists():
             out_dir.rmdir()

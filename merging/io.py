@@ -10,16 +10,15 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from merging.errors import MergeError
+from merging.locate import locate
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 
 def weight_files(model_dir: Path) -> list[Path]:
-    """The weight files of a checkpoint, preferring safetensors."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise MergeError(f"model '{model_dir}': not a directory")
+    """The weight files of a checkpoint (a directory or a hub id), preferring safetensors."""
+    model_dir = locate(model_dir)
     for index_name, single in ((SAFETENSORS_INDEX, "model.safetensors"), (BIN_INDEX, "pytorch_model.bin")):
         if (model_dir / index_name).exists():
             index = json.loads((model_dir / index_name).read_text())
@@ -29,9 +28,10 @@ def weight_files(model_dir: Path) -> list[Path]:
     raise MergeError(f"model '{model_dir}': no model.safetensors, safetensors index or pytorch_model.bin")
 
 
-def check_checkpoint(model_dir: Path) -> None:
-    """Cheap check that a directory looks like a loadable checkpoint (config + weights)."""
-    if not (Path(model_dir) / "config.json").exists():
+def check_checkpoint(model_dir: Path | str, download: bool = True) -> None:
+    """Cheap check that a directory (or a hub id) looks like a loadable checkpoint (config + weights)."""
+    model_dir = locate(model_dir, download=download)
+    if not (model_dir / "config.json").exists():
         raise MergeError(f"model '{model_dir}': no config.json")
     weight_files(model_dir)
 

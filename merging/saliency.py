@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from merging.io import weight_files
+from merging.locate import locate
 
 HOOK_VERSION = 1  # bump when what the hooks accumulate changes: old caches are then ignored
 
@@ -125,5 +126,5 @@ def stats_for(config_experts, cache_dir: Path | None, device: str = "cpu",
     ``texts_of`` turns an expert's calibration source into texts (the service passes one that
     also reads lm-eval tasks' documents).
     """
-    return {e.name: calibration_stats(Path(e.path), texts_of(e.calibration), cache_dir, device=device)
+    return {e.name: calibration_stats(locate(e.path), texts_of(e.calibration), cache_dir, device=device)
             for e in config_experts if e.calibration}

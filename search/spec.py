@@ -80,7 +80,7 @@ class ObjectiveSpec(_Strict):
 
 
 class SamplerSpec(_Strict):
-    name: Literal["nsga2", "mmmo-bo", "random", "tpe"] = "nsga2"
+    name: Literal["nsga2", "mmmo-bo", "random", "tpe", "gp"] = "nsga2"
     population_size: int = Field(default=8, ge=2)
     crossover_prob: float = Field(default=0.9, ge=0, le=1)
     mutation_prob: float | None = Field(default=None, ge=0, le=1)

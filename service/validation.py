@@ -10,6 +10,7 @@ from evals.calibration import calibration_texts
 from evals.catalog import TaskCatalog
 from merging.errors import MergeError
 from merging.io import check_checkpoint
+from merging.locate import ModelNotFound, is_hub_id, locate
 from merging.methods import get_method
 from search.spec import StudySpec
 from service.objectives import objectives_of
@@ -26,7 +27,12 @@ def resolve_layers(spec: StudySpec) -> StudySpec:
     ss = spec.search_space
     if not ss.layer_groups or ss.num_layers:
         return spec
-    config = json.loads((Path(spec.base) / "config.json").read_text())
+    try:
+        base = locate(spec.base, download=False)
+    except ModelNotFound:
+        raise ValueError(f"the server cannot read the base '{spec.base}' to count its layers: "
+                         "set search_space.num_layers") from None
+    config = json.loads((base / "config.json").read_text())
     layers = config.get("num_hidden_layers") or config.get("n_layer")
     if not layers:
         raise ValueError("the base's config.json names no num_hidden_layers: set search_space.num_layers")
@@ -48,7 +54,11 @@ def spec_problems(spec: StudySpec, catalog: TaskCatalog) -> list[SpecProblem]:
     problems: list[SpecProblem] = []
     for loc, path in [(("base",), spec.base)] + [(("experts", i, "path"), e.path) for i, e in enumerate(spec.experts)]:
         try:
-            check_checkpoint(path)
+            check_checkpoint(path, download=False)
+        except ModelNotFound:
+            if not is_hub_id(path):  # a hub id the server has not cached: each worker resolves it
+                problems.append(SpecProblem(loc, f"'{path}' is not a directory the server can see, nor a "
+                                                 "Hugging Face id (org/name)"))
         except MergeError as exc:
             problems.append(SpecProblem(loc, str(exc)))
     for i, e in enumerate(spec.experts):

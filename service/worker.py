@@ -21,6 +21,7 @@ from evals.calibration import calibration_texts
 from evals.evaluator import Evaluator
 from evals.objective import Objective
 from merging.config import MergeConfig
+from merging.locate import locate
 from merging.resident import Merger, expert_dirs
 from merging.saliency import stats_for
 from service.client import ApiClient, ApiError
@@ -74,9 +75,11 @@ class TrialRunner:
         stats = None
         if config.method == "obim":
             stats = stats_for(config.experts, self.cache_dir, str(self.device), calibration_texts)
-        merger = Merger.from_checkpoints(config.base, expert_dirs(config), stats=stats, device=self.device)
-        model = AutoModelForCausalLM.from_pretrained(config.base, dtype=torch.float32).to(self.device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(config.base)
+        base_dir = locate(config.base)  # a clear error naming the model if this worker cannot find it
+        experts = {name: str(locate(path)) for name, path in expert_dirs(config).items()}
+        merger = Merger.from_checkpoints(str(base_dir), experts, stats=stats, device=self.device)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(self.device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
         evaluator = Evaluator(model, tokenizer, objectives, batch_size=self.batch_size,
                               include_paths=[Path(p) for p in task_paths])
         resident = _Resident(key, merger, model, evaluator)

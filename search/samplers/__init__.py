@@ -4,6 +4,7 @@ from collections.abc import Callable
 
 from optuna.samplers import BaseSampler
 
+from search.samplers._gp import make_gp
 from search.samplers._mmmo_bo import MMMOBOSampler, make_mmmo_bo
 from search.samplers._nsga2 import make_nsga2
 from search.samplers._random import make_random
@@ -15,6 +16,7 @@ SAMPLERS: dict[str, Callable[[SamplerSpec, int], BaseSampler]] = {
     "mmmo-bo": make_mmmo_bo,
     "random": make_random,
     "tpe": make_tpe,
+    "gp": make_gp,
 }
 
 
