@@ -27,8 +27,8 @@ random:
 Latency is from sending a request to having read its whole body, for every request started
 within --seconds, errors included; throughput counts the good answers within --seconds. A
 request still unanswered --grace seconds after the end is cut: its time so far counts in the
-percentiles (a percentile it could move is printed with >=). Client and server share this machine's cores, so the
-figures are those of the whole loopback system, not of the server alone.
+percentiles (a percentile it could move is printed with >=). Client and server share this
+machine's cores, so the figures are those of the whole loopback system, not of the server alone.
 Goal: p99 < 50 ms.
 """
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 Point = Sequence[float]
 
 
@@ -16,14 +18,26 @@ def _to_min(points: Sequence[Point], directions: Sequence[str]) -> list[tuple[fl
     return [tuple(s * v for s, v in zip(signs, p, strict=True)) for p in points]
 
 
-def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
-    return all(x <= y for x, y in zip(a, b, strict=True)) and any(x < y for x, y in zip(a, b, strict=True))
-
-
 def pareto_front(points: Sequence[Point], directions: Sequence[str]) -> list[int]:
-    """Indices of the non-dominated points (duplicates of a front point are all kept)."""
-    mins = _to_min(points, directions)
-    return [i for i, p in enumerate(mins) if not any(_dominates(q, p) for q in mins)]
+    """Indices of the non-dominated points, in input order (duplicates of a front point are all kept).
+
+    Points are visited best-first in lexicographic order, so anything that dominates a point is
+    visited before it, and (by transitivity) some point already on the front dominates it too:
+    each point is checked against the front so far, not against all points.
+    """
+    if not points:
+        return []
+    mins = np.asarray(_to_min(points, directions), dtype=float)
+    order = np.lexsort(mins.T[::-1])
+    front: list[int] = []
+    kept = np.empty((0, mins.shape[1]))
+    for i in order:
+        p = mins[i]
+        if kept.size and ((kept <= p).all(1) & (kept < p).any(1)).any():
+            continue
+        front.append(int(i))
+        kept = np.vstack([kept, p])
+    return sorted(front)
 
 
 def _hv_min(points: list[tuple[float, ...]], ref: tuple[float, ...]) -> float:

@@ -16,7 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from service.db.models import ApiToken, Team, User, utcnow
 
@@ -136,7 +136,8 @@ def list_tokens(session: Session, team_name: str | None = None) -> list[ApiToken
 def authenticate(session: Session, secret: str | None) -> Principal | None:
     if not secret or not secret.startswith(TOKEN_PREFIX) or len(secret) > 200:
         return None
-    row = session.scalar(select(ApiToken).where(ApiToken.digest == digest(secret)))
+    row = session.scalar(select(ApiToken).options(joinedload(ApiToken.team), joinedload(ApiToken.user))
+                         .where(ApiToken.digest == digest(secret)))
     if row is None or row.revoked_at is not None:
         return None
     now = utcnow()

@@ -11,6 +11,7 @@ from sqlalchemy.orm import sessionmaker
 
 from evals.catalog import TaskCatalog
 from search.study import OptunaStudies
+from service.cache import DerivedCache
 from service.db.migrate import upgrade
 from service.db.session import make_engine, session_factory
 from service.queue import QueuePolicy
@@ -26,12 +27,13 @@ class Services:
     catalog: TaskCatalog
     policy: QueuePolicy
     lock: threading.Lock = field(default_factory=threading.Lock)
+    derived: DerivedCache = field(default_factory=DerivedCache)
 
     @classmethod
     def start(cls, settings: Settings) -> Services:
         url = settings.resolved_database_url()
         upgrade(url)  # the service's tables are always at the newest migration before serving
-        engine = make_engine(url)
+        engine = make_engine(url, pool_size=settings.db_pool_size)
         return cls(settings=settings, engine=engine, sessions=session_factory(engine), optuna=OptunaStudies(url),
                    catalog=TaskCatalog(), policy=QueuePolicy(settings.lease_seconds, settings.max_attempts))
 

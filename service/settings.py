@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     artifact_dir: Path | None = Field(default=None, description="materialised models; shared by all servers "
                                       "(default: HOME/artifacts)")
     max_upload_bytes: int = Field(default=2**40, gt=0, description="largest model archive a worker may upload")
+    db_pool_size: int = Field(default=40, ge=1, description="database connections per server process")
     max_body_bytes: int = Field(default=2**20, gt=0, description="largest JSON request body")
 
     def is_embedded(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from evals.catalog import TaskCatalog
@@ -167,12 +167,24 @@ def trial_public(t: Trial) -> TrialPublic:
                        started_at=t.started_at, finished_at=t.finished_at, duration_s=t.duration_s)
 
 
-def study_public(study: Study) -> StudyPublic:
+def state_counts(session: Session, study_ids: list[int]) -> dict[int, dict[str, int]]:
+    """Trials by state for many studies, in one grouped query (not by loading their trials)."""
+    counts: dict[int, dict[str, int]] = {i: {} for i in study_ids}
+    rows = session.execute(select(Trial.study_id, Trial.state, func.count()).where(Trial.study_id.in_(study_ids))
+                           .group_by(Trial.study_id, Trial.state))
+    for study_id, state, n in rows:
+        counts[study_id][state] = n
+    return counts
+
+
+def study_public(study: Study, counts: dict[str, int] | None = None) -> StudyPublic:
+    if counts is None:
+        counts = dict(Counter(t.state for t in study.trials))
     return StudyPublic(id=study.id, name=study.name, status=study.status, method=study.spec["method"],
                        budget=study.budget, created_at=study.created_at, finished_at=study.finished_at,
                        created_by=study.created_by, base=study.spec["base"],
                        experts=[e["name"] for e in study.spec["experts"]],
-                       objectives=_objectives(study), counts=dict(Counter(t.state for t in study.trials)))
+                       objectives=_objectives(study), counts=counts)
 
 
 def study_detail(study: Study) -> StudyDetail:
@@ -205,6 +217,13 @@ def _feasible_points(study: Study) -> tuple[list[Trial], list[list[float]], Stud
     return feasible, [[t.values[k] for k in keys] for t in feasible], spec
 
 
+def results_version(session: Session, study: Study) -> tuple:
+    """Changes whenever a trial of ``study`` completes: the key under which fronts are cached."""
+    count, last = session.execute(select(func.count(), func.max(Trial.finished_at))
+                                  .where(Trial.study_id == study.id, Trial.state == "complete")).one()
+    return study.id, count, last
+
+
 def pareto(study: Study) -> ParetoPublic:
     objectives = _objectives(study)
     keys, directions = [o.key for o in objectives], [o.direction for o in objectives]
@@ -212,24 +231,30 @@ def pareto(study: Study) -> ParetoPublic:
     if not done:
         return ParetoPublic(objectives=objectives, front=[], selected=None, hypervolume=0.0, reference=[])
     front = pareto_front(values, directions)
-    chosen = select_trial(values, keys, directions, spec.selection)
+    front_values = [values[i] for i in front]
+    chosen = select_trial(front_values, keys, directions, spec.selection)  # the selection is a front point
     ref = reference_point(values, directions, keys, spec.reference_point)
     return ParetoPublic(objectives=objectives, front=[trial_public(done[i]) for i in front],
-                        selected=done[chosen].number if chosen is not None else None,
-                        hypervolume=hypervolume(values, ref, directions), reference=ref)
+                        selected=done[front[chosen]].number if chosen is not None else None,
+                        hypervolume=hypervolume(front_values, ref, directions), reference=ref)
 
 
 def hypervolume_history(study: Study) -> list[HypervolumePoint]:
-    """Hypervolume of the feasible front after each completed trial, against the final reference."""
+    """Hypervolume of the feasible front after each completed trial, against the final reference.
+    A trial that leaves the front unchanged leaves the hypervolume unchanged: only fronts that
+    grew are measured."""
     done, values, spec = _feasible_points(study)
     objectives = _objectives(study)
     directions, keys = [o.direction for o in objectives], [o.key for o in objectives]
     if not done:
         return []
     ref = reference_point(values, directions, keys, spec.reference_point)
-    out, front_points = [], []
+    out, front_points, current = [], [], 0.0
     for t, v in zip(done, values, strict=True):
-        front_points.append(v)
-        front_points = [front_points[i] for i in pareto_front(front_points, directions)]
-        out.append(HypervolumePoint(trial=t.number, hypervolume=hypervolume(front_points, ref, directions)))
+        grown = [*front_points, v]
+        kept = pareto_front(grown, directions)
+        if len(grown) - 1 in kept:  # the new point is on the front: the volume grew
+            front_points = [grown[i] for i in kept]
+            current = hypervolume(front_points, ref, directions)
+        out.append(HypervolumePoint(trial=t.number, hypervolume=current))
     return out

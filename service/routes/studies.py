@@ -83,7 +83,8 @@ def list_studies(who: MemberDep, session: SessionDep, status: str | None = None,
                  model: str | None = None, q: str | None = None) -> list[StudyPublic]:
     """The team's study history; filter by status, method, a model path fragment, or free text."""
     found = studies.list_studies(session, who.team_id, status=status, method=method, model=model, text=q)
-    return [studies.study_public(s) for s in found]
+    counts = studies.state_counts(session, [s.id for s in found])
+    return [studies.study_public(s, counts[s.id]) for s in found]
 
 
 @router.post("/{study_id}/cancel")
@@ -122,13 +123,18 @@ def get_trial(study_id: StudyId, number: TrialNumber, who: MemberDep, session: S
 
 
 @router.get("/{study_id}/pareto")
-def get_pareto(study_id: StudyId, who: MemberDep, session: SessionDep) -> ParetoPublic:
-    return studies.pareto(_found(session, study_id, who))
+def get_pareto(study_id: StudyId, who: MemberDep, services: ServicesDep, session: SessionDep) -> ParetoPublic:
+    study = _found(session, study_id, who)
+    key = ("pareto", *studies.results_version(session, study))
+    return services.derived.get_or_compute(key, lambda: studies.pareto(study))
 
 
 @router.get("/{study_id}/hypervolume")
-def get_hypervolume_history(study_id: StudyId, who: MemberDep, session: SessionDep) -> list[HypervolumePoint]:
-    return studies.hypervolume_history(_found(session, study_id, who))
+def get_hypervolume_history(study_id: StudyId, who: MemberDep, services: ServicesDep,
+                            session: SessionDep) -> list[HypervolumePoint]:
+    study = _found(session, study_id, who)
+    key = ("hypervolume", *studies.results_version(session, study))
+    return services.derived.get_or_compute(key, lambda: studies.hypervolume_history(study))
 
 
 @router.get("/{study_id}/trials/{number}/export")
