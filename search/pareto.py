@@ -68,6 +68,42 @@ def hypervolume(points: Sequence[Point], reference: Point, directions: Sequence[
     return _hv_min(list(dict.fromkeys(front)), ref)
 
 
+def hypervolume_improvement(front: Sequence[Point], point: Point, reference: Point,
+                            directions: Sequence[str]) -> float:
+    """How much ``point`` adds to the hypervolume of ``front``: the volume of its box to the
+    reference, less the part of it the front already covers. The front's points are clipped to
+    the box first, and only the non-dominated clipped points are measured, so this costs far
+    less than measuring the front twice."""
+    (p,), ref = _to_min([point], directions), _to_min([reference], directions)[0]
+    if any(x >= r for x, r in zip(p, ref, strict=True)):
+        return 0.0
+    box = 1.0
+    for x, r in zip(p, ref, strict=True):
+        box *= r - x
+    clipped = [tuple(max(a, b) for a, b in zip(q, p, strict=True)) for q in _to_min(front, directions)]
+    inside = [c for c in clipped if all(x < r for x, r in zip(c, ref, strict=True))]
+    kept = list(dict.fromkeys(inside[i] for i in pareto_front(inside, ["minimize"] * len(ref))))
+    return max(0.0, box - _hv_min(kept, ref))
+
+
+def hypervolume_trace(points: Sequence[Point], reference: Point, directions: Sequence[str]) -> list[float]:
+    """Hypervolume of the first 1, 2, ... n points: a point that joins the front adds its
+    improvement, a dominated one adds nothing (and the front is never measured again whole)."""
+    mins = np.asarray(_to_min(points, directions), dtype=float)
+    minimize = ["minimize"] * mins.shape[1] if len(mins) else []
+    ref = _to_min([reference], directions)[0]
+    front = np.empty((0, mins.shape[1] if len(mins) else 0))
+    current, out = 0.0, []
+    for p in mins:
+        if front.size and ((front <= p).all(1) & (front < p).any(1)).any():
+            out.append(current)
+            continue
+        current += hypervolume_improvement([tuple(q) for q in front], tuple(p), ref, minimize)
+        front = np.vstack([front[~((p <= front).all(1) & (p < front).any(1))], p])
+        out.append(current)
+    return out
+
+
 def knee_point(points: Sequence[Point], directions: Sequence[str]) -> int | None:
     """Index (into ``points``) of the front point closest to the ideal after min-max scaling."""
     front = pareto_front(points, directions)

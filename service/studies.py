@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from evals.catalog import TaskCatalog
-from search.pareto import hypervolume, pareto_front
+from search.pareto import hypervolume, hypervolume_trace, pareto_front
 from search.selection import select as select_trial
 from search.space import SearchSpace
 from search.spec import StudySpec
@@ -240,21 +240,12 @@ def pareto(study: Study) -> ParetoPublic:
 
 
 def hypervolume_history(study: Study) -> list[HypervolumePoint]:
-    """Hypervolume of the feasible front after each completed trial, against the final reference.
-    A trial that leaves the front unchanged leaves the hypervolume unchanged: only fronts that
-    grew are measured."""
+    """Hypervolume of the feasible front after each completed trial, against the final reference."""
     done, values, spec = _feasible_points(study)
     objectives = _objectives(study)
     directions, keys = [o.direction for o in objectives], [o.key for o in objectives]
     if not done:
         return []
     ref = reference_point(values, directions, keys, spec.reference_point)
-    out, front_points, current = [], [], 0.0
-    for t, v in zip(done, values, strict=True):
-        grown = [*front_points, v]
-        kept = pareto_front(grown, directions)
-        if len(grown) - 1 in kept:  # the new point is on the front: the volume grew
-            front_points = [grown[i] for i in kept]
-            current = hypervolume(front_points, ref, directions)
-        out.append(HypervolumePoint(trial=t.number, hypervolume=current))
-    return out
+    trace = hypervolume_trace(values, ref, directions)
+    return [HypervolumePoint(trial=t.number, hypervolume=h) for t, h in zip(done, trace, strict=True)]

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from search.pareto import hypervolume, knee_point, pareto_front
+from search.pareto import hypervolume, hypervolume_improvement, knee_point, pareto_front
 
 
 def test_front_respects_directions():
@@ -42,3 +42,25 @@ def test_knee_is_on_the_front_and_balanced():
     pts = [(0.0, 1.0), (0.7, 0.7), (1.0, 0.0), (0.2, 0.2)]
     assert knee_point(pts, ["maximize", "maximize"]) == 1
     assert knee_point([], ["maximize"]) is None
+
+
+def test_hypervolume_improvement_equals_the_difference_of_volumes():
+    rng = random.Random(3)
+    for dims, directions in ((2, ["maximize", "minimize"]), (3, ["maximize"] * 3), (4, ["minimize"] * 4)):
+        ref = [0.0 if d == "maximize" else 1.0 for d in directions]
+        points = [[rng.random() for _ in range(dims)] for _ in range(40)]
+        front = [points[i] for i in pareto_front(points, directions)]
+        for new in ([rng.random() for _ in range(dims)] for _ in range(10)):
+            expected = hypervolume([*front, new], ref, directions) - hypervolume(front, ref, directions)
+            assert hypervolume_improvement(front, new, ref, directions) == pytest.approx(expected, abs=1e-12)
+
+
+def test_hypervolume_trace_measures_every_prefix():
+    from search.pareto import hypervolume_trace
+
+    rng = random.Random(5)
+    directions = ["maximize", "minimize", "maximize"]
+    points = [[rng.random() for _ in range(3)] for _ in range(60)]
+    ref = [0.0, 1.0, 0.0]
+    trace = hypervolume_trace(points, ref, directions)
+    assert trace == pytest.approx([hypervolume(points[: i + 1], ref, directions) for i in range(60)], abs=1e-12)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from search.pareto import hypervolume, pareto_front
+from search.pareto import hypervolume_improvement, pareto_front
 
 _LENGTHSCALES = (0.1, 0.2, 0.4, 0.8)
 _NOISE = 1e-3
@@ -62,8 +62,7 @@ def rank_by_improvement(observed_x: np.ndarray, observed_y: np.ndarray, candidat
     reference = observed_y.min(0) - 0.1 * span
     directions = ["maximize"] * observed_y.shape[1]
     front: Sequence[Sequence[float]] = [tuple(observed_y[i]) for i in pareto_front(observed_y.tolist(), directions)]
-    base = hypervolume(front, tuple(reference), directions)
-    gains = np.array([hypervolume([*front, tuple(u)], tuple(reference), directions) - base for u in optimistic])
+    gains = np.array([hypervolume_improvement(front, tuple(u), tuple(reference), directions) for u in optimistic])
     # all-dominated candidates tie at zero gain: prefer the one predicted closest to the front
     tiebreak = ((optimistic - observed_y.min(0)) / span).sum(1)
     return np.lexsort((-tiebreak, -gains))
