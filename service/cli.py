@@ -318,6 +318,10 @@ def _run_local(args: argparse.Namespace, study_id: int | None) -> int:
     try:
         if study_id is None:
             study_id = local.create(services, load_spec(Path(args.spec)))
+        else:
+            with services.sessions() as session:
+                if get_study(session, study_id, None) is None:
+                    raise ValueError(f"no study {study_id} in {settings.resolved_database_url()}")
         console.print(f"study {study_id} (database {settings.resolved_database_url()})")
         runner = TrialRunner(device=args.device, cache_dir=settings.cache_dir)
         final = local.run(services, study_id, runner,

@@ -153,3 +153,34 @@ def test_embedded_default_makes_a_local_team_and_keeps_its_token(tmp_path, setti
         c.headers["Authorization"] = f"Bearer {token}"
         assert c.get("/api/v1/studies").status_code == 200
         assert [t.name for t in auth.list_teams(session)] == ["local"]
+
+
+def test_mmmo_serve_embedded_default_prints_where_its_token_is(tmp_path, cache_dir):
+    import os
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "MMMO_DATABASE_URL"} | {"MMMO_CACHE_DIR": str(cache_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--home",
+                             str(tmp_path)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert str(tmp_path / "token") in line and "team 'local'" in line
+        token = (tmp_path / "token").read_text().strip()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/api/v1/studies", headers={"Authorization": f"Bearer {token}"})
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert r.status_code == 200 and r.json() == []
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
