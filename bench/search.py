@@ -57,7 +57,7 @@ def _sampler(text: str) -> dict:
     spec: dict = {"name": name, "population_size": 10, "n_startup_trials": 10}
     for item in filter(None, extra.split(",")):
         key, value = item.split("=")
-        spec[key] = int(value) if value.isdigit() else value
+        spec[key] = int(value) if value.isdigit() else {"true": True, "false": False}.get(value, value)
     return spec
 
 

@@ -54,8 +54,10 @@ def _out_of_time(study: Study) -> bool:
     return seconds is not None and (utcnow() - study.created_at).total_seconds() > seconds
 
 
-def _finish_study_if_done(session: Session, study: Study) -> None:
-    """Done when the trial budget is spent, or the time budget is and nothing is in flight."""
+def _finish_study_if_done(session: Session, optuna: OptunaStudies, study: Study) -> None:
+    """Done when the trial budget is spent, or the time budget is and nothing is in flight.
+    Then no ask can be in flight either, so trials Optuna handed out that never got a row (their
+    server died mid-ask) are failed at once rather than left running in Optuna's records."""
     if study.status != "running":
         return
     counts = dict(session.execute(
@@ -67,6 +69,7 @@ def _finish_study_if_done(session: Session, study: Study) -> None:
     if finished >= study.budget or (_out_of_time(study) and in_flight == 0):
         study.status = "done"
         study.finished_at = utcnow()
+        fail_orphans(session, optuna, study, older_than_s=0.0)
 
 
 def constraint_violations(spec: StudySpec, values: dict[str, float]) -> dict[str, float]:
@@ -82,7 +85,7 @@ def _optuna(session: Session, call, *args):
 def _fail(session: Session, optuna: OptunaStudies, trial: Trial, error: str, now: datetime) -> None:
     _optuna(session, optuna.fail, trial.study.optuna_name, _spec(trial.study), trial.number)
     trial.state, trial.error, trial.lease_token, trial.finished_at = "failed", error, None, now
-    _finish_study_if_done(session, trial.study)
+    _finish_study_if_done(session, optuna, trial.study)
 
 
 def sweep_expired(session: Session, optuna: OptunaStudies, policy: QueuePolicy, now: datetime) -> None:
@@ -167,7 +170,7 @@ def _new_trial(session: Session, optuna: OptunaStudies, study: Study, orphan_gra
     duplicate children, and warm-started studies repeat their parents' configurations.
     """
     if _out_of_time(study):
-        _finish_study_if_done(session, study)
+        _finish_study_if_done(session, optuna, study)
         return None
     spec = _spec(study)
     objectives = objectives_of(spec)
@@ -191,7 +194,7 @@ def _new_trial(session: Session, optuna: OptunaStudies, study: Study, orphan_gra
             trial.state, trial.values, trial.cached, trial.finished_at = "complete", values, True, utcnow()
             session.add(trial)
             session.flush()
-            _finish_study_if_done(session, study)
+            _finish_study_if_done(session, optuna, study)
     return None
 
 
@@ -290,7 +293,7 @@ def complete(session: Session, optuna: OptunaStudies, token: str, values: dict[s
     _store_results(session, trial.config_hash, objectives_of(spec), values)
     trial.state, trial.values, trial.lease_token, trial.finished_at = "complete", values, None, now
     trial.duration_s = (now - trial.started_at).total_seconds() if trial.started_at else None
-    _finish_study_if_done(session, trial.study)
+    _finish_study_if_done(session, optuna, trial.study)
     session.commit()
     return trial
 

@@ -35,7 +35,7 @@ GENERATION_KEY = "NSGAIISampler:generation"
 class WarmNSGAIISampler(BaseSampler):
     def __init__(self, *, population_size: int, crossover_prob: float = 0.9, mutation_prob: float | None = None,
                  warmup_trials: int = 0, warmup: str = "gp", startup_trials: int = 5, screen: int = 1,
-                 seed: int | None = None) -> None:
+                 model_child: bool = False, seed: int | None = None) -> None:
         self.nsga = NSGAIISampler(population_size=population_size, crossover_prob=crossover_prob,
                                   mutation_prob=mutation_prob, seed=seed)
         if warmup == "gp":
@@ -43,7 +43,7 @@ class WarmNSGAIISampler(BaseSampler):
                                                warn_independent_sampling=False)
         else:
             self.warm = TPESampler(seed=seed, multivariate=True, n_startup_trials=startup_trials)
-        self.warmup_trials, self.screen = warmup_trials, screen
+        self.warmup_trials, self.screen, self.model_child = warmup_trials, screen, model_child
         self._rng = np.random.RandomState(seed)
 
     def _warming(self, trial: FrozenTrial) -> bool:
@@ -80,6 +80,10 @@ class WarmNSGAIISampler(BaseSampler):
         children = [self._filled(first, search_space)]
         children += [self._filled(self.nsga.sample_relative(study, trial, search_space), search_space)
                      for _ in range(self.screen - 1)]
+        if self.model_child:  # the warm-up model's own proposal competes with the bred children
+            proposal = self.warm.sample_relative(study, trial, search_space)
+            if set(proposal) == set(search_space):
+                children.append(proposal)
 
         def encode(params: dict[str, Any]) -> list[float]:
             return [_encode(search_space[n], params[n]) for n in names]
@@ -131,4 +135,4 @@ def make_nsga2(spec: SamplerSpec, seed: int) -> BaseSampler:
     return WarmNSGAIISampler(population_size=spec.population_size, crossover_prob=spec.crossover_prob,
                              mutation_prob=spec.mutation_prob, warmup_trials=warmup, warmup=spec.warmup,
                              startup_trials=min(spec.n_startup_trials, max(warmup // 2, 1)), screen=spec.screen,
-                             seed=seed)
+                             model_child=spec.model_child, seed=seed)
