@@ -27,7 +27,7 @@ from evals.offline import force_offline  # noqa: E402
 force_offline()
 
 from evals.zoo import ensure_zoo  # noqa: E402
-from search.pareto import hypervolume, pareto_front  # noqa: E402
+from search.pareto import hypervolume, hypervolume_trace, pareto_front  # noqa: E402
 from search.spec import StudySpec  # noqa: E402
 from service import local  # noqa: E402
 from service.services import Services  # noqa: E402
@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="+", default=["nsga2", "nsga2:warmup_trials=0", "mmmo-bo", "random"])
     parser.add_argument("--methods", nargs="*", default=["obim", "ties", "dare_ties"])
     parser.add_argument("--method-sampler", default="mmmo-bo")
+    parser.add_argument("--curve", type=int, default=0,
+                        help="also print each sampler's hypervolume after every CURVE trials (e.g. 60 at 300 trials)")
     args = parser.parse_args()
     cache = Settings().cache_dir
     zoo = ensure_zoo(cache)
@@ -87,14 +89,19 @@ def main() -> None:
               f"{args.seeds} seeds, hypervolume against the origin")
         print(f"  {'sampler':22s} {'HV mean':>8s} {'HV sd':>7s} {'best mean score':>16s}")
         for sampler in args.samplers:
-            hvs, bests = [], []
+            hvs, bests, curves = [], [], []
             for seed in range(args.seeds):
                 values = run_study(services, runner, spec_for(zoo, method="task_arithmetic", sampler=sampler,
                                                               trials=args.trials, samples=args.samples, seed=seed))
                 hvs.append(hypervolume(values, origin, dirs))
                 bests.append(max(sum(v) / len(v) for v in values))
+                curves.append(hypervolume_trace(values, origin, dirs))
             sd = statistics.stdev(hvs) if len(hvs) > 1 else 0.0
             print(f"  {sampler:22s} {statistics.mean(hvs):8.3f} {sd:7.3f} {statistics.mean(bests):16.3f}")
+            if args.curve:
+                marks = range(args.curve, args.trials + 1, args.curve)
+                print("    hypervolume after " + ", ".join(
+                    f"{n}: {statistics.mean(c[min(n, len(c)) - 1] for c in curves):.3f}" for n in marks))
 
         fronts = {}
         for method in args.methods:

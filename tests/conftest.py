@@ -86,3 +86,20 @@ def authorize(client, team: str = "team-a", user: str | None = None) -> str:
         token = auth.create_token(session, team, user=user).token
     client.headers["Authorization"] = f"Bearer {token}"
     return token
+
+
+@pytest.fixture
+def client(settings):
+    """The app on this test's database (SQLite and PostgreSQL), with a team token in its headers."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    with TestClient(create_app(settings)) as c:
+        authorize(c)
+        yield c
+
+
+def objective_keys(spec: dict) -> list[str]:
+    """The objective keys of a ``zoo_spec`` (exact match per task), in order."""
+    return [f"{o['task']}:exact_match" for o in spec["objectives"]]

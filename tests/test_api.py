@@ -13,18 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from tests.conftest import authorize, zoo_spec
-
-
-@pytest.fixture
-def client(settings):
-    with TestClient(create_app(settings)) as c:
-        authorize(c)
-        yield c
-
-
-def _keys(spec: dict) -> list[str]:
-    return [f"{o['task']}:exact_match" for o in spec["objectives"]]
+from tests.conftest import authorize, objective_keys, zoo_spec
 
 
 def _run_trials(client, spec, scores):
@@ -33,7 +22,7 @@ def _run_trials(client, spec, scores):
         lease = client.post("/api/v1/leases", json={"worker": "w"}).json()
         numbers.append(lease["trial_number"])
         client.post(f"/api/v1/leases/{lease['token']}/result",
-                    json={"values": dict(zip(_keys(spec), s, strict=True))})
+                    json={"values": dict(zip(objective_keys(spec), s, strict=True))})
     return numbers
 
 
@@ -76,7 +65,7 @@ def test_lease_complete_and_stale_results(client, zoo):
     assert bad.status_code == 422 and "keys" in bad.json()["detail"]
 
     assert client.post(f"/api/v1/leases/{token}/heartbeat").status_code == 200
-    values = dict(zip(_keys(spec), [0.5, 0.25], strict=True))
+    values = dict(zip(objective_keys(spec), [0.5, 0.25], strict=True))
     done = client.post(f"/api/v1/leases/{token}/result", json={"values": values})
     assert done.status_code == 200 and done.json()["state"] == "complete"
 
@@ -112,7 +101,7 @@ def test_expired_lease_is_re_leased_then_failed_after_max_attempts(settings, zoo
         second = client.post("/api/v1/leases", json={"worker": "fast"}).json()
         assert second["trial_number"] == first["trial_number"]
         assert second["token"] != first["token"]
-        values = dict.fromkeys(_keys(spec), 0.1)
+        values = dict.fromkeys(objective_keys(spec), 0.1)
         assert client.post(f"/api/v1/leases/{first['token']}/result", json={"values": values}).status_code == 409
         time.sleep(0.5)
         third = client.post("/api/v1/leases", json={"worker": "w"}).json()
@@ -146,7 +135,7 @@ def test_identical_configuration_in_another_study_is_answered_from_the_cache(cli
     for _ in range(2):
         lease = client.post("/api/v1/leases", json={"worker": "w"}).json()
         client.post(f"/api/v1/leases/{lease['token']}/result",
-                    json={"values": dict(zip(_keys(spec), [0.3, 0.6], strict=True))})
+                    json={"values": dict(zip(objective_keys(spec), [0.3, 0.6], strict=True))})
     # Same seed, same sampler: the second study proposes the same configurations.
     second = client.post("/api/v1/studies", json=spec).json()
     assert client.post("/api/v1/leases", json={"worker": "w"}).status_code == 204
@@ -253,7 +242,7 @@ def test_time_budget_stops_new_trials(client, zoo):
     time.sleep(3.2)
     assert client.post("/api/v1/leases", json={"worker": "w"}).status_code == 204
     assert client.get(f"/api/v1/studies/{study['id']}").json()["status"] == "running"  # one still in flight
-    client.post(f"/api/v1/leases/{first['token']}/result", json={"values": dict.fromkeys(_keys(spec), 0.5)})
+    client.post(f"/api/v1/leases/{first['token']}/result", json={"values": dict.fromkeys(objective_keys(spec), 0.5)})
     assert client.post("/api/v1/leases", json={"worker": "w"}).status_code == 204
     assert client.get(f"/api/v1/studies/{study['id']}").json()["status"] == "done"
 
@@ -354,7 +343,7 @@ def test_cancel_clone_delete_and_search(client, settings, zoo):
     cancelled = client.post(f"/api/v1/studies/{study['id']}/cancel").json()
     assert cancelled["status"] == "cancelled"
     # results of trials in flight are still accepted, but no new trial of the study starts
-    r = client.post(f"/api/v1/leases/{held['token']}/result", json={"values": dict.fromkeys(_keys(spec), 0.4)})
+    r = client.post(f"/api/v1/leases/{held['token']}/result", json={"values": dict.fromkeys(objective_keys(spec), 0.4)})
     assert r.status_code == 200
     assert client.post("/api/v1/leases", json={"worker": "w"}).json()["study_id"] == other["id"]
 
@@ -387,7 +376,7 @@ def test_metrics_in_prometheus_text(client, zoo):
 
 def test_reference_point_from_the_spec(client, zoo):
     spec = zoo_spec(zoo, trials=2)
-    keys = _keys(spec)
+    keys = objective_keys(spec)
     spec["reference_point"] = dict.fromkeys(keys, 0.0)
     study = client.post("/api/v1/studies", json=spec).json()
     _run_trials(client, spec, [(0.5, 0.5), (1.0, 0.25)])

@@ -13,18 +13,7 @@ import schemathesis
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from tests.conftest import authorize, zoo_spec
-
-
-@pytest.fixture
-def client(settings):
-    with TestClient(create_app(settings)) as c:
-        authorize(c)
-        yield c
-
-
-def _keys(spec: dict) -> list[str]:
-    return [f"{o['task']}:exact_match" for o in spec["objectives"]]
+from tests.conftest import authorize, objective_keys, zoo_spec
 
 
 def test_cancel_stops_running_trials_at_their_next_heartbeat(client, zoo):
@@ -59,7 +48,7 @@ def test_bad_lease_requests_are_refused(client, zoo):
     assert client.post("/api/v1/leases", json={"worker": ""}).status_code == 422
     assert client.post("/api/v1/leases", json={"worker": "w", "extra": 1}).status_code == 422
     lease = client.post("/api/v1/leases", json={"worker": "w"}).json()
-    both = {"values": dict.fromkeys(_keys(spec), 0.5), "error": "x"}
+    both = {"values": dict.fromkeys(objective_keys(spec), 0.5), "error": "x"}
     assert client.post(f"/api/v1/leases/{lease['token']}/result", json=both).status_code == 422
     nan = client.post(f"/api/v1/leases/{lease['token']}/result", content=b'{"values": {"a": NaN}}',
                       headers={"Content-Type": "application/json"})
@@ -77,7 +66,7 @@ def test_materialize_is_a_job_for_a_worker_and_its_model_downloads(client, zoo, 
     spec = zoo_spec(zoo, trials=2)
     study = client.post("/api/v1/studies", json=spec).json()
     lease = client.post("/api/v1/leases", json={"worker": "w"}).json()
-    client.post(f"/api/v1/leases/{lease['token']}/result", json={"values": dict.fromkeys(_keys(spec), 0.5)})
+    client.post(f"/api/v1/leases/{lease['token']}/result", json={"values": dict.fromkeys(objective_keys(spec), 0.5)})
     number = lease["trial_number"]
     assert client.post(f"/api/v1/studies/{study['id']}/trials/99/materialize").status_code == 404
     job = client.post(f"/api/v1/studies/{study['id']}/trials/{number}/materialize", json={"dtype": "bfloat16"})
