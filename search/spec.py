@@ -90,7 +90,7 @@ class SamplerSpec(_Strict):
     warmup: Literal["gp", "tpe"] = Field(default="gp", description="nsga2: the model of the warm-up generation")
     screen: int = Field(default=8, ge=1, le=256, description="nsga2: children bred per trial, of which a GP "
                         "surrogate keeps the most promising (1 = no screening)")
-    model_child: bool = Field(default=False, description="nsga2: the warm-up model's own proposal competes with "
+    model_child: bool = Field(default=True, description="nsga2: the warm-up model's own proposal competes with "
                               "the bred children in the screening")
 
 

@@ -8,7 +8,8 @@ is little better than random search. Two changes, each a setting:
   children are bred from the elite of a larger, better-than-random pool.
 - *Screened children*: for each later trial NSGA-II breeds ``screen`` children (its own
   selection, crossover and mutation) and a GP surrogate keeps the one whose optimistic
-  prediction adds most hypervolume (``_surrogate.py``). The search stays NSGA-II's — parents,
+  prediction adds most hypervolume (``_surrogate.py``). With ``model_child`` the warm-up
+  model's own proposal is one more candidate. The search stays NSGA-II's — parents,
   generations, elitism — but evaluations go to the children the data says are promising.
 
 With ``warmup_trials: 0`` and ``screen: 1`` this is Optuna's NSGA-II unchanged.
