@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
+from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -14,7 +15,7 @@ from search.selection import select as select_trial
 from search.space import SearchSpace
 from search.spec import StudySpec
 from search.study import OptunaStudies
-from service.db.models import Study, Trial, utcnow
+from service.db.models import Job, Study, Trial, utcnow
 from service.objectives import objectives_of
 from service.queue import cached_values, constraint_violations
 from service.schemas import HypervolumePoint, ObjectivePublic, ParetoPublic, StudyDetail, StudyPublic, TrialPublic
@@ -149,11 +150,15 @@ def cancel_study(session: Session, optuna: OptunaStudies, study: Study) -> Study
 
 
 def delete_study(session: Session, optuna: OptunaStudies, study: Study) -> None:
-    """The study, its trials and its Optuna study; the results cache keeps its (reusable) values."""
+    """The study, its trials, jobs and their archives, and its Optuna study; the results cache
+    keeps its (reusable) values."""
     name = study.optuna_name
+    archives = [Path(j.artifact) for j in session.scalars(select(Job).where(Job.study_id == study.id)) if j.artifact]
     session.delete(study)
     session.commit()
     optuna.delete(name)
+    for path in archives:
+        path.unlink(missing_ok=True)
 
 
 def _objectives(study: Study) -> list[ObjectivePublic]:

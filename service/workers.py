@@ -12,6 +12,7 @@ from service.db.models import Job, Study, Trial, WorkerSeen, utcnow
 from service.schemas import WorkerPublic, WorkerTask
 
 SHOWN_FOR = timedelta(hours=24)  # workers unseen for longer drop off the page
+_WRITE_EVERY = timedelta(seconds=5)  # idle workers poll every second: record them at most this often
 
 
 def seen(session: Session, name: str, team_id: int | None) -> None:
@@ -26,6 +27,8 @@ def seen(session: Session, name: str, team_id: int | None) -> None:
         except IntegrityError:  # another server recorded it first
             session.rollback()
             row = session.scalar(select(WorkerSeen).where(WorkerSeen.name == name))
+    if now - row.last_seen_at < _WRITE_EVERY and row.team_id == team_id:
+        return
     row.last_seen_at, row.team_id = now, team_id
     session.commit()
 

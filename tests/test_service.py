@@ -57,7 +57,7 @@ def test_bad_lease_requests_are_refused(client, zoo):
     assert client.get(f"/api/v1/studies/{lease['study_id']}/trials/0").json()["state"] == "leased"
 
 
-def test_materialize_is_a_job_for_a_worker_and_its_model_downloads(client, zoo, cache_dir, tmp_path):
+def test_materialize_is_a_job_for_a_worker_and_its_model_downloads(client, settings, zoo, cache_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from service.client import ApiClient
@@ -102,6 +102,11 @@ def test_materialize_is_a_job_for_a_worker_and_its_model_downloads(client, zoo, 
     assert client.get(f"/api/v1/jobs/{again['id']}").json()["state"] == "leased"
     assert client.put(f"/api/v1/leases/{lease['token']}/artifact", content=archive.read_bytes(),
                       headers={"Content-Type": "application/x-tar"}).status_code == 409
+    stored = list(settings.resolved_artifact_dir().glob("*.tar"))
+    assert len(stored) == 1
+    assert client.delete(f"/api/v1/studies/{study['id']}").status_code == 204
+    assert not stored[0].exists(), "deleting a study deletes its models' archives"
+    assert client.get(f"/api/v1/jobs/{job_id}").status_code == 404
 
 
 def test_two_servers_on_one_postgres_never_lease_a_trial_twice_or_exceed_the_budget(postgres_url, tmp_path,
