@@ -42,9 +42,11 @@ class SearchSpaceSpec(_Strict):
     density: Range | None = Range(low=0.1, high=1.0)  # None: density is not searched
     method_choices: dict[str, list[str | float | bool]] = Field(
         default_factory=dict, description="global merge parameters searched as categoricals, e.g. OBIM's order")
-    layer_groups: int | None = Field(default=None, ge=1, description="consecutive layers sharing one parameter set")
+    layer_groups: int | None = Field(default=None, ge=1, le=10_000,
+                                     description="consecutive layers sharing one parameter set")
     filters: list[str] = Field(default_factory=list, description="tensor-name substrings with their own parameters")
-    num_layers: int | None = Field(default=None, ge=1, description="filled from the base's config when unset")
+    num_layers: int | None = Field(default=None, ge=1, le=10_000,
+                                   description="filled from the base's config when unset")
 
     @field_validator("density")
     @classmethod
@@ -63,8 +65,9 @@ class ObjectiveSpec(_Strict):
     filter: str = "none"
     direction: Literal["maximize", "minimize"] | None = Field(
         default=None, description="default: lm-eval's higher_is_better; minimize for sparsity and perplexity")
-    samples: int | None = Field(default=100, ge=1)
-    subset_seed: int = Field(default=0, description="picks the fixed document subset; independent of the "
+    samples: int | None = Field(default=100, ge=1, le=10_000_000)
+    subset_seed: int = Field(default=0, ge=0, le=2**32 - 1,
+                             description="picks the fixed document subset; independent of the "
                              "study seed so that studies score (and cache) the same documents")
     data: str | None = Field(default=None, description="text for a perplexity objective: jsonl or text file")
 
@@ -81,11 +84,11 @@ class ObjectiveSpec(_Strict):
 
 class SamplerSpec(_Strict):
     name: Literal["nsga2", "mmmo-bo", "random", "tpe", "gp"] = "nsga2"
-    population_size: int = Field(default=8, ge=2)
+    population_size: int = Field(default=8, ge=2, le=10_000)
     crossover_prob: float = Field(default=0.9, ge=0, le=1)
     mutation_prob: float | None = Field(default=None, ge=0, le=1)
-    n_startup_trials: int = Field(default=10, ge=1, description="random trials before mmmo-bo / tpe model")
-    warmup_trials: int | None = Field(default=None, ge=0, description="nsga2: model-proposed generation 0 "
+    n_startup_trials: int = Field(default=10, ge=1, le=100_000, description="random trials before mmmo-bo / tpe model")
+    warmup_trials: int | None = Field(default=None, ge=0, le=100_000, description="nsga2: model-proposed generation 0 "
                                       "(default 2 x population_size; 0 = Optuna's NSGA-II as it ships)")
     warmup: Literal["gp", "tpe"] = Field(default="gp", description="nsga2: the model of the warm-up generation")
     screen: int = Field(default=8, ge=1, le=256, description="nsga2: children bred per trial, of which a GP "
@@ -146,9 +149,10 @@ class StudySpec(_Strict):
     selection: SelectionSpec = SelectionSpec()
     reference_point: dict[str, float] | None = Field(
         default=None, description="hypervolume reference per objective key; derived from the trials if unset")
-    warm_start: list[int] = Field(default_factory=list, description="earlier studies (same base, experts and "
+    warm_start: list[Annotated[int, Field(ge=1, le=2**31 - 1)]] = Field(
+        default_factory=list, max_length=100, description="earlier studies (same base, experts and "
                                   "method) whose evaluated trials seed this one without being re-evaluated")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)  # samplers seed numpy: 32 bits
 
     @field_validator("objectives")
     @classmethod

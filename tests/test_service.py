@@ -3,6 +3,7 @@ one PostgreSQL database, materialise jobs, and a schemathesis run over the OpenA
 
 from __future__ import annotations
 
+import os
 import tarfile
 import threading
 import time
@@ -167,12 +168,24 @@ def test_openapi_schema_fuzzed_without_a_server_error(tmp_path, cache_dir):
             _fuzz(operation, headers)
 
 
+NO_SHRINK = [hypothesis.Phase.explicit, hypothesis.Phase.generate]  # a failure is reported as found: fast
+
+
 def _fuzz(operation, headers: dict[str, str]) -> None:
     @hypothesis.given(case=operation.as_strategy())
-    @hypothesis.settings(max_examples=15, deadline=None, database=None,
+    @hypothesis.settings(max_examples=int(os.environ.get("MMMO_FUZZ_EXAMPLES", "15")), deadline=None, database=None,
+                         phases=NO_SHRINK,
                          suppress_health_check=list(hypothesis.HealthCheck))
     def no_server_error(case) -> None:
         response = case.call(headers=headers)
         assert response.status_code < 500, (operation.label, response.text)
 
     no_server_error()
+
+
+@pytest.mark.parametrize("field,value", [("warm_start", [2**63]), ("seed", 2**40), ("seed", -1)])
+def test_out_of_range_numbers_in_a_spec_are_422(client, zoo, field, value):
+    """Found by the schemathesis run: a warm-start id beyond the database's integers was a 500."""
+    r = client.post("/api/v1/studies", json=zoo_spec(zoo) | {field: value})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][:2] == ["body", field]
+    assert client.get("/api/v1/studies").json() == []
