@@ -155,7 +155,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     client = ApiClient(args.server or settings.server_url, token=args.token or settings.resolved_token())
-    runner = TrialRunner(device=args.device, batch_size=args.batch_size, cache_dir=_settings(args).cache_dir,
+    runner = TrialRunner(device=args.device, batch_size=args.batch_size, cache_dir=settings.cache_dir,
                          max_resident_bytes=_bytes(args.max_memory) if args.max_memory else None)
     worker = Worker(client, runner, name=args.name or default_worker_name(), prefetch=not args.no_prefetch)
     stop = threading.Event()
@@ -220,16 +220,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from evals.calibration import calibration_texts
-    from merging.files import merge_to_dir
     from merging.mergekit_yaml import parse_mergekit
-    from merging.saliency import stats_for
+    from service.worker import write_model
 
     config_path = Path(args.config)
     plan = parse_mergekit(config_path.read_text(), relative_to=config_path.parent)
-    stats = {}
-    if plan.config.method == "obim":
-        stats = stats_for(plan.config.experts, _settings(args).cache_dir, args.device, calibration_texts)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns) as progress:
         bar = progress.add_task("merging tensors", total=None)
@@ -237,8 +232,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
         def step(_name: str, done: int, total: int) -> None:
             progress.update(bar, completed=done, total=total)
 
-        out = merge_to_dir(plan.config, Path(args.out_dir), dtype=args.dtype or plan.dtype, device=args.device,
-                           max_shard_bytes=int(args.max_shard_gb * 2**30), stats=stats, progress=step)
+        out = write_model(plan.config, Path(args.out_dir), dtype=args.dtype or plan.dtype, device=args.device,
+                          cache_dir=_settings(args).cache_dir, max_shard_bytes=int(args.max_shard_gb * 2**30),
+                          progress=step)
     print(f"merged model written to {out}")
     return 0
 
@@ -260,18 +256,14 @@ def cmd_study_export(args: argparse.Namespace) -> int:
 def cmd_study_materialize(args: argparse.Namespace) -> int:
     import yaml
 
-    from evals.calibration import calibration_texts
     from merging.config import MergeConfig
-    from merging.files import merge_to_dir
-    from merging.saliency import stats_for
+    from service.worker import write_model
 
     if args.on_worker:
         return _materialize_on_worker(args)
     config = MergeConfig.from_dict(yaml.safe_load(_client(args).export(args.study_id, args.trial, "spec")))
-    stats = {}
-    if config.method == "obim":
-        stats = stats_for(config.experts, _settings(args).cache_dir, args.device, calibration_texts)
-    out = merge_to_dir(config, Path(args.out_dir), dtype=args.dtype, device=args.device, stats=stats)
+    out = write_model(config, Path(args.out_dir), dtype=args.dtype, device=args.device,
+                      cache_dir=_settings(args).cache_dir)
     print(f"trial {args.trial} of study {args.study_id} written to {out}")
     return 0
 

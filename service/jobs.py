@@ -7,15 +7,13 @@ before trials (someone is waiting for the download) with the same lease rules as
 
 from __future__ import annotations
 
-import secrets
-from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.db.models import Job, Study, utcnow
-from service.queue import QueuePolicy, StaleLease
+from service.queue import QueuePolicy, StaleLease, grant, renew
 from service.schemas import JobPublic
 
 
@@ -57,10 +55,7 @@ def lease(session: Session, policy: QueuePolicy, worker: str, team_id: int | Non
     job = session.scalars(query.order_by(Job.id).limit(1).with_for_update(skip_locked=True)).first()
     if job is None:
         return None
-    now = utcnow()
-    job.state, job.worker, job.attempts = "leased", worker, job.attempts + 1
-    job.lease_token = secrets.token_urlsafe(24)
-    job.lease_expires_at = now + timedelta(seconds=policy.lease_seconds)
+    grant(job, worker, policy, utcnow())
     session.commit()
     return job
 
@@ -73,10 +68,16 @@ def held(session: Session, token: str) -> Job | None:
     return job
 
 
+def held_or_stale(session: Session, token: str) -> Job:
+    """The job leased under ``token``, for calls only a job's lease can make (its upload)."""
+    job = held(session, token)
+    if job is None:
+        raise StaleLease("no materialise job holds this lease")
+    return job
+
+
 def heartbeat(session: Session, policy: QueuePolicy, job: Job) -> None:
-    if job.lease_expires_at < utcnow():
-        raise StaleLease("this lease expired before the heartbeat arrived")
-    job.lease_expires_at = utcnow() + timedelta(seconds=policy.lease_seconds)
+    renew(job, policy)
     session.commit()
 
 

@@ -25,7 +25,7 @@ from evals.objective import Objective
 from search.space import SearchSpace
 from search.spec import StudySpec
 from search.study import OptunaStudies
-from service.db.models import Result, Study, Trial, utcnow
+from service.db.models import Job, Result, Study, Trial, utcnow
 from service.objectives import objectives_of
 
 FINISHED = ("complete", "failed")
@@ -43,6 +43,20 @@ class BadResult(ValueError):
 class QueuePolicy:
     lease_seconds: float
     max_attempts: int
+
+
+def grant(row: Trial | Job, worker: str, policy: QueuePolicy, now: datetime) -> None:
+    """Lease ``row`` (a trial or a job) to ``worker``: a fresh token, one more attempt."""
+    row.state, row.worker, row.attempts = "leased", worker, row.attempts + 1
+    row.lease_token = secrets.token_urlsafe(24)
+    row.lease_expires_at = now + timedelta(seconds=policy.lease_seconds)
+
+
+def renew(row: Trial | Job, policy: QueuePolicy) -> None:
+    """Extend a held lease, unless it already ran out."""
+    if row.lease_expires_at < utcnow():
+        raise StaleLease("this lease expired before the heartbeat arrived")
+    row.lease_expires_at = utcnow() + timedelta(seconds=policy.lease_seconds)
 
 
 def _spec(study: Study) -> StudySpec:
@@ -229,9 +243,7 @@ def lease_next(session: Session, optuna: OptunaStudies, policy: QueuePolicy, wor
         ).first() or _new_trial(session, optuna, study, orphan_grace_s=grace)
         if trial is None:
             continue
-        trial.state, trial.worker, trial.attempts = "leased", worker, trial.attempts + 1
-        trial.lease_token = secrets.token_urlsafe(24)
-        trial.lease_expires_at = now + timedelta(seconds=policy.lease_seconds)
+        grant(trial, worker, policy, now)
         trial.started_at = now
         study.last_leased_at = now
         session.commit()
@@ -251,13 +263,11 @@ def _held(session: Session, token: str) -> Trial:
 def heartbeat(session: Session, optuna: OptunaStudies, policy: QueuePolicy, token: str) -> Trial:
     """Extend the lease. A cancelled study's trial fails here: its worker should stop."""
     trial = _held(session, token)
-    if trial.lease_expires_at < utcnow():
-        raise StaleLease("this lease expired before the heartbeat arrived")
-    if trial.study.status == "cancelled":
+    if trial.lease_expires_at >= utcnow() and trial.study.status == "cancelled":
         _fail(session, optuna, trial, "study cancelled", utcnow())
         session.commit()
         raise StaleLease("the study was cancelled: stop this trial")
-    trial.lease_expires_at = utcnow() + timedelta(seconds=policy.lease_seconds)
+    renew(trial, policy)
     session.commit()
     return trial
 

@@ -72,9 +72,7 @@ class TrialRunner:
         if self.max_resident_bytes is None:
             self._sets.clear()  # free the previous set before loading the next
         log.info("loading base %s and %d experts", config.base, len(config.experts))
-        stats = None
-        if config.method == "obim":
-            stats = stats_for(config.experts, self.cache_dir, str(self.device), calibration_texts)
+        stats = obim_stats(config, self.cache_dir, str(self.device))
         base_dir = locate(config.base)  # a clear error naming the model if this worker cannot find it
         experts = {name: str(locate(path)) for name, path in expert_dirs(config).items()}
         merger = Merger.from_checkpoints(str(base_dir), experts, stats=stats, device=self.device)
@@ -115,6 +113,22 @@ class TrialRunner:
         return scores
 
 
+def obim_stats(config: MergeConfig, cache_dir: Path | None, device: str) -> dict:
+    """OBIM's calibration statistics of ``config``'s experts (cached on disk); other methods need none."""
+    if config.method != "obim":
+        return {}
+    return stats_for(config.experts, cache_dir, device, calibration_texts)
+
+
+def write_model(config: MergeConfig, out_dir: Path, *, dtype: str | None, device: str,
+                cache_dir: Path | None, **kwargs) -> Path:
+    """``config``'s merged model written through the merge engine's file path."""
+    from merging.files import merge_to_dir
+
+    return merge_to_dir(config, out_dir, dtype=dtype, device=device, stats=obim_stats(config, cache_dir, device),
+                        **kwargs)
+
+
 def materialize(config: MergeConfig, out_tar: Path, *, dtype: str | None, device: str,
                 cache_dir: Path | None) -> int:
     """Write ``config``'s merged model through the merge engine's file path and pack it as a tar
@@ -122,11 +136,8 @@ def materialize(config: MergeConfig, out_tar: Path, *, dtype: str | None, device
     import tarfile
     import tempfile
 
-    from merging.files import merge_to_dir
-
-    stats = stats_for(config.experts, cache_dir, device, calibration_texts) if config.method == "obim" else {}
     with tempfile.TemporaryDirectory(prefix="mmmo-materialize-") as tmp:
-        model_dir = merge_to_dir(config, Path(tmp) / "model", dtype=dtype, device=device, stats=stats)
+        model_dir = write_model(config, Path(tmp) / "model", dtype=dtype, device=device, cache_dir=cache_dir)
         with tarfile.open(out_tar, "w") as tar:
             for path in sorted(model_dir.iterdir()):
                 tar.add(path, arcname=path.name)

@@ -12,7 +12,7 @@ from service.db.models import Job
 from service.deps import CallerDep, ServicesDep, SessionDep
 from service.schemas import JobPublic, LeasePublic, LeaseRequest, TrialPublic, TrialResult
 from service.services import Services
-from service.studies import trial_public
+from service.studies import get_trial, trial_public
 
 router = APIRouter(prefix="/leases", tags=["leases"])
 
@@ -27,7 +27,7 @@ def lease(body: LeaseRequest, who: CallerDep, services: ServicesDep, session: Se
     with services.lock:
         job = jobs.lease(session, services.policy, body.worker, who.team_id)
         if job is not None:
-            trial = next(t for t in job.study.trials if t.number == job.trial_number)
+            trial = get_trial(job.study, job.trial_number)
             return LeasePublic(kind="materialize", token=job.lease_token, study_id=job.study_id,
                                trial_number=job.trial_number, job_id=job.id, options=job.options,
                                merge_config=trial.merge_config, objectives=[], expires_at=job.lease_expires_at,
@@ -95,21 +95,15 @@ def post_result(token: str, result: TrialResult, _who: CallerDep, services: Serv
 
 def _job_of(services: Services, token: str) -> Job:
     with services.sessions() as session:
-        job = jobs.held(session, token)
-        if job is None:
-            raise queue.StaleLease("no materialise job holds this lease")
-        return job
+        return jobs.held_or_stale(session, token)
 
 
 def _finish_upload(services: Services, token: str, tmp, size: int) -> JobPublic:
+    """Keep the streamed archive (the caller removes ``tmp`` whatever happens here)."""
     if not tarfile.is_tarfile(tmp):
-        tmp.unlink(missing_ok=True)
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "the upload is not a tar archive")
     with services.sessions() as session, services.lock:
-        job = jobs.held(session, token)
-        if job is None:
-            tmp.unlink(missing_ok=True)
-            raise queue.StaleLease("no materialise job holds this lease")
+        job = jobs.held_or_stale(session, token)
         path = jobs.artifact_path(services.settings.resolved_artifact_dir(), job)
         tmp.replace(path)
         return jobs.public(jobs.finish(session, job, path, size))
