@@ -13,6 +13,7 @@ run`'s path) on a temporary SQLite database.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -35,7 +36,8 @@ from service.settings import Settings  # noqa: E402
 from service.worker import TrialRunner  # noqa: E402
 
 
-def spec_for(zoo, *, method: str, sampler: str, trials: int, samples: int, seed: int) -> StudySpec:
+def spec_for(zoo, *, method: str, sampler: str, trials: int, samples: int, seed: int,
+             reference: bool = True) -> StudySpec:
     space = {"task_arithmetic": {"weight": {"low": 0.0, "high": 1.5}, "density": None},
              "ties": {"weight": {"low": 0.0, "high": 1.5}, "density": {"low": 0.1, "high": 1.0}},
              "dare_ties": {"weight": {"low": 0.0, "high": 1.5}, "density": {"low": 0.1, "high": 1.0}},
@@ -48,7 +50,10 @@ def spec_for(zoo, *, method: str, sampler: str, trials: int, samples: int, seed:
         "search_space": space,
         "objectives": [{"task": t, "samples": samples} for n in zoo.experts for t in zoo.expert_tasks[n]],
         "sampler": _sampler(sampler),
-        "budget": {"trials": trials}, "seed": seed})
+        "budget": {"trials": trials}, "seed": seed,
+        # the hypervolume this benchmark reports, for the samplers that aim at the study's own
+        "reference_point": {f"{t}:exact_match": 0.0 for n in zoo.experts for t in zoo.expert_tasks[n]}
+        if reference else None})
 
 
 def _sampler(text: str) -> dict:
@@ -61,10 +66,16 @@ def _sampler(text: str) -> dict:
     return spec
 
 
-def run_study(services: Services, runner: TrialRunner, spec: StudySpec) -> list[list[float]]:
+def run_study(services: Services, runner: TrialRunner, spec: StudySpec, dump: Path | None = None) -> list[list[float]]:
     final = local.run(services, local.create(services, spec), runner)
     keys = [o["key"] for o in final["objectives"]]
-    return [[t["values"][k] for k in keys] for t in final["trials"] if t["state"] == "complete"]
+    done = [t for t in final["trials"] if t["state"] == "complete"]
+    if dump:  # every evaluated point, for offline study of the landscape
+        with dump.open("a") as out:
+            for t in done:
+                out.write(json.dumps({"study": spec.name, "params": t["params"],
+                                      "values": [t["values"][k] for k in keys]}) + "\n")
+    return [[t["values"][k] for k in keys] for t in done]
 
 
 def main() -> None:
@@ -77,6 +88,9 @@ def main() -> None:
     parser.add_argument("--method-sampler", default="mmmo-bo")
     parser.add_argument("--curve", type=int, default=0,
                         help="also print each sampler's hypervolume after every CURVE trials (e.g. 60 at 300 trials)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="leave the specs' reference point unset (samplers then use their own)")
+    parser.add_argument("--dump", type=Path, help="append every evaluated trial (params, values) to this jsonl")
     args = parser.parse_args()
     cache = Settings().cache_dir
     zoo = ensure_zoo(cache)
@@ -92,7 +106,9 @@ def main() -> None:
             hvs, bests, curves = [], [], []
             for seed in range(args.seeds):
                 values = run_study(services, runner, spec_for(zoo, method="task_arithmetic", sampler=sampler,
-                                                              trials=args.trials, samples=args.samples, seed=seed))
+                                                              trials=args.trials, samples=args.samples, seed=seed,
+                                                              reference=not args.no_reference),
+                                    args.dump)
                 hvs.append(hypervolume(values, origin, dirs))
                 bests.append(max(sum(v) / len(v) for v in values))
                 curves.append(hypervolume_trace(values, origin, dirs))

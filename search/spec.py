@@ -71,6 +71,15 @@ class ObjectiveSpec(_Strict):
                              "study seed so that studies score (and cache) the same documents")
     data: str | None = Field(default=None, description="text for a perplexity objective: jsonl or text file")
 
+    @property
+    def key(self) -> str:
+        """The objective's name in results and in ``reference_point`` (as ``evals.Objective.key``)."""
+        if self.kind == "sparsity":
+            return "sparsity"
+        if self.kind == "perplexity":
+            return f"perplexity:{Path(self.data or '').stem}"
+        return f"{self.task}:{self.metric}" + ("" if self.filter == "none" else f",{self.filter}")
+
     @model_validator(mode="after")
     def _fields_of_kind(self) -> ObjectiveSpec:
         if self.kind == "lm_eval" and not self.task:
@@ -153,6 +162,12 @@ class StudySpec(_Strict):
         default_factory=list, max_length=100, description="earlier studies (same base, experts and "
                                   "method) whose evaluated trials seed this one without being re-evaluated")
     seed: int = Field(default=0, ge=0, le=2**31 - 1)  # samplers seed numpy: 32 bits
+
+    def reference(self) -> list[float] | None:
+        """The hypervolume reference point in objective order, when the spec gives all of it."""
+        given = self.reference_point or {}
+        keys = [o.key for o in self.objectives]
+        return [given[k] for k in keys] if all(k in given for k in keys) else None
 
     @field_validator("objectives")
     @classmethod

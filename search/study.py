@@ -49,7 +49,8 @@ class OptunaStudies:
         study = self._open.get(name)
         if study is None:
             existing = len(optuna.load_study(study_name=name, storage=self.storage).get_trials(deepcopy=False))
-            sampler = make_sampler(spec.sampler, seed=(spec.seed + 7919 * existing) % 2**32)
+            sampler = make_sampler(spec.sampler, seed=(spec.seed + 7919 * existing) % 2**32,
+                                   reference=spec.reference())
             study = optuna.load_study(study_name=name, storage=self.storage, sampler=sampler)
             self._open[name] = study
         return study

@@ -66,3 +66,22 @@ def test_grouped_space_and_method_choices_round_trip():
 def test_expert_named_method_is_refused():
     with pytest.raises(ValidationError, match="reserved"):
         StudySpec.model_validate(BASE | {"experts": [{"name": "method", "path": "/a"}]})
+
+
+def test_objective_keys_match_the_evaluators():
+    from service.objectives import objectives_of
+
+    spec = StudySpec.model_validate({
+        "base": "b", "experts": [{"name": "e", "path": "p"}],
+        "objectives": [{"task": "t"}, {"task": "u", "metric": "acc", "filter": "strict"}, {"kind": "sparsity"},
+                       {"kind": "perplexity", "data": "/d/wiki.jsonl"}]})
+    assert [o.key for o in spec.objectives] == [o.key for o in objectives_of(spec)]
+    assert [o.key for o in spec.objectives] == ["t:exact_match", "u:acc,strict", "sparsity", "perplexity:wiki"]
+
+
+def test_reference_point_in_objective_order_only_when_whole():
+    body = {"base": "b", "experts": [{"name": "e", "path": "p"}], "objectives": [{"task": "t"}, {"task": "u"}]}
+    whole = StudySpec.model_validate(body | {"reference_point": {"u:exact_match": 0.2, "t:exact_match": 0.1}})
+    assert whole.reference() == [0.1, 0.2]
+    assert StudySpec.model_validate(body | {"reference_point": {"t:exact_match": 0.1}}).reference() is None
+    assert StudySpec.model_validate(body).reference() is None

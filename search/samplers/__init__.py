@@ -1,6 +1,6 @@
 """Samplers by name. Each module builds one Optuna sampler from a SamplerSpec."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from optuna.samplers import BaseSampler
 
@@ -11,7 +11,7 @@ from search.samplers._random import make_random
 from search.samplers._tpe import make_tpe
 from search.spec import SamplerSpec
 
-SAMPLERS: dict[str, Callable[[SamplerSpec, int], BaseSampler]] = {
+SAMPLERS: dict[str, Callable[[SamplerSpec, int, Sequence[float] | None], BaseSampler]] = {
     "nsga2": make_nsga2,
     "mmmo-bo": make_mmmo_bo,
     "random": make_random,
@@ -20,8 +20,9 @@ SAMPLERS: dict[str, Callable[[SamplerSpec, int], BaseSampler]] = {
 }
 
 
-def make_sampler(spec: SamplerSpec, seed: int) -> BaseSampler:
-    return SAMPLERS[spec.name](spec, seed)
+def make_sampler(spec: SamplerSpec, seed: int, reference: Sequence[float] | None = None) -> BaseSampler:
+    """``reference``: the study's hypervolume reference point, for samplers that aim at it."""
+    return SAMPLERS[spec.name](spec, seed, reference)
 
 
 __all__ = ["SAMPLERS", "MMMOBOSampler", "make_sampler"]

@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
-from optuna.samplers import BaseSampler, GPSampler, RandomSampler
+from optuna.samplers import BaseSampler, RandomSampler
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from search.samplers._infill_gp import InfillGP
 from search.spec import SamplerSpec
 
 
@@ -72,8 +73,10 @@ def posterior_variance(x: np.ndarray, observed: np.ndarray, lengthscale: float =
 
 class MMMOBOSampler(BaseSampler):
     def __init__(self, *, seed: int | None = None, n_startup_trials: int = 10, n_candidates: int = 5,
-                 top: int = 5, f: float = 0.5, cr: float = 0.5, lengthscale: float = 0.2) -> None:
-        self._gp = GPSampler(seed=seed, n_startup_trials=n_startup_trials, warn_independent_sampling=False)
+                 top: int = 5, f: float = 0.5, cr: float = 0.5, lengthscale: float = 0.2,
+                 reference: Sequence[float] | None = None) -> None:
+        self._gp = InfillGP(seed=seed, n_startup_trials=n_startup_trials, warn_independent_sampling=False,
+                            reference=reference)
         self._random = RandomSampler(seed=seed)
         self._rng = np.random.RandomState(seed)
         self.n_startup_trials, self.n_candidates, self.top = n_startup_trials, n_candidates, top
@@ -133,5 +136,5 @@ class MMMOBOSampler(BaseSampler):
         self._gp.after_trial(study, trial, state, values)
 
 
-def make_mmmo_bo(spec: SamplerSpec, seed: int) -> MMMOBOSampler:
-    return MMMOBOSampler(seed=seed, n_startup_trials=spec.n_startup_trials)
+def make_mmmo_bo(spec: SamplerSpec, seed: int, reference: Sequence[float] | None = None) -> MMMOBOSampler:
+    return MMMOBOSampler(seed=seed, n_startup_trials=spec.n_startup_trials, reference=reference)

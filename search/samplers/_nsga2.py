@@ -7,25 +7,33 @@ is little better than random search. Two changes, each a setting:
   GPSampler, or multivariate TPE) and all tagged as NSGA-II's generation 0, so the first
   children are bred from the elite of a larger, better-than-random pool.
 - *Screened children*: for each later trial NSGA-II breeds ``screen`` children (its own
-  selection, crossover and mutation) and a GP surrogate keeps the one whose optimistic
-  prediction adds most hypervolume (``_surrogate.py``). With ``model_child`` the warm-up
-  model's own proposal is one more candidate. The search stays NSGA-II's — parents,
-  generations, elitism — but evaluations go to the children the data says are promising.
+  selection, crossover and mutation) and a model decides what is evaluated. With the GP
+  warm-up and ``model_child`` (the default) this is a surrogate-assisted NSGA-II's infill step:
+  the most promising children by the GP's expected hypervolume improvement start its
+  acquisition search beside the GP's own starts, and the best point found is the trial
+  (``_infill_gp.py``). Otherwise a numpy GP surrogate keeps the child whose optimistic
+  prediction adds most hypervolume (``_surrogate.py``), the warm-up model's proposal competing
+  when ``model_child`` is set. The search stays NSGA-II's — parents, generations, elitism — but
+  evaluations go where the data says they matter.
+- *The study's hypervolume*: given the study's reference point, the GP aims its expected
+  improvement at the hypervolume the study reports (``_infill_gp.py`` says why that matters).
 
 With ``warmup_trials: 0`` and ``screen: 1`` this is Optuna's NSGA-II unchanged.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.samplers import BaseSampler, GPSampler, NSGAIISampler, TPESampler
+from optuna.samplers import BaseSampler, NSGAIISampler, QMCSampler, TPESampler
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from search.samplers._infill_gp import InfillGP
 from search.samplers._mmmo_bo import _from_unit, _to_unit
 from search.samplers._surrogate import rank_by_improvement
 from search.spec import SamplerSpec
@@ -36,27 +44,35 @@ GENERATION_KEY = "NSGAIISampler:generation"
 class WarmNSGAIISampler(BaseSampler):
     def __init__(self, *, population_size: int, crossover_prob: float = 0.9, mutation_prob: float | None = None,
                  warmup_trials: int = 0, warmup: str = "gp", startup_trials: int = 5, screen: int = 1,
-                 model_child: bool = False, seed: int | None = None) -> None:
+                 model_child: bool = False, seed: int | None = None, reference: Sequence[float] | None = None) -> None:
         self.nsga = NSGAIISampler(population_size=population_size, crossover_prob=crossover_prob,
                                   mutation_prob=mutation_prob, seed=seed)
         if warmup == "gp":
-            self.warm: BaseSampler = GPSampler(seed=seed, n_startup_trials=startup_trials,
-                                               warn_independent_sampling=False)
+            self.warm: BaseSampler = InfillGP(seed=seed, n_startup_trials=startup_trials,
+                                              warn_independent_sampling=False, reference=reference)
         else:
             self.warm = TPESampler(seed=seed, multivariate=True, n_startup_trials=startup_trials)
         self.warmup_trials, self.screen, self.model_child = warmup_trials, screen, model_child
+        self.startup_trials = startup_trials if os.environ.get("MMMO_QMC") == "1" else 0
+        # the model's first trials spread by a scrambled Sobol sequence rather than at random
+        self.design = QMCSampler(qmc_type="sobol", scramble=True, seed=seed, warn_independent_sampling=False,
+                                 warn_asynchronous_seeding=False)
         self._rng = np.random.RandomState(seed)
 
     def _warming(self, trial: FrozenTrial) -> bool:
         return trial.number < self.warmup_trials
 
+    def _model(self, trial: FrozenTrial) -> BaseSampler:
+        return self.design if trial.number < self.startup_trials else self.warm
+
     def reseed_rng(self) -> None:
         self.nsga.reseed_rng()
         self.warm.reseed_rng()
+        self.design.reseed_rng()
 
     def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         if self._warming(trial):
-            return self.warm.infer_relative_search_space(study, trial)
+            return self._model(trial).infer_relative_search_space(study, trial)
         return self.nsga.infer_relative_search_space(study, trial)
 
     def sample_relative(self, study: Study, trial: FrozenTrial,
@@ -64,7 +80,7 @@ class WarmNSGAIISampler(BaseSampler):
         if self._warming(trial):
             # Generation 0, whatever NSGA-II's own count says: the warm-up is one large generation.
             study._storage.set_trial_system_attr(trial._trial_id, GENERATION_KEY, 0)
-            return self.warm.sample_relative(study, trial, search_space)
+            return self._model(trial).sample_relative(study, trial, search_space)
         child = self.nsga.sample_relative(study, trial, search_space)
         if self.screen <= 1 or not child:
             return child
@@ -72,7 +88,8 @@ class WarmNSGAIISampler(BaseSampler):
 
     def _screened(self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution],
                   first: dict[str, Any]) -> dict[str, Any]:
-        """The most promising of ``screen`` NSGA-II children, by the surrogate's ranking."""
+        """The most promising of ``screen`` NSGA-II children: refined by the GP warm-up model's
+        acquisition, or ranked by the numpy surrogate after a TPE warm-up."""
         names = sorted(search_space)
         done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if t.values is not None and all(n in t.params for n in names)]
@@ -81,6 +98,16 @@ class WarmNSGAIISampler(BaseSampler):
         children = [self._filled(first, search_space)]
         children += [self._filled(self.nsga.sample_relative(study, trial, search_space), search_space)
                      for _ in range(self.screen - 1)]
+        if self.model_child and isinstance(self.warm, InfillGP):
+            # infill: the GP's acquisition search starts from the most promising children too, so
+            # the trial is the best of its optimum and the children refined on the model
+            self.warm.candidates = children
+            try:
+                proposal = self.warm.sample_relative(study, trial, search_space)
+            finally:
+                self.warm.candidates = []
+            if set(proposal) == set(search_space):
+                return proposal
         if self.model_child:  # the warm-up model's own proposal competes with the bred children
             proposal = self.warm.sample_relative(study, trial, search_space)
             if set(proposal) == set(search_space):
@@ -109,16 +136,18 @@ class WarmNSGAIISampler(BaseSampler):
 
     def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
                            param_distribution: BaseDistribution) -> Any:
-        sampler = self.warm if self._warming(trial) else self.nsga
+        sampler = self._model(trial) if self._warming(trial) else self.nsga
         return sampler.sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         self.nsga.before_trial(study, trial)
         self.warm.before_trial(study, trial)
+        self.design.before_trial(study, trial)
 
     def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
         self.nsga.after_trial(study, trial, state, values)
         self.warm.after_trial(study, trial, state, values)
+        self.design.after_trial(study, trial, state, values)
 
 
 def _encode(dist: BaseDistribution, value: Any) -> float:
@@ -127,7 +156,7 @@ def _encode(dist: BaseDistribution, value: Any) -> float:
     return dist.choices.index(value) / max(1, len(dist.choices) - 1)
 
 
-def make_nsga2(spec: SamplerSpec, seed: int) -> BaseSampler:
+def make_nsga2(spec: SamplerSpec, seed: int, reference: Sequence[float] | None = None) -> BaseSampler:
     # Optuna 5 defaults multi-objective studies to TPE: NSGA-II must be asked for.
     warmup = 2 * spec.population_size if spec.warmup_trials is None else spec.warmup_trials
     if warmup == 0 and spec.screen <= 1:
@@ -136,4 +165,4 @@ def make_nsga2(spec: SamplerSpec, seed: int) -> BaseSampler:
     return WarmNSGAIISampler(population_size=spec.population_size, crossover_prob=spec.crossover_prob,
                              mutation_prob=spec.mutation_prob, warmup_trials=warmup, warmup=spec.warmup,
                              startup_trials=min(spec.n_startup_trials, max(warmup // 2, 1)), screen=spec.screen,
-                             model_child=spec.model_child, seed=seed)
+                             model_child=spec.model_child, seed=seed, reference=reference)

@@ -1,0 +1,83 @@
+"""Optuna's GPSampler with two changes to how its acquisition (logEHVI) is optimised.
+
+- *Candidates*: before a proposal the caller may set ``candidates`` (parameter dicts, e.g.
+  NSGA-II's children). The most promising of them by the acquisition join the local searches'
+  starting points, so the proposal is the best of the GP's own optimum and the candidates
+  refined on the model: the infill step of a surrogate-assisted NSGA-II.
+- *The study's reference point*: GPSampler measures hypervolume improvement against a point
+  just beyond the worst values seen, in standardised units. That weighs objectives by their
+  spread, not by what the study scores: with per-task accuracies, a task whose scores barely
+  vary (0.97-1.00) would count as much per point gained as one that spans 0.5-0.9. Given
+  ``reference`` (the study's hypervolume reference, in objective units), the expected
+  improvement is taken against it, so the sampler optimises the hypervolume the study reports.
+
+Optuna names ``_optimize_acqf`` as the place to change how the acquisition is optimised; the
+reference point reaches the acquisition through its box decomposition. Both lean on Optuna
+internals, so any mismatch with them falls back to the plain GPSampler proposal's path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from optuna.samplers import GPSampler
+from optuna.study import Study, StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+
+class InfillGP(GPSampler):
+    def __init__(self, *, reference: Sequence[float] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.candidates: list[dict[str, Any]] = []
+        self.reference = None if reference is None else np.asarray(reference, dtype=float)
+        self._reference_loss: np.ndarray | None = None  # the reference, standardised, as a loss
+        self._y_train: np.ndarray | None = None
+
+    def sample_relative(self, study: Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
+        self._reference_loss = self._y_train = None
+        if self.reference is not None and len(self.reference) == len(study.directions):
+            done = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE,), use_cache=False)
+            if done:
+                # the same standardisation GPSampler applies before fitting
+                sign = np.array([-1.0 if d == StudyDirection.MINIMIZE else 1.0 for d in study.directions])
+                values = sign * np.array([t.values for t in done], dtype=float)
+                mean, sd = values.mean(0), np.maximum(values.std(0), 1e-12)
+                self._y_train = (values - mean) / sd
+                self._reference_loss = -(sign * self.reference - mean) / sd
+        return super().sample_relative(study, trial, search_space)
+
+    def _optimize_acqf(self, acqf: Any, best_params: np.ndarray | None) -> np.ndarray:
+        if self._reference_loss is not None:
+            self._rebase(acqf)
+        if self.candidates:
+            space = acqf.search_space
+            children = space.get_normalized_params([None] * len(self.candidates), self.candidates)
+            slots = self._n_local_search - 1 - (0 if best_params is None else len(best_params))
+            if slots > 0:
+                scores = acqf.eval_acqf_no_grad(children)
+                top = children[np.argsort(-scores)[:slots]]
+                best_params = top if best_params is None else np.vstack([best_params, top])
+        return super()._optimize_acqf(acqf, best_params)
+
+    def _rebase(self, acqf: Any) -> None:
+        """Redo the acquisition's box decomposition against the study's reference point: once for
+        logEHVI, once per Monte-Carlo fantasy of the running trials for qLogEHVI."""
+        from optuna._gp import acqf as module
+
+        y = torch.from_numpy(self._y_train)
+        # Optuna's decomposition assumes every observed point lies inside the reference box
+        reference = np.maximum(self._reference_loss, (-self._y_train).max(0) + 1e-9)
+        if isinstance(acqf, module.LogEHVI):
+            lower, upper = module._get_non_dominated_box_bounds(y, reference)
+            acqf._non_dominated_box_lower_bounds = lower
+            acqf._non_dominated_box_intervals = (upper - lower).clamp_min_(module._EPS)
+        elif isinstance(acqf, module.qLogEHVI):
+            bounds = [module._get_non_dominated_box_bounds(torch.cat([y, fantasy]), reference)
+                      for fantasy in acqf._cond_gpr.get_fantasy_samples()]
+            pad = torch.nn.utils.rnn.pad_sequence
+            acqf._baseline._non_dominated_box_lower_bounds = pad([lo for lo, _ in bounds], batch_first=True)
+            acqf._baseline._non_dominated_box_intervals = pad(
+                [(hi - lo).clamp_min_(module._EPS) for lo, hi in bounds], batch_first=True, padding_value=module._EPS)
