@@ -175,3 +175,15 @@ def test_infill_gp_measures_improvement_against_the_study_reference():
     study.ask({"x": FloatDistribution(0.0, 1.0), "y": FloatDistribution(0.0, 1.0)})
     baseline = sampler.seen[0]._baseline._non_dominated_box_lower_bounds.numpy()
     assert np.allclose(baseline.reshape(-1, 2).min(0), standardised)
+
+
+def test_nsga2_warm_up_starts_from_a_sobol_design():
+    spec = SamplerSpec(name="nsga2", population_size=10, n_startup_trials=9)
+    study = optuna.create_study(directions=["maximize", "maximize"], sampler=make_sampler(spec, seed=3))
+    for _ in range(9):
+        trial = study.ask(SPACE)
+        study.tell(trial, _objectives(trial.params))
+    # trial 0 is drawn alone (no search space is known yet); the next 8 are the first points of
+    # a scrambled Sobol sequence: exactly one in each eighth of the range, per parameter
+    weights = [t.params["a.weight"] for t in study.trials[1:9]]
+    assert sorted(int(w / 1.5 * 8) for w in weights) == list(range(8))

@@ -1,11 +1,13 @@
 """NSGA-II, made to work at the budgets merge searches can afford.
 
 Optuna's NSGA-II draws its whole first generation uniformly at random, so at 30–60 trials it
-is little better than random search. Two changes, each a setting:
+is little better than random search. Three changes, each a setting:
 
 - *Warm-up*: the first ``warmup_trials`` trials are proposed by a model (``warmup``: Optuna's
   GPSampler, or multivariate TPE) and all tagged as NSGA-II's generation 0, so the first
-  children are bred from the elite of a larger, better-than-random pool.
+  children are bred from the elite of a larger, better-than-random pool. The model's first
+  ``startup_trials`` points come from a scrambled Sobol sequence, which covers the space
+  more evenly than random draws.
 - *Screened children*: for each later trial NSGA-II breeds ``screen`` children (its own
   selection, crossover and mutation) and a model decides what is evaluated. With the GP
   warm-up and ``model_child`` (the default) this is a surrogate-assisted NSGA-II's infill step:
@@ -23,12 +25,13 @@ With ``warmup_trials: 0`` and ``screen: 1`` this is Optuna's NSGA-II unchanged.
 
 from __future__ import annotations
 
-import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.exceptions import ExperimentalWarning
 from optuna.samplers import BaseSampler, NSGAIISampler, QMCSampler, TPESampler
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
@@ -53,10 +56,12 @@ class WarmNSGAIISampler(BaseSampler):
         else:
             self.warm = TPESampler(seed=seed, multivariate=True, n_startup_trials=startup_trials)
         self.warmup_trials, self.screen, self.model_child = warmup_trials, screen, model_child
-        self.startup_trials = startup_trials if os.environ.get("MMMO_QMC") == "1" else 0
-        # the model's first trials spread by a scrambled Sobol sequence rather than at random
-        self.design = QMCSampler(qmc_type="sobol", scramble=True, seed=seed, warn_independent_sampling=False,
-                                 warn_asynchronous_seeding=False)
+        # the model's first trials are spread by a scrambled Sobol sequence, not drawn at random
+        self.startup_trials = startup_trials
+        with warnings.catch_warnings():  # experimental in name only since Optuna 3.0
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            self.design = QMCSampler(qmc_type="sobol", scramble=True, seed=seed, warn_independent_sampling=False,
+                                     warn_asynchronous_seeding=False)
         self._rng = np.random.RandomState(seed)
 
     def _warming(self, trial: FrozenTrial) -> bool:
