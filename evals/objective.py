@@ -13,6 +13,15 @@ Direction = Literal["maximize", "minimize"]
 Kind = Literal["lm_eval", "sparsity", "perplexity"]
 
 
+def objective_key(kind: str, task: str | None, metric: str, filter: str, data: str | None) -> str:
+    """An objective's name in results, fronts and a spec's ``reference_point``."""
+    if kind == "sparsity":
+        return "sparsity"
+    if kind == "perplexity":
+        return f"perplexity:{Path(data or '').stem}"
+    return f"{task}:{metric}" + ("" if filter == "none" else f",{filter}")
+
+
 @dataclass(frozen=True)
 class Objective:
     """One score of a trial.
@@ -34,11 +43,7 @@ class Objective:
     @property
     def key(self) -> str:
         """The name results are stored and shown under."""
-        if self.kind == "sparsity":
-            return "sparsity"
-        if self.kind == "perplexity":
-            return f"perplexity:{Path(self.data or '').stem}"
-        return f"{self.task}:{self.metric}" + ("" if self.filter == "none" else f",{self.filter}")
+        return objective_key(self.kind, self.task, self.metric, self.filter, self.data)
 
     def identity(self) -> str:
         """Everything that determines the value for a given model: the results-cache key."""

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from evals.objective import objective_key
+
 SPEC_VERSION = 1
 
 
@@ -73,12 +75,8 @@ class ObjectiveSpec(_Strict):
 
     @property
     def key(self) -> str:
-        """The objective's name in results and in ``reference_point`` (as ``evals.Objective.key``)."""
-        if self.kind == "sparsity":
-            return "sparsity"
-        if self.kind == "perplexity":
-            return f"perplexity:{Path(self.data or '').stem}"
-        return f"{self.task}:{self.metric}" + ("" if self.filter == "none" else f",{self.filter}")
+        """The objective's name in results and in ``reference_point``."""
+        return objective_key(self.kind, self.task, self.metric, self.filter, self.data)
 
     @model_validator(mode="after")
     def _fields_of_kind(self) -> ObjectiveSpec:

@@ -67,12 +67,16 @@ def test_posterior_variance_is_high_far_from_the_data():
     assert near < 0.01 and far > 0.9
 
 
-def test_nsga2_breeds_its_first_children_from_a_model_proposed_warm_up():
-    spec = SamplerSpec(name="nsga2", population_size=4, warmup_trials=8)
-    study = optuna.create_study(directions=["maximize", "maximize"], sampler=make_sampler(spec, seed=1))
-    for _ in range(14):
+def _played(spec: SamplerSpec, seed: int, trials: int) -> optuna.Study:
+    study = optuna.create_study(directions=["maximize", "maximize"], sampler=make_sampler(spec, seed=seed))
+    for _ in range(trials):
         trial = study.ask(SPACE)
         study.tell(trial, _objectives(trial.params))
+    return study
+
+
+def test_nsga2_breeds_its_first_children_from_a_model_proposed_warm_up():
+    study = _played(SamplerSpec(name="nsga2", population_size=4, warmup_trials=8), seed=1, trials=14)
     generations = [t.system_attrs["NSGAIISampler:generation"] for t in study.trials]
     assert generations[:8] == [0] * 8, "the whole warm-up is generation 0"
     assert all(g >= 1 for g in generations[8:]), "children after the warm-up"
@@ -178,11 +182,7 @@ def test_infill_gp_measures_improvement_against_the_study_reference():
 
 
 def test_nsga2_warm_up_starts_from_a_sobol_design():
-    spec = SamplerSpec(name="nsga2", population_size=10, n_startup_trials=9)
-    study = optuna.create_study(directions=["maximize", "maximize"], sampler=make_sampler(spec, seed=3))
-    for _ in range(9):
-        trial = study.ask(SPACE)
-        study.tell(trial, _objectives(trial.params))
+    study = _played(SamplerSpec(name="nsga2", population_size=10, n_startup_trials=9), seed=3, trials=9)
     # trial 0 is drawn alone (no search space is known yet); the next 8 are the first points of
     # a scrambled Sobol sequence: exactly one in each eighth of the range, per parameter
     weights = [t.params["a.weight"] for t in study.trials[1:9]]
