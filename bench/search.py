@@ -28,7 +28,7 @@ from evals.offline import force_offline  # noqa: E402
 force_offline()
 
 from evals.zoo import ensure_zoo  # noqa: E402
-from search.pareto import hypervolume, hypervolume_trace, pareto_front  # noqa: E402
+from search.pareto import hypervolume, hypervolume_trace, knee_point, pareto_front  # noqa: E402
 from search.spec import StudySpec  # noqa: E402
 from service import local  # noqa: E402
 from service.services import Services  # noqa: E402
@@ -101,9 +101,9 @@ def main() -> None:
         origin = [0.0] * len(zoo.experts)
         print(f"samplers: task arithmetic, {len(zoo.experts)} objectives, {args.trials} trials, "
               f"{args.seeds} seeds, hypervolume against the origin")
-        print(f"  {'sampler':22s} {'HV mean':>8s} {'HV sd':>7s} {'best mean score':>16s}")
+        print(f"  {'sampler':22s} {'HV mean':>8s} {'HV sd':>7s} {'best mean score':>16s} {'knee mean score':>16s}")
         for sampler in args.samplers:
-            hvs, bests, curves = [], [], []
+            hvs, bests, knees, curves = [], [], [], []
             for seed in range(args.seeds):
                 values = run_study(services, runner, spec_for(zoo, method="task_arithmetic", sampler=sampler,
                                                               trials=args.trials, samples=args.samples, seed=seed,
@@ -111,9 +111,11 @@ def main() -> None:
                                     args.dump)
                 hvs.append(hypervolume(values, origin, dirs))
                 bests.append(max(sum(v) / len(v) for v in values))
+                knees.append(statistics.mean(values[knee_point(values, dirs)]))  # the default selection
                 curves.append(hypervolume_trace(values, origin, dirs))
             sd = statistics.stdev(hvs) if len(hvs) > 1 else 0.0
-            print(f"  {sampler:22s} {statistics.mean(hvs):8.3f} {sd:7.3f} {statistics.mean(bests):16.3f}")
+            print(f"  {sampler:22s} {statistics.mean(hvs):8.3f} {sd:7.3f} {statistics.mean(bests):16.3f} "
+                  f"{statistics.mean(knees):16.3f}")
             if args.curve:
                 marks = range(args.curve, args.trials + 1, args.curve)
                 print("    hypervolume after " + ", ".join(
