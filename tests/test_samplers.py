@@ -187,3 +187,18 @@ def test_nsga2_warm_up_starts_from_a_sobol_design():
     # a scrambled Sobol sequence: exactly one in each eighth of the range, per parameter
     weights = [t.params["a.weight"] for t in study.trials[1:9]]
     assert sorted(int(w / 1.5 * 8) for w in weights) == list(range(8))
+
+
+def test_infill_gp_falls_back_to_gpsampler_when_optuna_internals_move(caplog):
+    from search.samplers._infill_gp import InfillGP
+
+    class Moved(InfillGP):
+        def _rebase(self, acqf):
+            raise AttributeError("'LogEHVI' object has no attribute '_non_dominated_box_intervals'")
+
+    sampler = Moved(seed=0, n_startup_trials=5, warn_independent_sampling=False, reference=[0.0, 0.0])
+    study = _told_study(sampler, 8)
+    with caplog.at_level("WARNING"):
+        trial = study.ask({"x": FloatDistribution(0.0, 1.0), "y": FloatDistribution(0.0, 1.0)})
+    assert 0.0 <= trial.params["x"] <= 1.0 and "gp:relative_params:0" in study.trials[-1].system_attrs
+    assert "falls back" in caplog.text

@@ -13,11 +13,13 @@
 
 Optuna names ``_optimize_acqf`` as the place to change how the acquisition is optimised; the
 reference point reaches the acquisition through its box decomposition. Both lean on Optuna
-internals, so any mismatch with them falls back to the plain GPSampler proposal's path.
+internals (tested against Optuna 5): if those move, the sampler logs a warning once and
+searches as GPSampler does.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +29,8 @@ from optuna.samplers import GPSampler
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+_logger = logging.getLogger(__name__)
+
 
 class InfillGP(GPSampler):
     def __init__(self, *, reference: Sequence[float] | None = None, **kwargs: Any) -> None:
@@ -35,11 +39,12 @@ class InfillGP(GPSampler):
         self.reference = None if reference is None else np.asarray(reference, dtype=float)
         self._reference_loss: np.ndarray | None = None  # the reference, standardised, as a loss
         self._y_train: np.ndarray | None = None
+        self._warned = False
 
     def sample_relative(self, study: Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
         self._reference_loss = self._y_train = None
         if self.reference is not None and len(self.reference) == len(study.directions):
-            done = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE,), use_cache=False)
+            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if done:
                 # the same standardisation GPSampler applies before fitting
                 sign = np.array([-1.0 if d == StudyDirection.MINIMIZE else 1.0 for d in study.directions])
@@ -50,17 +55,26 @@ class InfillGP(GPSampler):
         return super().sample_relative(study, trial, search_space)
 
     def _optimize_acqf(self, acqf: Any, best_params: np.ndarray | None) -> np.ndarray:
-        if self._reference_loss is not None:
-            self._rebase(acqf)
-        if self.candidates:
-            space = acqf.search_space
-            children = space.get_normalized_params([None] * len(self.candidates), self.candidates)
-            slots = self._n_local_search - 1 - (0 if best_params is None else len(best_params))
-            if slots > 0:
-                scores = acqf.eval_acqf_no_grad(children)
-                top = children[np.argsort(-scores)[:slots]]
-                best_params = top if best_params is None else np.vstack([best_params, top])
+        try:
+            if self._reference_loss is not None:
+                self._rebase(acqf)
+            best_params = self._with_candidates(acqf, best_params)
+        except (ImportError, AttributeError, TypeError) as exc:  # Optuna's internals moved
+            if not self._warned:
+                _logger.warning("InfillGP falls back to GPSampler's own acquisition search: %s", exc)
+                self._warned = True
         return super()._optimize_acqf(acqf, best_params)
+
+    def _with_candidates(self, acqf: Any, best_params: np.ndarray | None) -> np.ndarray | None:
+        """The local searches' starting points, with the best candidates by the acquisition added."""
+        if not self.candidates:
+            return best_params
+        children = acqf.search_space.get_normalized_params([None] * len(self.candidates), self.candidates)
+        slots = self._n_local_search - 1 - (0 if best_params is None else len(best_params))
+        if slots <= 0:
+            return best_params
+        top = children[np.argsort(-acqf.eval_acqf_no_grad(children))[:slots]]
+        return top if best_params is None else np.vstack([best_params, top])
 
     def _rebase(self, acqf: Any) -> None:
         """Redo the acquisition's box decomposition against the study's reference point: once for
