@@ -44,9 +44,9 @@ class InfillGP(GPSampler):
     def sample_relative(self, study: Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
         self._reference_loss = self._y_train = None
         if self.reference is not None and len(self.reference) == len(study.directions):
-            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            # the trials and the standardisation GPSampler fits on, read the same way
+            done = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE,), use_cache=False)
             if done:
-                # the same standardisation GPSampler applies before fitting
                 sign = np.array([-1.0 if d == StudyDirection.MINIMIZE else 1.0 for d in study.directions])
                 values = sign * np.array([t.values for t in done], dtype=float)
                 mean, sd = values.mean(0), np.maximum(values.std(0), 1e-12)
