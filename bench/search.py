@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--samples", type=int, default=100)
-    parser.add_argument("--samplers", nargs="+", default=["nsga2", "nsga2:warmup_trials=0", "mmmo-bo", "random"])
+    parser.add_argument("--samplers", nargs="*", default=["nsga2", "nsga2:warmup_trials=0", "mmmo-bo", "random"])
     parser.add_argument("--methods", nargs="*", default=["obim", "ties", "dare_ties"])
     parser.add_argument("--method-sampler", default="mmmo-bo")
     parser.add_argument("--curve", type=int, default=0,
