@@ -42,7 +42,7 @@ def spec_for(zoo, *, method: str, sampler: str, trials: int, samples: int, seed:
              "ties": {"weight": {"low": 0.0, "high": 1.5}, "density": {"low": 0.1, "high": 1.0}},
              "dare_ties": {"weight": {"low": 0.0, "high": 1.5}, "density": {"low": 0.1, "high": 1.0}},
              "obim": {"weight": {"low": 0.0, "high": 3.0}, "density": {"low": 0.05, "high": 1.0}}}[method]
-    return StudySpec.model_validate({
+    spec = StudySpec.model_validate({
         "name": f"bench {method} {sampler} {seed}", "base": str(zoo.base), "method": method,
         "method_params": {"normalize": False} if method in ("ties", "dare_ties") else {},
         "experts": [{"name": n, "path": str(p), "calibration": str(zoo.calibration[n])}
@@ -50,10 +50,10 @@ def spec_for(zoo, *, method: str, sampler: str, trials: int, samples: int, seed:
         "search_space": space,
         "objectives": [{"task": t, "samples": samples} for n in zoo.experts for t in zoo.expert_tasks[n]],
         "sampler": _sampler(sampler),
-        "budget": {"trials": trials}, "seed": seed,
-        # the hypervolume this benchmark reports, for the samplers that aim at the study's own
-        "reference_point": {f"{t}:exact_match": 0.0 for n in zoo.experts for t in zoo.expert_tasks[n]}
-        if reference else None})
+        "budget": {"trials": trials}, "seed": seed})
+    # the hypervolume this benchmark reports, for the samplers that aim at the study's own
+    origin = {o.key: 0.0 for o in spec.objectives}
+    return spec.model_copy(update={"reference_point": origin}) if reference else spec
 
 
 def _sampler(text: str) -> dict:

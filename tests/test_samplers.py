@@ -10,6 +10,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from search.samplers import SAMPLERS, make_sampler
+from search.samplers._infill_gp import InfillGP
 from search.samplers._mmmo_bo import de_candidate, posterior_variance
 from search.spec import SamplerSpec
 
@@ -123,7 +124,7 @@ def test_model_warm_up_and_screened_children_beat_nsga2_as_it_ships():
     assert better > plain + 0.1, (plain, better)
 
 
-class _Recording:
+class _RecordingInfillGP(InfillGP):
     """Keeps the acquisition each proposal was optimised on, and the point chosen."""
 
     def _optimize_acqf(self, acqf, best_params):
@@ -132,42 +133,34 @@ class _Recording:
         return x
 
 
+XY = {"x": FloatDistribution(0.0, 1.0), "y": FloatDistribution(0.0, 1.0)}
+
+
 def _told_study(sampler, trials: int) -> optuna.Study:
     study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
-    space = {"x": FloatDistribution(0.0, 1.0), "y": FloatDistribution(0.0, 1.0)}
     for _ in range(trials):
-        t = study.ask(space)
+        t = study.ask(XY)
         # one wide objective, one that barely varies (like a task every merge nearly solves)
         study.tell(t, [t.params["x"] * (1 - t.params["y"]), 0.95 + 0.03 * t.params["y"] - 0.02 * t.params["x"]])
     return study
 
 
 def test_infill_gp_proposal_is_at_least_as_good_as_its_candidates():
-    from search.samplers._infill_gp import InfillGP
-
-    class Sampler(_Recording, InfillGP):
-        pass
-
-    sampler = Sampler(seed=0, n_startup_trials=5, warn_independent_sampling=False)
+    sampler = _RecordingInfillGP(seed=0, n_startup_trials=5, warn_independent_sampling=False)
     study = _told_study(sampler, 10)
     candidates = [{"x": 0.9, "y": 0.1}, {"x": 0.2, "y": 0.9}, {"x": 0.5, "y": 0.5}]
     sampler.candidates = candidates
-    study.ask({"x": FloatDistribution(0.0, 1.0), "y": FloatDistribution(0.0, 1.0)})
+    study.ask(XY)
     acqf, chosen = sampler.seen
     rows = acqf.search_space.get_normalized_params([None] * 3, candidates)
     assert acqf.eval_acqf_no_grad(chosen[None])[0] >= acqf.eval_acqf_no_grad(rows).max() - 1e-9
 
 
 def test_infill_gp_measures_improvement_against_the_study_reference():
-    from search.samplers._infill_gp import InfillGP
-
-    class Sampler(_Recording, InfillGP):
-        pass
-
     reference = [0.0, 0.0]
-    sampler = Sampler(seed=0, n_startup_trials=5, warn_independent_sampling=False, reference=reference)
+    sampler = _RecordingInfillGP(seed=0, n_startup_trials=5, warn_independent_sampling=False, reference=reference)
     study = _told_study(sampler, 10)
-    study.ask({"x": FloatDistribution(0.0, 1.0), "y": FloatDistribution(0.0, 1.0)})
+    study.ask(XY)
     values = np.array([t.values for t in study.trials if t.values is not None])
     standardised = (np.array(reference) - values.mean(0)) / values.std(0)
     lower = sampler.seen[0]._non_dominated_box_lower_bounds.numpy().min(0)
@@ -176,7 +169,7 @@ def test_infill_gp_measures_improvement_against_the_study_reference():
     assert np.allclose(lower, standardised)
     assert lower[1] < ((values[:, 1] - values[:, 1].mean()) / values[:, 1].std()).min() - 10
     # with a trial still running (qLogEHVI over its fantasies) the boxes are rebased the same way
-    study.ask({"x": FloatDistribution(0.0, 1.0), "y": FloatDistribution(0.0, 1.0)})
+    study.ask(XY)
     baseline = sampler.seen[0]._baseline._non_dominated_box_lower_bounds.numpy()
     assert np.allclose(baseline.reshape(-1, 2).min(0), standardised)
 
@@ -190,8 +183,6 @@ def test_nsga2_warm_up_starts_from_a_sobol_design():
 
 
 def test_infill_gp_falls_back_to_gpsampler_when_optuna_internals_move(caplog):
-    from search.samplers._infill_gp import InfillGP
-
     class Moved(InfillGP):
         def _rebase(self, acqf):
             raise AttributeError("'LogEHVI' object has no attribute '_non_dominated_box_intervals'")
@@ -199,6 +190,6 @@ def test_infill_gp_falls_back_to_gpsampler_when_optuna_internals_move(caplog):
     sampler = Moved(seed=0, n_startup_trials=5, warn_independent_sampling=False, reference=[0.0, 0.0])
     study = _told_study(sampler, 8)
     with caplog.at_level("WARNING"):
-        trial = study.ask({"x": FloatDistribution(0.0, 1.0), "y": FloatDistribution(0.0, 1.0)})
+        trial = study.ask(XY)
     assert 0.0 <= trial.params["x"] <= 1.0 and "gp:relative_params:0" in study.trials[-1].system_attrs
     assert "falls back" in caplog.text

@@ -113,7 +113,7 @@ class WarmNSGAIISampler(BaseSampler):
                 self.warm.candidates = []
             if set(proposal) == set(search_space):
                 return proposal
-        if self.model_child:  # the warm-up model's own proposal competes with the bred children
+        elif self.model_child:  # the warm-up model's own proposal competes with the bred children
             proposal = self.warm.sample_relative(study, trial, search_space)
             if set(proposal) == set(search_space):
                 children.append(proposal)
