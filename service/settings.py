@@ -4,8 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+          "tb": 10**12, "b": 1}
+
+
+def parse_bytes(text: str | int) -> int:
+    """``20GB``, ``512MiB``, ``1e9`` -> bytes."""
+    if isinstance(text, int):
+        return text
+    lowered = text.strip().lower()
+    for unit, factor in _UNITS.items():
+        if lowered.endswith(unit):
+            return int(float(lowered.removesuffix(unit)) * factor)
+    return int(float(lowered))
 
 
 def _default_home() -> Path:
@@ -29,6 +45,28 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=2**40, gt=0, description="largest model archive a worker may upload")
     db_pool_size: int = Field(default=40, ge=1, description="database connections per server process")
     max_body_bytes: int = Field(default=2**20, gt=0, description="largest JSON request body")
+    offline: bool = Field(default=False, description="no Hugging Face hub calls: models from paths or the local "
+                          "hub cache only (`mmmo demo` and the tests always run offline)")
+
+    # `mmmo serve`
+    host: str = Field(default="127.0.0.1", description="address `mmmo serve` binds")
+    port: int = Field(default=8765, ge=0, le=65535, description="port `mmmo serve` listens on")
+
+    # `mmmo worker` (and `mmmo study run` for the device)
+    device: str = Field(default="cpu", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$",
+                        description="auto (the first GPU torch sees, else cpu), cpu, cuda or cuda:N")
+    batch_size: int | Literal["auto"] = Field(default=64, description="lm-eval batch size, or 'auto'")
+    max_memory: int | None = Field(default=None, gt=0, description="keep several model sets resident up to "
+                                   "this many bytes (`40GB` is read too); unset: only the last set used")
+    worker_name: str | None = Field(default=None, max_length=200, description="recorded with each trial "
+                                    "(default: host name and pid)")
+    prefetch: bool = Field(default=True, description="lease the next trial while the current one runs")
+    poll_seconds: float = Field(default=1.0, gt=0, description="how often an idle worker asks for work")
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _bytes(cls, value: object) -> object:
+        return parse_bytes(value) if isinstance(value, str) and value.strip() else value or None
 
     def is_embedded(self) -> bool:
         """No database configured: the single-user default, which makes its own team and token."""
@@ -54,3 +92,11 @@ class Settings(BaseSettings):
             return self.database_url
         self.home.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{self.home / 'mmmo.db'}"
+
+    def resolved_device(self) -> str:
+        """``auto``: the first GPU torch sees, else the CPU (imports torch: workers only)."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
