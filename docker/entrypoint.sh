@@ -2,7 +2,8 @@
 # The entrypoint of the mmmo images: `mmmo-entrypoint ROLE [extra mmmo arguments]`.
 #
 #   server       wait for the database, `mmmo db upgrade` (unless MMMO_MIGRATE_ON_START=0), exec `mmmo serve`
-#   worker       wait for the API token (MMMO_TOKEN, or the file MMMO_TOKEN_FILE), exec `mmmo worker`
+#   worker       wait for the API token (MMMO_TOKEN, or the file MMMO_TOKEN_FILE), with MMMO_DEVICE=auto
+#                and MMMO_GPU_LOCK_DIR claim one free GPU of the host, exec `mmmo worker`
 #   init         wait for the database, `mmmo db upgrade`, create team MMMO_TEAM if missing, write a
 #                worker-pool token to MMMO_TOKEN_FILE unless that file already holds one
 #   migrate      wait for the database, `mmmo db upgrade` (the Kubernetes Job)
@@ -10,8 +11,9 @@
 #
 # Any other first argument is run as a command (`docker compose run --rm init mmmo admin list-teams`);
 # arguments that start with '-' go to the role named by MMMO_ROLE. All configuration comes from
-# environment variables (docker/README.md has the table). The token never goes on a command line:
-# `mmmo worker` reads MMMO_TOKEN / MMMO_TOKEN_FILE itself.
+# environment variables (docker/README.md has the table). mmmo reads and validates its own MMMO_*
+# settings (host, port, device, batch size, ...): this script turns none of them into flags, it only
+# does what must happen before mmmo starts. No secret ever goes on a command line.
 #
 # MMMO_DRY_RUN=1 prints what would run instead of running it ("+ CMD" for a step, "export NAME=VALUE",
 # "exec CMD" for the final command), shell-quoted; the test suite drives the roles through it.
@@ -68,13 +70,6 @@ int_var() { # int_var NAME DEFAULT: the variable's value, a non-negative integer
     local value="${!1:-$2}"
     [[ "$value" =~ ^[0-9]+$ ]] || die "$1 must be a whole number, not '$value'"
     printf '%s' "$((10#$value))"
-}
-
-port_var() {
-    local port
-    port=$(int_var MMMO_PORT 8765)
-    ((port >= 1 && port <= 65535)) || die "MMMO_PORT must be between 1 and 65535, not '$port'"
-    printf '%s' "$port"
 }
 
 python_cmd() { printf '%s' "${MMMO_PYTHON:-python3}"; }
@@ -142,14 +137,13 @@ migrate() {
 
 role_migrate() { migrate; }
 
-role_server() {
-    local port migrate_on_start
-    port=$(port_var)
+role_server() { # MMMO_HOST (the image: 0.0.0.0) and MMMO_PORT are read by `mmmo serve`
+    local migrate_on_start
     migrate_on_start=$(int_var MMMO_MIGRATE_ON_START 1)
     require_database_url
     wait_for_database
     if ((migrate_on_start)); then run mmmo db upgrade; fi
-    finish mmmo serve --host "${MMMO_HOST:-0.0.0.0}" --port "$port" "$@"
+    finish mmmo serve "$@"
 }
 
 team_listed() { # team_listed NAME < `mmmo admin list-teams` output (one name a line): is NAME listed?
@@ -211,45 +205,27 @@ ${timeout} s (MMMO_TOKEN_WAIT_SECONDS): run the init role, or write a token from
     [[ -r "$file" ]] || die "MMMO_TOKEN_FILE $file is not readable by uid $(id -u)"
 }
 
-claim_gpu() { # claim_gpu UUID...: lock a free GPU in MMMO_GPU_LOCK_DIR; fd 9 keeps the lock for the worker
-    local dir=$MMMO_GPU_LOCK_DIR uuid
+claim_gpu() { # several worker containers on one host, MMMO_DEVICE=auto: lock one free GPU each
+    local dir=$MMMO_GPU_LOCK_DIR uuid uuids
+    command -v nvidia-smi >/dev/null || return 0 # no GPU: `auto` is the CPU
+    mapfile -t uuids < <(nvidia-smi --query-gpu=uuid --format=csv,noheader 2>/dev/null | tr -d '[:blank:]' | grep . || true)
+    ((${#uuids[@]})) || return 0
     command -v flock >/dev/null || die "MMMO_GPU_LOCK_DIR is set but flock(1) is missing"
     mkdir -p "$dir" || die "cannot create MMMO_GPU_LOCK_DIR $dir"
-    for uuid in "$@"; do
+    for uuid in "${uuids[@]}"; do
         exec 9>>"$dir/$uuid.lock" || die "cannot write the lock file $dir/$uuid.lock"
-        if flock -n 9; then
+        if flock -n 9; then # fd 9 stays open across exec: the worker holds the lock while it lives
             set_env CUDA_VISIBLE_DEVICES "$uuid"
-            DEVICE=cuda:0
+            set_env MMMO_DEVICE cuda:0
             return 0
         fi
         exec 9>&-
     done
-    die "all $# GPUs of this host are taken by other workers (locks in $dir): run at most $# workers here"
+    die "all ${#uuids[@]} GPUs of this host are taken by other workers (locks in $dir): \
+run at most ${#uuids[@]} workers here"
 }
 
-pick_device() { # sets DEVICE from MMMO_DEVICE (auto: a GPU if nvidia-smi sees one, else the CPU)
-    local wanted="${MMMO_DEVICE:-auto}" uuids
-    case "$wanted" in
-        cpu | cuda | cuda:[0-9] | cuda:[0-9][0-9])
-            DEVICE=$wanted
-            return 0
-            ;;
-        auto) ;;
-        *) die "MMMO_DEVICE must be auto, cpu, cuda or cuda:N, not '$wanted'" ;;
-    esac
-    DEVICE=cpu
-    command -v nvidia-smi >/dev/null || return 0
-    mapfile -t uuids < <(nvidia-smi --query-gpu=uuid --format=csv,noheader 2>/dev/null | tr -d '[:blank:]' | grep . || true)
-    ((${#uuids[@]})) || return 0
-    if [[ -n "${MMMO_GPU_LOCK_DIR:-}" ]]; then
-        claim_gpu "${uuids[@]}" # several worker containers on one host: one GPU each
-    else
-        DEVICE=cuda:0 # the scheduler gave this process its GPU(s): Kubernetes, Slurm, docker --gpus device=N
-    fi
-}
-
-role_worker() {
-    local args
+role_worker() { # MMMO_DEVICE, MMMO_BATCH_SIZE, MMMO_MAX_MEMORY, ... are read by `mmmo worker`
     require MMMO_SERVER_URL "the API the worker leases trials from, e.g. https://mmmo.example.org"
     [[ "$MMMO_SERVER_URL" =~ ^https?://[^[:space:]]+$ ]] \
         || die "MMMO_SERVER_URL must be an http:// or https:// URL, not '$MMMO_SERVER_URL'"
@@ -258,17 +234,13 @@ role_worker() {
 (a worker-pool token from 'mmmo admin create-token --workers')"
         wait_for_token_file
     fi
-    pick_device
-    args=(mmmo worker --server "$MMMO_SERVER_URL" --device "$DEVICE")
-    if [[ -n "${MMMO_MAX_MEMORY:-}" ]]; then args+=(--max-memory "$MMMO_MAX_MEMORY"); fi
-    if [[ -n "${MMMO_BATCH_SIZE:-}" ]]; then args+=(--batch-size "$MMMO_BATCH_SIZE"); fi
-    if [[ -n "${MMMO_WORKER_NAME:-}" ]]; then args+=(--name "$MMMO_WORKER_NAME"); fi
-    finish "${args[@]}" "$@"
+    if [[ -n "${MMMO_GPU_LOCK_DIR:-}" && "${MMMO_DEVICE:-}" == auto ]]; then claim_gpu; fi
+    finish mmmo worker "$@"
 }
 
-role_healthcheck() {
+role_healthcheck() { # the one role that reads MMMO_PORT: `mmmo serve` validates it
     local port
-    port=$(port_var)
+    port=$(int_var MMMO_PORT 8765)
     exec "$(python_cmd)" -c '
 import sys, urllib.request
 try:

@@ -42,10 +42,12 @@ RUN groupadd --system --gid "${MMMO_UID}" mmmo \
     && chown -R mmmo:mmmo /var/lib/mmmo /var/cache/mmmo /var/cache/huggingface
 COPY --from=build /opt/mmmo /opt/mmmo
 COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/mmmo-entrypoint
+# `mmmo serve` reads MMMO_HOST and MMMO_PORT itself; in a container it listens on every address.
 ENV PATH=/opt/mmmo/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     MMMO_HOME=/var/lib/mmmo \
     MMMO_CACHE_DIR=/var/cache/mmmo \
+    MMMO_HOST=0.0.0.0 \
     MMMO_PORT=8765 \
     HF_HOME=/var/cache/huggingface
 USER ${MMMO_UID}:${MMMO_UID}

@@ -45,6 +45,8 @@ RUN groupadd --system --gid "${MMMO_UID}" mmmo \
     && chown -R mmmo:mmmo /var/lib/mmmo /var/cache/mmmo /var/cache/huggingface
 COPY --from=build /opt/mmmo /opt/mmmo
 COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/mmmo-entrypoint
+# MMMO_DEVICE=auto: `mmmo worker` takes the first GPU torch sees, else the CPU (and the entrypoint
+# claims one free GPU per container when MMMO_GPU_LOCK_DIR is set).
 # NVIDIA_VISIBLE_DEVICES is left to the runtime (compose's GPU reservation, the Kubernetes device
 # plugin): set here it would hand every GPU to containers that asked for none.
 ENV PATH=/opt/mmmo/bin:$PATH \

@@ -86,6 +86,43 @@ def one_line_error(result, code: int, *needles: str) -> str:
     return lines[0]
 
 
+def recording_mmmo(stubs: Path, log: Path) -> None:
+    """A stub `mmmo` that records each call's arguments (log/argv, one line a call) and, per
+    subcommand, the MMMO_* and CUDA_* environment it got (log/env.SUBCOMMAND, sorted NAME=VALUE lines)."""
+    log.mkdir(exist_ok=True)
+    _stub(stubs, "mmmo", f"""echo "$*" >> {log}/argv
+env | grep -E '^(MMMO|CUDA)_' | sort > "{log}/env.$1"
+if [[ -n "${{STUB_LOCK:-}}" ]]; then  # is the GPU lock still held, by this process only?
+  if flock -n "$STUB_LOCK" true; then echo free; else echo held; fi > {log}/lock
+  [[ -e /proc/$$/fd/9 ]] && echo fd9 >> {log}/lock
+fi
+exit 0
+""")
+
+
+def _env_lines(path: Path) -> dict[str, str]:
+    """NAME=VALUE lines, less MMMO_PYTHON (set by these tests for the entrypoint, see _env)."""
+    pairs = dict(line.split("=", 1) for line in path.read_text().splitlines())
+    pairs.pop("MMMO_PYTHON", None)
+    return pairs
+
+
+def recorded_env(log: Path, subcommand: str) -> dict[str, str]:
+    return _env_lines(log / f"env.{subcommand}")
+
+
+def mmmo_error(result, *needles: str) -> str:
+    """`mmmo` refused its settings: exit non-zero, nothing on stdout, one line `mmmo: error: ...`."""
+    assert result.returncode != 0, (result.returncode, result.stdout, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("mmmo: error: ")
+    for needle in needles:
+        assert needle in lines[0]
+    return lines[0]
+
+
 def _default(value: str) -> str:
     """`${VAR:-default}` -> default (compose / Dockerfile interpolation with its fallback)."""
     return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
@@ -131,39 +168,71 @@ def readme_table_names() -> set[str]:
 @needs_bash
 def test_server_role_migrates_then_execs_serve_without_secrets_on_argv(stubs):
     steps = planned(run_entrypoint(stubs, "server", MMMO_DATABASE_URL=PG_URL, MMMO_PORT="9000"))
-    assert steps == [["+", "wait-for-database", "60"], ["+", "mmmo", "db", "upgrade"],
-                     ["exec", "mmmo", "serve", "--host", "0.0.0.0", "--port", "9000"]]
-    result = run_entrypoint(stubs, "server", MMMO_DATABASE_URL=PG_URL, MMMO_MIGRATE_ON_START="0",
-                            MMMO_DB_WAIT_SECONDS="5")
+    assert steps == [["+", "wait-for-database", "60"], ["+", "mmmo", "db", "upgrade"], ["exec", "mmmo", "serve"]]
+    result = run_entrypoint(stubs, "server", "--log-level", "debug", MMMO_DATABASE_URL=PG_URL,
+                            MMMO_MIGRATE_ON_START="0", MMMO_DB_WAIT_SECONDS="5")
     assert "s3cret" not in result.stdout  # the URL reaches mmmo through the environment only
-    assert planned(result) == [["+", "wait-for-database", "5"],
-                               ["exec", "mmmo", "serve", "--host", "0.0.0.0", "--port", "8765"]]
+    assert planned(result) == [["+", "wait-for-database", "5"], ["exec", "mmmo", "serve", "--log-level", "debug"]]
+
+
+@needs_bash
+def test_server_role_passes_host_port_and_the_rest_to_mmmo_untouched(stubs, tmp_path):
+    """A real run against a stub `mmmo`: `mmmo serve` gets no flags, and the environment as it was."""
+    log = tmp_path / "log"
+    recording_mmmo(stubs, log)
+    env = {"MMMO_DATABASE_URL": f"sqlite:///{tmp_path / 'mmmo.db'}", "MMMO_HOST": "0.0.0.0", "MMMO_PORT": "9000",
+           "MMMO_LEASE_SECONDS": "30", "MMMO_OFFLINE": "true"}
+    result = run_entrypoint(stubs, "server", dry=False, **env)
+    assert result.returncode == 0, result.stderr
+    assert (log / "argv").read_text().splitlines() == ["db upgrade", "serve"]
+    assert recorded_env(log, "serve") == env
+
+
+WORKER_SETTINGS = {"MMMO_SERVER_URL": "https://mmmo.example.org", "MMMO_TOKEN": "tok-SECRET", "MMMO_DEVICE": "cuda:1",
+                   "MMMO_MAX_MEMORY": "40GB", "MMMO_BATCH_SIZE": "auto", "MMMO_WORKER_NAME": "gpu-box-1",
+                   "MMMO_PREFETCH": "false", "MMMO_POLL_SECONDS": "5", "MMMO_OFFLINE": "true"}
 
 
 @needs_bash
 def test_worker_role_execs_worker_with_settings_from_env(stubs):
-    result = run_entrypoint(stubs, "worker", "--no-prefetch", MMMO_SERVER_URL="https://mmmo.example.org",
-                            MMMO_TOKEN="tok-SECRET", MMMO_DEVICE="cuda:1", MMMO_MAX_MEMORY="40GB",
-                            MMMO_BATCH_SIZE="auto", MMMO_WORKER_NAME="gpu-box-1")
-    assert planned(result) == [["exec", "mmmo", "worker", "--server", "https://mmmo.example.org", "--device", "cuda:1",
-                                "--max-memory", "40GB", "--batch-size", "auto", "--name", "gpu-box-1",
-                                "--no-prefetch"]]
+    result = run_entrypoint(stubs, "worker", "--no-prefetch", **WORKER_SETTINGS)
+    assert planned(result) == [["exec", "mmmo", "worker", "--no-prefetch"]]  # no flags made from the environment
     assert "tok-SECRET" not in result.stdout + result.stderr  # `mmmo worker` reads MMMO_TOKEN itself
     # Arguments alone go to the role named by MMMO_ROLE.
     result = run_entrypoint(stubs, "--no-prefetch", MMMO_ROLE="worker", MMMO_SERVER_URL="http://proxy:8080",
                             MMMO_TOKEN="t")
-    assert planned(result) == [["exec", "mmmo", "worker", "--server", "http://proxy:8080", "--device", "cpu",
-                                "--no-prefetch"]]
+    assert planned(result) == [["exec", "mmmo", "worker", "--no-prefetch"]]
 
 
 @needs_bash
-def test_worker_device_auto_picks_cpu_or_the_gpu_it_was_given(stubs):
-    env = {"MMMO_SERVER_URL": "http://proxy:8080", "MMMO_TOKEN": "t"}
-    assert planned(run_entrypoint(stubs, "worker", **env))[-1][5:7] == ["--device", "cpu"]
-    _stub(stubs, "nvidia-smi", "printf 'GPU-aaa\\nGPU-bbb\\n'\n")
-    # Kubernetes, Slurm, docker --gpus device=N: the process sees its own GPU(s) only.
-    assert planned(run_entrypoint(stubs, "worker", **env)) == [
-        ["exec", "mmmo", "worker", "--server", "http://proxy:8080", "--device", "cuda:0"]]
+def test_worker_role_passes_the_environment_to_mmmo_untouched(stubs, tmp_path):
+    """A real run against a stub `mmmo`: every setting reaches `mmmo worker` as it was, none on argv."""
+    log = tmp_path / "log"
+    recording_mmmo(stubs, log)
+    result = run_entrypoint(stubs, "worker", dry=False, **WORKER_SETTINGS)
+    assert result.returncode == 0, result.stderr
+    assert (log / "argv").read_text().splitlines() == ["worker"]
+    assert recorded_env(log, "worker") == WORKER_SETTINGS
+
+
+@needs_bash
+def test_worker_device_auto_is_left_to_mmmo_without_a_lock_dir(stubs, tmp_path):
+    env = {"MMMO_SERVER_URL": "http://proxy:8080", "MMMO_TOKEN": "t", "MMMO_DEVICE": "auto"}
+    asked = tmp_path / "nvidia-smi.calls"
+    _stub(stubs, "nvidia-smi", f"echo called >> {asked}\nprintf 'GPU-aaa\\nGPU-bbb\\n'\n")
+    # Kubernetes, Slurm, docker --gpus device=N: the process sees its own GPU(s); `mmmo worker` resolves auto.
+    assert planned(run_entrypoint(stubs, "worker", **env)) == [["exec", "mmmo", "worker"]]
+    assert not asked.exists(), "the entrypoint has no device logic without MMMO_GPU_LOCK_DIR"
+
+
+def test_device_auto_resolves_in_mmmo_to_the_cpu_without_a_gpu(tmp_path):
+    code = "from service.settings import Settings; s = Settings(); print(s.device, s.resolved_device())"
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": "",
+           "MMMO_DEVICE": "auto"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["auto", "cpu"]
 
 
 @needs_bash
@@ -171,10 +240,21 @@ def test_worker_device_auto_picks_cpu_or_the_gpu_it_was_given(stubs):
 def test_worker_replicas_on_one_host_take_one_free_gpu_each(stubs, tmp_path):
     _stub(stubs, "nvidia-smi", "printf 'GPU-aaa\\nGPU-bbb\\n'\n")
     locks = tmp_path / "gpu-locks"
-    env = {"MMMO_SERVER_URL": "http://proxy:8080", "MMMO_TOKEN": "t", "MMMO_GPU_LOCK_DIR": str(locks)}
+    env = {"MMMO_SERVER_URL": "http://proxy:8080", "MMMO_TOKEN": "t", "MMMO_GPU_LOCK_DIR": str(locks),
+           "MMMO_DEVICE": "auto"}
     first = planned(run_entrypoint(stubs, "worker", **env))
-    assert first == [["export", "CUDA_VISIBLE_DEVICES=GPU-aaa"],
-                     ["exec", "mmmo", "worker", "--server", "http://proxy:8080", "--device", "cuda:0"]]
+    assert first == [["export", "CUDA_VISIBLE_DEVICES=GPU-aaa"], ["export", "MMMO_DEVICE=cuda:0"],
+                     ["exec", "mmmo", "worker"]]
+    # A device named outright is the worker's choice: no lock, nothing exported.
+    assert planned(run_entrypoint(stubs, "worker", **(env | {"MMMO_DEVICE": "cuda:1"}))) == [["exec", "mmmo", "worker"]]
+    # For real: the worker gets the GPU in its environment and keeps the lock (fd 9) while it runs.
+    log = tmp_path / "log"
+    recording_mmmo(stubs, log)
+    result = run_entrypoint(stubs, "worker", dry=False, STUB_LOCK=str(locks / "GPU-aaa.lock"), **env)
+    assert result.returncode == 0, result.stderr
+    got = recorded_env(log, "worker")
+    assert got["CUDA_VISIBLE_DEVICES"] == "GPU-aaa" and got["MMMO_DEVICE"] == "cuda:0"
+    assert (log / "lock").read_text().split() == ["held", "fd9"]
     held = []
     try:
         for uuid in ("GPU-aaa", "GPU-bbb"):
@@ -262,16 +342,45 @@ def test_migrate_role_and_other_commands(stubs):
     (["worker"], {"MMMO_TOKEN": "t"}, EX_CONFIG, ["MMMO_SERVER_URL is not set"]),
     (["worker"], {"MMMO_SERVER_URL": "http://proxy:8080"}, EX_CONFIG, ["MMMO_TOKEN", "MMMO_TOKEN_FILE"]),
     (["worker"], {"MMMO_SERVER_URL": "proxy:8080", "MMMO_TOKEN": "t"}, EX_CONFIG, ["MMMO_SERVER_URL", "http"]),
-    (["worker"], {"MMMO_SERVER_URL": "http://p", "MMMO_TOKEN": "t", "MMMO_DEVICE": "gpu"}, EX_CONFIG,
-     ["MMMO_DEVICE", "'gpu'"]),
-    (["server"], {"MMMO_DATABASE_URL": PG_URL, "MMMO_PORT": "http"}, EX_CONFIG, ["MMMO_PORT", "whole number"]),
-    (["server"], {"MMMO_DATABASE_URL": PG_URL, "MMMO_PORT": "70000"}, EX_CONFIG, ["MMMO_PORT", "65535"]),
+    (["worker"], {"MMMO_SERVER_URL": "http://p", "MMMO_TOKEN_FILE": "/t", "MMMO_TOKEN_WAIT_SECONDS": "soon"},
+     EX_CONFIG, ["MMMO_TOKEN_WAIT_SECONDS", "whole number"]),
+    (["server"], {"MMMO_DATABASE_URL": PG_URL, "MMMO_MIGRATE_ON_START": "yes"}, EX_CONFIG,
+     ["MMMO_MIGRATE_ON_START", "whole number"]),
+    (["server"], {"MMMO_DATABASE_URL": PG_URL, "MMMO_DB_WAIT_SECONDS": "-1"}, EX_CONFIG,
+     ["MMMO_DB_WAIT_SECONDS", "whole number"]),
+    (["healthcheck"], {"MMMO_PORT": "http"}, EX_CONFIG, ["MMMO_PORT", "whole number"]),
     (["init"], {"MMMO_DATABASE_URL": PG_URL, "MMMO_TEAM": "two words"}, EX_CONFIG, ["MMMO_TEAM"]),
     ([], {}, EX_CONFIG, ["no role", "MMMO_ROLE"]),
     (["server"], {"MMMO_DATABASE_URL": PG_URL, "MMMO_DRY_RUN": "maybe"}, EX_CONFIG, ["MMMO_DRY_RUN"]),
 ])
 def test_missing_or_bad_variables_fail_with_one_line(stubs, args, env, code, needles):
     one_line_error(run_entrypoint(stubs, *args, **env), code, *needles)
+
+
+MMMO = Path(sys.executable).parent / "mmmo"
+
+
+@pytest.mark.skipif(not MMMO.exists(), reason="the mmmo console script is not installed next to this Python")
+@pytest.mark.parametrize(("command", "name", "value", "needles"), [
+    ("worker", "MMMO_DEVICE", "gpu", ["device", "auto|cpu|cuda"]),
+    ("worker", "MMMO_BATCH_SIZE", "lots", ["batch_size", "integer"]),
+    ("worker", "MMMO_MAX_MEMORY", "much", ["max_memory"]),
+    ("worker", "MMMO_MAX_MEMORY", "-5GB", ["max_memory", "greater than 0"]),
+    ("worker", "MMMO_PREFETCH", "maybe", ["prefetch", "boolean"]),
+    ("worker", "MMMO_POLL_SECONDS", "0", ["poll_seconds", "greater than 0"]),
+    ("worker", "MMMO_OFFLINE", "perhaps", ["offline", "boolean"]),
+    ("serve", "MMMO_PORT", "http", ["port", "integer"]),
+    ("serve", "MMMO_PORT", "70000", ["port", "65535"]),
+    ("serve", "MMMO_LEASE_SECONDS", "0", ["lease_seconds", "greater than 0"]),
+])
+def test_mmmo_itself_rejects_a_bad_setting_with_one_line(stubs, tmp_path, command, name, value, needles):
+    """What the entrypoint used to check (port, device, batch size) `mmmo` checks now, for every caller."""
+    env = _env(stubs, MMMO_HOME=str(tmp_path / "home"), MMMO_SERVER_URL="http://127.0.0.1:1", MMMO_TOKEN="t",
+               **{name: value})
+    result = subprocess.run([str(MMMO), command], env=env, capture_output=True, text=True, timeout=120)
+    line = mmmo_error(result, *needles)
+    assert line.startswith(f"mmmo: error: {needles[0]}")
+    assert not (tmp_path / "home" / "mmmo.db").exists(), "nothing may start after a bad setting"
 
 
 @needs_bash
@@ -341,8 +450,9 @@ def _slurm_stubs(stubs: Path, log: Path) -> None:
 while [[ "$1" == --* ]]; do shift; done
 SLURM_LOCALID=0 SLURMD_NODENAME=n1 "$@"
 """)
-    # the worker: record its arguments; with STUB_SLEEP, run until a SIGTERM ends it.
+    # the worker: record its arguments and MMMO_* environment; with STUB_SLEEP, run until a SIGTERM ends it.
     _stub(stubs, "mmmo", f"""echo "$*" > {log}/mmmo
+env | grep '^MMMO_' | sort > {log}/mmmo.env
 echo $$ > {log}/mmmo.pid
 if [[ -n "${{STUB_SLEEP:-}}" ]]; then
   trap 'kill "$nap"; echo TERM > {log}/mmmo.term; exit 0' TERM
@@ -368,14 +478,18 @@ def test_slurm_script_starts_one_worker_per_gpu(stubs, tmp_path):
     token = tmp_path / "worker.token"
     token.write_text("tok\n")
     result = subprocess.run([BASH, str(SBATCH)], env=_sbatch_env(stubs, MMMO_TOKEN_FILE=str(token),
-                                                                 MMMO_MAX_MEMORY="40GB"),
+                                                                 MMMO_MAX_MEMORY="40GB", MMMO_BATCH_SIZE="auto",
+                                                                 MMMO_DEVICE="cpu"),
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     srun = (tmp_path / "srun").read_text().split()
     assert {"--ntasks=2", "--ntasks-per-node=2", "--gpus-per-task=1", "--kill-on-bad-exit=0"} <= set(srun)
-    assert (tmp_path / "mmmo").read_text().split() == [
-        "worker", "--server", "https://mmmo.example.org", "--device", "cuda:0", "--max-memory", "40GB",
-        "--name", "mmmo-42-n1-0"]
+    assert (tmp_path / "mmmo").read_text().split() == ["worker"]  # settings through the environment, no flags
+    env = _env_lines(tmp_path / "mmmo.env")
+    assert env == {"MMMO_SERVER_URL": "https://mmmo.example.org", "MMMO_TOKEN_FILE": str(token),
+                   "MMMO_MAX_MEMORY": "40GB", "MMMO_BATCH_SIZE": "auto",
+                   "MMMO_DEVICE": "cuda:0",  # each task's own GPU, whatever the submitting shell had
+                   "MMMO_WORKER_NAME": "mmmo-42-n1-0"}
     header = [line for line in SBATCH.read_text().splitlines() if line.startswith("#SBATCH")]
     assert "#SBATCH --signal=TERM@900" in header  # the steps get SIGTERM before the time limit
 
@@ -512,10 +626,81 @@ def test_every_variable_is_in_env_example_and_the_readme_table():
     environment = {key for s in compose()["services"].values() for key in (s.get("environment") or {})}
     entrypoint = set(re.findall(r"\b(MMMO_[A-Z_]+)\b", ENTRYPOINT.read_text()))
     sbatch = set(re.findall(r"\b(MMMO_[A-Z_]+)\b", SBATCH.read_text()))
-    settings = {"MMMO_DATABASE_URL", "MMMO_HOME", "MMMO_CACHE_DIR", "MMMO_SERVER_URL", "MMMO_TOKEN", "MMMO_TOKEN_FILE",
-                "MMMO_LEASE_SECONDS", "MMMO_MAX_ATTEMPTS", "HF_HOME", "HF_HUB_OFFLINE"}
+    settings = _settings_variables() | {"HF_HOME", "HF_HUB_OFFLINE"}
     wanted = referenced | example | environment | entrypoint | sbatch | settings
     assert wanted <= table, f"missing from docker/README.md's table: {sorted(wanted - table)}"
+
+
+def _settings_variables() -> set[str]:
+    from service.settings import Settings
+
+    return {f"MMMO_{name.upper()}" for name in Settings.model_fields}
+
+
+def readme_read_by() -> dict[str, str]:
+    """docker/README.md's table: variable -> its "read by" cell (the third column)."""
+    rows = re.findall(r"^\|\s*`([A-Z][A-Z0-9_]+)`\s*\|[^|]*\|([^|]*)\|", (DOCKER / "README.md").read_text(), re.M)
+    return {name: cell.strip() for name, cell in rows}
+
+
+def test_readme_table_says_who_reads_each_variable():
+    read_by = readme_read_by()
+    for name in _settings_variables():
+        assert "`mmmo`" in read_by[name], f"{name} is a setting: `mmmo` reads it"
+    entrypoint = set(re.findall(r"\$\{?(MMMO_[A-Z_]+)", ENTRYPOINT.read_text()))
+    for name in entrypoint:
+        assert "entrypoint" in read_by[name], f"the entrypoint reads {name}"
+    for name, cell in read_by.items():
+        if "`mmmo`" not in cell and name.startswith("MMMO_"):
+            assert name not in _settings_variables()
+
+
+def _settings_errors(env: dict[str, str], monkeypatch) -> list[str]:
+    """Settings built from exactly these MMMO_* values: the errors, [] when mmmo accepts them."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    for name in [n for n in os.environ if n.startswith("MMMO_")]:
+        monkeypatch.delenv(name)
+    with monkeypatch.context() as patch:
+        for name, value in env.items():
+            if name.startswith("MMMO_"):
+                patch.setenv(name, value)
+        try:
+            Settings()
+        except ValidationError as exc:
+            return [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+    return []
+
+
+def _dockerfile_env(path: Path) -> dict[str, str]:
+    pairs = [word.split("=", 1) for kind, arg in _dockerfile(path) if kind == "ENV" for word in shlex.split(arg)]
+    return dict(pairs)
+
+
+def test_every_setting_these_files_give_mmmo_is_valid(monkeypatch):
+    """The values compose (with .env's defaults), Kubernetes and the images set are ones mmmo accepts: a bad
+    one would now stop `mmmo` at start, not the entrypoint."""
+    images = {role: _dockerfile_env(path) for role, path in DOCKERFILES.items()}
+    for role, env in images.items():
+        assert _settings_errors(env, monkeypatch) == [], f"{role}.Dockerfile"
+    for name, service in compose()["services"].items():
+        env = {k: _default(str(v)) for k, v in (service.get("environment") or {}).items()}
+        image = images["worker" if name == "worker" else "server"]
+        assert _settings_errors(image | env, monkeypatch) == [], f"compose service {name}"
+    for doc in k8s_docs():
+        for container in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            env = {k: v for k, v in _env_of(container).items() if isinstance(v, str)}
+            image = images["worker" if "worker" in container["image"] else "server"]
+            assert _settings_errors(image | env, monkeypatch) == [], f"k8s container {container['name']}"
+
+
+def test_images_default_to_what_a_container_needs():
+    server, worker = _dockerfile_env(DOCKERFILES["server"]), _dockerfile_env(DOCKERFILES["worker"])
+    assert server["MMMO_HOST"] == "0.0.0.0", "mmmo serve's default, 127.0.0.1, is unreachable from outside"
+    assert server["MMMO_PORT"] == "8765"
+    assert worker["MMMO_DEVICE"] == "auto", "the first GPU the container sees, else the CPU"
 
 
 def test_every_image_is_pinned():
