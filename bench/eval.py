@@ -18,15 +18,16 @@ import threading
 import time
 from pathlib import Path
 
-from evals.offline import force_offline
+from evals.offline import set_offline
 
-force_offline()
+set_offline(True)
 
 from evals.zoo import ensure_zoo  # noqa: E402
-from service.client import ApiClient  # noqa: E402
+from service.client import ApiClient, HttpLeaseSource  # noqa: E402
 from service.demo import demo_spec, start_server  # noqa: E402
+from service.runner import TrialRunner  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from service.worker import TrialRunner, Worker  # noqa: E402
+from service.worker import Worker  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +44,7 @@ def main() -> None:
         running = start_server(Settings(home=Path(home), cache_dir=settings.cache_dir), port=0)
         client = ApiClient(running.url, token=running.token)
         runner = TrialRunner(cache_dir=settings.cache_dir)
-        worker = Worker(client, runner, name="bench", prefetch=args.prefetch)
+        worker = Worker(HttpLeaseSource(client), runner, name="bench", prefetch=args.prefetch)
         spec = demo_spec(zoo, args.trials + 1, samples=args.samples) | {"method": args.method}
         client.create_study(spec)
         assert worker.run_one(), "no trial to run"  # the first trial loads the resident models

@@ -23,17 +23,17 @@ from pathlib import Path
 # would shadow the `search` package.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from evals.offline import force_offline  # noqa: E402
+from evals.offline import set_offline  # noqa: E402
 
-force_offline()
+set_offline(True)
 
 from evals.zoo import ensure_zoo  # noqa: E402
 from search.pareto import hypervolume, hypervolume_trace, knee_point, pareto_front  # noqa: E402
 from search.spec import StudySpec  # noqa: E402
 from service import local  # noqa: E402
+from service.runner import TrialRunner  # noqa: E402
 from service.services import Services  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from service.worker import TrialRunner  # noqa: E402
 
 
 def spec_for(zoo, *, method: str, sampler: str, trials: int, samples: int, seed: int,

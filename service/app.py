@@ -1,15 +1,38 @@
-"""The FastAPI application: routes are thin, rules live in ``studies`` and ``queue``."""
+"""The FastAPI application: routes are thin, rules live in plain modules (``studies``, ``dispatch``,
+``results``, ``jobs``); their errors become HTTP statuses here, once."""
 
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, status
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 
+from service.leases import StaleLease
 from service.limits import BodySizeLimit
+from service.results import BadResult
 from service.routes import api_router, health, metrics, web
 from service.services import Services
 from service.settings import Settings
+from service.studies import InvalidSpec
+
+
+async def _stale_lease(_request: Request, exc: Exception) -> JSONResponse:
+    """The lease is no longer held (expired, re-leased, finished, study stopped): stop the work."""
+    return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_409_CONFLICT)
+
+
+async def _bad_result(_request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+async def _invalid_spec(request: Request, exc: Exception) -> JSONResponse:
+    """Spec problems found against the world (files, tasks, methods), shaped like pydantic's."""
+    assert isinstance(exc, InvalidSpec)
+    errors = [{"loc": ("body", *p.loc), "msg": p.msg, "type": "value_error"} for p in exc.problems]
+    return await request_validation_exception_handler(request, RequestValidationError(errors))
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
@@ -24,6 +47,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                   description="Multi-objective search for LLM merges: studies, trials, leases, Pareto fronts.")
     app.state.services = services
     app.add_middleware(BodySizeLimit, max_bytes=services.settings.max_body_bytes)
+    app.add_exception_handler(StaleLease, _stale_lease)
+    app.add_exception_handler(BadResult, _bad_result)
+    app.add_exception_handler(InvalidSpec, _invalid_spec)
     app.include_router(api_router)
     app.include_router(health.router)
     app.include_router(metrics.router)

@@ -14,11 +14,12 @@ import httpx
 from pydantic import ValidationError
 
 
-def _configure(verbose: bool) -> None:
-    # Before lm-eval and datasets import: no hub calls, no tqdm bars under our own progress bar.
-    from evals.offline import force_offline
+def _configure(verbose: bool, offline: bool) -> None:
+    # Before lm-eval, datasets and huggingface_hub import (they read these variables when they do):
+    # hub calls only where the settings allow them, no tqdm bars under our own progress bar.
+    from evals.offline import set_offline
 
-    force_offline()
+    set_offline(offline)
     os.environ.setdefault("TQDM_DISABLE", "1")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -29,11 +30,12 @@ def _configure(verbose: bool) -> None:
 def _settings(args: argparse.Namespace):
     from service.settings import Settings
 
-    overrides = {}
-    if getattr(args, "db", None):
-        overrides["database_url"] = args.db
-    if getattr(args, "home", None):
-        overrides["home"] = Path(args.home)
+    # A flag given on the command line wins over the environment; an absent one leaves it alone.
+    flags = {"db": "database_url", "home": "home", "host": "host", "port": "port", "device": "device",
+             "batch_size": "batch_size", "max_memory": "max_memory", "name": "worker_name", "server": "server_url"}
+    overrides = {field: getattr(args, flag) for flag, field in flags.items() if getattr(args, flag, None) is not None}
+    if getattr(args, "no_prefetch", False):
+        overrides["prefetch"] = False
     return Settings(**overrides)
 
 
@@ -59,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     services = Services.start(settings)
     embedded_access(settings, services)
-    uvicorn.run(create_app(settings, services), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(create_app(settings, services), host=settings.host, port=settings.port, log_level="info")
     return 0
 
 
@@ -136,28 +138,19 @@ def _admin_session(args: argparse.Namespace):
     return opened()
 
 
-def _bytes(text: str) -> int:
-    """``20GB``, ``512MiB``, ``1e9`` -> bytes."""
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
-             "tb": 10**12, "b": 1}
-    lowered = text.strip().lower()
-    for unit, factor in units.items():
-        if lowered.endswith(unit):
-            return int(float(lowered.removesuffix(unit)) * factor)
-    return int(float(lowered))
-
-
 def cmd_worker(args: argparse.Namespace) -> int:
     import threading
 
-    from service.client import ApiClient
-    from service.worker import TrialRunner, Worker, default_worker_name
+    from service.client import ApiClient, HttpLeaseSource
+    from service.runner import TrialRunner
+    from service.worker import Worker, default_worker_name
 
     settings = _settings(args)
-    client = ApiClient(args.server or settings.server_url, token=args.token or settings.resolved_token())
-    runner = TrialRunner(device=args.device, batch_size=args.batch_size, cache_dir=settings.cache_dir,
-                         max_resident_bytes=_bytes(args.max_memory) if args.max_memory else None)
-    worker = Worker(client, runner, name=args.name or default_worker_name(), prefetch=not args.no_prefetch)
+    client = ApiClient(settings.server_url, token=args.token or settings.resolved_token())
+    runner = TrialRunner(device=settings.resolved_device(), batch_size=settings.batch_size,
+                         cache_dir=settings.cache_dir, max_resident_bytes=settings.max_memory)
+    worker = Worker(HttpLeaseSource(client), runner, name=settings.worker_name or default_worker_name(),
+                    poll_seconds=settings.poll_seconds, prefetch=settings.prefetch)
     stop = threading.Event()
 
     def finish_then_exit(signum: int, _frame: object) -> None:
@@ -221,7 +214,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from merging.mergekit_yaml import parse_mergekit
-    from service.worker import write_model
+    from service.materialize import write_model
 
     config_path = Path(args.config)
     plan = parse_mergekit(config_path.read_text(), relative_to=config_path.parent)
@@ -244,7 +237,7 @@ def _client(args: argparse.Namespace):
 
     settings = _settings(args)
     token = getattr(args, "token", None) or settings.resolved_token()
-    return ApiClient(args.server or settings.server_url, token=token)
+    return ApiClient(settings.server_url, token=token)
 
 
 def cmd_study_export(args: argparse.Namespace) -> int:
@@ -257,7 +250,7 @@ def cmd_study_materialize(args: argparse.Namespace) -> int:
     import yaml
 
     from merging.config import MergeConfig
-    from service.worker import write_model
+    from service.materialize import write_model
 
     if args.on_worker:
         return _materialize_on_worker(args)
@@ -300,9 +293,9 @@ def _run_local(args: argparse.Namespace, study_id: int | None) -> int:
     from search.spec import load_spec
     from service import local
     from service.demo import pareto_table
+    from service.runner import TrialRunner
     from service.services import Services
     from service.studies import get_study, pareto
-    from service.worker import TrialRunner
 
     settings = _settings(args)
     services = Services.start(settings)
@@ -315,7 +308,7 @@ def _run_local(args: argparse.Namespace, study_id: int | None) -> int:
                 if get_study(session, study_id, None) is None:
                     raise ValueError(f"no study {study_id} in {settings.resolved_database_url()}")
         console.print(f"study {study_id} (database {settings.resolved_database_url()})")
-        runner = TrialRunner(device=args.device, cache_dir=settings.cache_dir)
+        runner = TrialRunner(device=settings.resolved_device(), cache_dir=settings.cache_dir)
         final = local.run(services, study_id, runner,
                           on_trial=lambda n, done, v: console.print(f"trial {n} done ({done} finished)"
                                                                     + ("" if v else ": failed")))
@@ -364,22 +357,22 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = with_db(sub.add_parser("serve", help="run the API server and dashboard"))
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--host", help="address to bind (default: MMMO_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: MMMO_PORT or 8765)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="lease and run trials from a server")
     p.add_argument("--server", help="API URL (default: MMMO_SERVER_URL or http://127.0.0.1:8765)")
     p.add_argument("--token", help="API token (default: MMMO_TOKEN, MMMO_TOKEN_FILE, or ~/.mmmo/token)")
     p.add_argument("--home", help="state directory holding the default token file")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--name")
-    p.add_argument("--batch-size", default=64, type=lambda v: v if v == "auto" else int(v),
-                   help="lm-eval batch size, or 'auto'")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: MMMO_DEVICE or cpu)")
+    p.add_argument("--name", help="worker name (default: MMMO_WORKER_NAME, else host name and pid)")
+    p.add_argument("--batch-size", help="lm-eval batch size, or 'auto' (default: MMMO_BATCH_SIZE or 64)")
     p.add_argument("--max-memory", help="keep several model sets resident up to this size, e.g. 40GB "
-                   "(default: only the last set used)")
+                   "(default: MMMO_MAX_MEMORY, else only the last set used)")
     p.add_argument("--no-prefetch", action="store_true",
-                   help="do not lease the next trial during the current one (for a server on the same cores)")
+                   help="do not lease the next trial during the current one (for a server on the same cores; "
+                   "MMMO_PREFETCH=0)")
     p.set_defaults(func=cmd_worker)
 
     p = with_db(sub.add_parser("demo", help="build the demo zoo and run a study end to end"))
@@ -440,11 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_db(study.add_parser("run", help="run a whole study in this process (no server)"))
     p.add_argument("spec")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: MMMO_DEVICE or cpu)")
     p.set_defaults(func=cmd_study_run)
     p = with_db(study.add_parser("resume", help="go on with a study that `study run` did not finish"))
     p.add_argument("study_id", type=int)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: MMMO_DEVICE or cpu)")
     p.set_defaults(func=cmd_study_resume)
 
     def with_server(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -470,8 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure(args.verbose)
     try:
+        # The demo and the zoo use only what is bundled: they never need the hub.
+        offline = args.func in (cmd_demo, cmd_zoo_build) or _settings(args).offline
+        _configure(args.verbose, offline)
         return args.func(args)
     except ValidationError as exc:
         first = exc.errors()[0]

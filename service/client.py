@@ -1,4 +1,5 @@
-"""A small typed client of the HTTP API, used by workers, the demo and the CLI."""
+"""A small typed client of the HTTP API, used by the demo and the CLI, and the workers' lease
+source over HTTP."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from service.lease_source import Lease, LeaseLost, Refused
 
 
 class ServerUnreachable(ConnectionError):
@@ -111,5 +114,40 @@ class ApiClient:
     def release(self, token: str) -> dict[str, Any]:
         return self._call("POST", f"/api/v1/leases/{token}/release")
 
-    def fail(self, token: str, error: str) -> dict[str, Any]:
-        return self._call("POST", f"/api/v1/leases/{token}/result", json={"error": error[:10_000]})
+    def fail(self, token: str, error: str, *, fatal: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": error[:10_000]}
+        if fatal:
+            body["fatal"] = True
+        return self._call("POST", f"/api/v1/leases/{token}/result", json=body)
+
+
+class HttpLeaseSource:
+    """``worker.LeaseSource`` over the API: 409 and 404 mean the lease was lost."""
+
+    def __init__(self, client: ApiClient) -> None:
+        self.client = client
+
+    def _call(self, call, *args, **kwargs) -> Any:
+        try:
+            return call(*args, **kwargs)
+        except ApiError as exc:
+            raise (LeaseLost if exc.status in (404, 409) else Refused)(str(exc)) from exc
+
+    def lease(self, worker: str) -> Lease | None:
+        data = self._call(self.client.lease, worker)
+        return None if data is None else Lease.from_api(data)
+
+    def heartbeat(self, token: str) -> None:
+        self._call(self.client.heartbeat, token)
+
+    def complete(self, token: str, values: dict[str, float]) -> None:
+        self._call(self.client.complete, token, values)
+
+    def fail(self, token: str, error: str, *, fatal: bool = False) -> None:
+        self._call(self.client.fail, token, error, fatal=fatal)
+
+    def release(self, token: str) -> None:
+        self._call(self.client.release, token)
+
+    def upload(self, token: str, archive: Path) -> None:
+        self._call(self.client.upload_artifact, token, archive)

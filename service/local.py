@@ -1,75 +1,90 @@
 """``mmmo study run`` / ``resume``: a whole study in one process, no HTTP, on the same queue.
 
-The same lease/complete rules as the server apply (so a killed run resumes with its budget
-honoured and nothing counted twice); the process is its own single worker.
+The process is its own single worker: the worker loop of ``mmmo worker`` runs over an
+in-process ``LeaseSource``, so the lease rules (budget honoured after a kill, nothing counted
+twice, a lost lease abandoned) are the server's own.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from search.spec import StudySpec
-from service import auth, queue, studies
+from service import auth, dispatch, results, studies
+from service.lease_source import Lease, LeaseLost, Refused
+from service.leases import StaleLease
+from service.runner import TrialRunner
 from service.services import Services
-from service.worker import TrialRunner
+from service.states import FINISHED_TRIAL, TrialOrigin
+from service.worker import Outcome, Worker
 
 LOCAL_WORKER = "study-run"
+
+
+class LocalLeaseSource:
+    """``worker.LeaseSource`` on this process's database, for one study."""
+
+    def __init__(self, services: Services, study_id: int) -> None:
+        self.services, self.study_id = services, study_id
+
+    def _call(self, call: Callable, *args, **kwargs):
+        with self.services.sessions() as session, self.services.lock:
+            try:
+                return call(session, *args, **kwargs)
+            except StaleLease as exc:
+                raise LeaseLost(str(exc)) from exc
+            except results.BadResult as exc:
+                raise Refused(str(exc)) from exc
+
+    def lease(self, worker: str) -> Lease | None:
+        s = self.services
+        leased = self._call(dispatch.next_work, s.optuna, s.policy, worker, s.clock(), study_id=self.study_id)
+        return None if leased is None else Lease.from_api(leased.model_dump(mode="json"))
+
+    def heartbeat(self, token: str) -> None:
+        s = self.services
+        self._call(dispatch.heartbeat, s.optuna, s.policy, token, s.clock())
+
+    def complete(self, token: str, values: dict[str, float]) -> None:
+        self._call(dispatch.complete, self.services.optuna, token, values, self.services.clock())
+
+    def fail(self, token: str, error: str, *, fatal: bool = False) -> None:
+        self._call(dispatch.fail, self.services.optuna, token, error, self.services.clock(), fatal=fatal)
+
+    def release(self, token: str) -> None:
+        self._call(dispatch.release, token)
+
+    def upload(self, token: str, archive: Path) -> None:
+        raise Refused("`mmmo study run` runs no materialise jobs")
 
 
 def create(services: Services, spec: StudySpec) -> int:
     with services.sessions() as session, services.lock:
         team = auth.local_team(session)
         return studies.create_study(session, services.optuna, services.catalog, spec, team_id=team.id,
-                                    created_by=LOCAL_WORKER).id
+                                    created_by=LOCAL_WORKER, now=services.clock()).id
 
 
 def run(services: Services, study_id: int, runner: TrialRunner,
         on_trial: Callable[[int, int, dict | None], None] | None = None) -> dict:
     """Run the study's remaining trials; returns its final state as the API shows it."""
-    from evals.objective import Objective
-    from merging.config import MergeConfig
-
     with services.sessions() as session, services.lock:
         # A previous run of ours died: its leases go back to the queue at once, and what it had
         # asked Optuna for but not yet recorded is failed there (nothing else runs this study).
-        queue.requeue_leases_of(session, study_id, LOCAL_WORKER)
-        queue.fail_orphans(session, services.optuna, studies.get_study(session, study_id, None), older_than_s=0.0)
-    while True:
-        with services.sessions() as session, services.lock:
-            lease = queue.lease_next(session, services.optuna, services.policy, LOCAL_WORKER, study_id=study_id)
-        if lease is None:
-            break
-        token, number = lease.trial.lease_token, lease.trial.number
-        stop = threading.Event()
-        beat = threading.Thread(target=_heartbeat, args=(services, token, stop), daemon=True)
-        beat.start()
-        try:
-            values = runner.run(MergeConfig.from_dict(lease.trial.merge_config),
-                                [Objective(**o) for o in lease.objectives], tuple(lease.task_paths))
-            error = None
-        except Exception as exc:  # the trial fails with its reason; the study goes on
-            values, error = None, f"{type(exc).__name__}: {exc}"
-        finally:
-            stop.set()
-            beat.join()
-        with services.sessions() as session, services.lock:
-            if values is not None:
-                queue.complete(session, services.optuna, token, values)
-            else:
-                queue.fail(session, services.optuna, token, error)
+        dispatch.requeue_leases_of(session, study_id, LOCAL_WORKER)
+        results.fail_orphans(session, services.optuna, studies.get_study(session, study_id, None), older_than_s=0.0)
+
+    def reported(outcome: Outcome) -> None:
+        if on_trial is None:
+            return
+        with services.sessions() as session:
             study = studies.get_study(session, study_id, None)
-            done = sum(t.state in ("complete", "failed") and t.origin == "sampler" for t in study.trials)
-        if on_trial:
-            on_trial(number, done, values)
+            done = sum(t.state in FINISHED_TRIAL and t.origin == TrialOrigin.SAMPLER for t in study.trials)
+        on_trial(outcome.lease.trial_number, done, outcome.values)
+
+    worker = Worker(LocalLeaseSource(services, study_id), runner, LOCAL_WORKER, prefetch=False, on_outcome=reported)
+    worker.run(threading.Event(), until_idle=True)
     with services.sessions() as session:
         return studies.study_detail(studies.get_study(session, study_id, None)).model_dump(mode="json")
-
-
-def _heartbeat(services: Services, token: str, stop: threading.Event) -> None:
-    while not stop.wait(services.policy.lease_seconds / 3):
-        with services.sessions() as session, services.lock:
-            try:
-                queue.heartbeat(session, services.optuna, services.policy, token)
-            except queue.StaleLease:
-                return

@@ -34,6 +34,7 @@ class StudyPublic(BaseModel):
     id: int
     name: str
     status: str
+    error: str | None = Field(default=None, description="why the study failed, when it cannot run at all")
     method: str
     budget: int
     created_at: datetime
@@ -110,6 +111,8 @@ class TrialResult(BaseModel):
 
     values: dict[str, float] | None = None
     error: str | None = Field(default=None, max_length=10_000)
+    fatal: bool = Field(default=False, description="with an error: the study itself cannot run (e.g. its "
+                        "checkpoints are incompatible); it fails with this reason and leases no more trials")
 
 
 class WorkerTask(BaseModel):

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from evals.catalog import TaskCatalog
+from search.constraints import constraint_violations
+from search.optuna_store import OptunaStudies
 from search.pareto import hypervolume, hypervolume_trace, pareto_front
 from search.selection import select as select_trial
 from search.space import SearchSpace
 from search.spec import StudySpec
-from search.study import OptunaStudies
-from service.db.models import Job, Study, Trial, utcnow
-from service.objectives import objectives_of
-from service.queue import cached_values, constraint_violations
+from service.db.models import Job, Study, Trial
+from service.results import cached_values, optuna_call
 from service.schemas import HypervolumePoint, ObjectivePublic, ParetoPublic, StudyDetail, StudyPublic, TrialPublic
+from service.specs import objectives_of, spec_of
+from service.states import StudyStatus, TrialOrigin, TrialState
 from service.validation import SpecProblem, resolve_directions, resolve_layers, spec_problems
 
 
@@ -36,14 +39,15 @@ def _warm_start_problems(session: Session, spec: StudySpec, team_id: int) -> lis
         if source is None:
             problems.append(SpecProblem(("warm_start", i), f"study {source_id} not found"))
             continue
-        other = StudySpec.model_validate(source.spec)
+        other = spec_of(source)
         if (other.base, [(e.name, e.path) for e in other.experts], other.method) != want:
             problems.append(SpecProblem(("warm_start", i), f"study {source_id} merges other models or another "
                                                            "method; warm starts need the same base, experts, method"))
     return problems
 
 
-def _seed_from_history(session: Session, optuna: OptunaStudies, study: Study, spec: StudySpec) -> int:
+def _seed_from_history(session: Session, optuna: OptunaStudies, study: Study, spec: StudySpec,
+                       now: datetime) -> int:
     """Copy the evaluated trials of ``spec.warm_start`` studies into ``study``; returns how many.
 
     A source trial qualifies when its parameters lie in this study's space and the results cache
@@ -56,7 +60,7 @@ def _seed_from_history(session: Session, optuna: OptunaStudies, study: Study, sp
     added = 0
     for source_id in spec.warm_start:
         for t in session.get(Study, source_id).trials:
-            if t.state != "complete" or set(t.params) != set(dists):
+            if t.state != TrialState.COMPLETE or set(t.params) != set(dists):
                 continue
             if not all(dists[k]._contains(dists[k].to_internal_repr(v)) for k, v in t.params.items()):
                 continue
@@ -65,19 +69,18 @@ def _seed_from_history(session: Session, optuna: OptunaStudies, study: Study, sp
             if values is None or config.fingerprint() in seen:
                 continue
             seen.add(config.fingerprint())
-            session.commit()  # Optuna writes through its own connection (see queue.py)
-            number = optuna.add_evaluated(study.optuna_name, spec, t.params, [values[o.key] for o in objectives],
-                                          constraint_violations(spec, values))
+            number = optuna_call(session, optuna.add_evaluated, study.optuna_name, spec, t.params,
+                                 [values[o.key] for o in objectives], constraint_violations(spec, values))
             session.add(Trial(study_id=study.id, number=number, params=t.params, merge_config=config.to_dict(),
-                              config_hash=config.fingerprint(), state="complete", values=values, cached=True,
-                              origin="warm_start", finished_at=utcnow()))
+                              config_hash=config.fingerprint(), state=TrialState.COMPLETE, values=values,
+                              cached=True, origin=TrialOrigin.WARM_START, finished_at=now))
             added += 1
     session.commit()
     return added
 
 
 def create_study(session: Session, optuna: OptunaStudies, catalog: TaskCatalog, spec: StudySpec, *,
-                 team_id: int, created_by: str | None = None) -> Study:
+                 team_id: int, created_by: str | None = None, now: datetime) -> Study:
     problems = spec_problems(spec, catalog) + _warm_start_problems(session, spec, team_id)
     if problems:
         raise InvalidSpec(problems)
@@ -87,13 +90,13 @@ def create_study(session: Session, optuna: OptunaStudies, catalog: TaskCatalog, 
     except (OSError, ValueError) as exc:
         raise InvalidSpec([SpecProblem(("search_space", "num_layers"), str(exc))]) from None
     study = Study(team_id=team_id, created_by=created_by, name=spec.name, spec=spec.model_dump(mode="json"),
-                  budget=spec.budget.trials,
-                  optuna_name=f"mmmo-{uuid.uuid4().hex}", status="running")
+                  budget=spec.budget.trials, created_at=now,
+                  optuna_name=f"mmmo-{uuid.uuid4().hex}", status=StudyStatus.RUNNING)
     optuna.create(study.optuna_name, spec)
     try:
         session.add(study)
         session.commit()
-        _seed_from_history(session, optuna, study, spec)
+        _seed_from_history(session, optuna, study, spec, now)
     except Exception:
         session.rollback()
         optuna.delete(study.optuna_name)
@@ -135,16 +138,14 @@ def list_studies(session: Session, team_id: int, *, status: str | None = None, m
     return [s for s in found if matches(s)]
 
 
-def cancel_study(session: Session, optuna: OptunaStudies, study: Study) -> Study:
-    """No new trials; queued ones fail; results of trials in flight are still accepted."""
-    if study.status != "running":
+def cancel_study(session: Session, optuna: OptunaStudies, study: Study, now: datetime) -> Study:
+    """No new trials; queued ones fail; running ones fail at their next heartbeat."""
+    if study.status != StudyStatus.RUNNING:
         return study
-    spec = StudySpec.model_validate(study.spec)
-    for trial in [t for t in study.trials if t.state == "queued"]:
-        session.commit()  # Optuna writes through its own connection (see queue.py)
-        optuna.fail(study.optuna_name, spec, trial.number)
-        trial.state, trial.error, trial.finished_at = "failed", "study cancelled", utcnow()
-    study.status, study.finished_at = "cancelled", utcnow()
+    for trial in [t for t in study.trials if t.state == TrialState.QUEUED]:
+        optuna_call(session, optuna.fail, study.optuna_name, spec_of(study), trial.number)
+        trial.state, trial.error, trial.finished_at = TrialState.FAILED, "study cancelled", now
+    study.status, study.finished_at = StudyStatus.CANCELLED, now
     session.commit()
     return study
 
@@ -163,7 +164,7 @@ def delete_study(session: Session, optuna: OptunaStudies, study: Study) -> None:
 
 def _objectives(study: Study) -> list[ObjectivePublic]:
     return [ObjectivePublic(key=o.key, kind=o.kind, task=o.task, metric=o.metric, direction=o.direction)
-            for o in objectives_of(StudySpec.model_validate(study.spec))]
+            for o in objectives_of(spec_of(study))]
 
 
 def trial_public(t: Trial) -> TrialPublic:
@@ -185,7 +186,8 @@ def state_counts(session: Session, study_ids: list[int]) -> dict[int, dict[str, 
 def study_public(study: Study, counts: dict[str, int] | None = None) -> StudyPublic:
     if counts is None:
         counts = dict(Counter(t.state for t in study.trials))
-    return StudyPublic(id=study.id, name=study.name, status=study.status, method=study.spec["method"],
+    return StudyPublic(id=study.id, name=study.name, status=study.status, error=study.error,
+                       method=study.spec["method"],
                        budget=study.budget, created_at=study.created_at, finished_at=study.finished_at,
                        created_by=study.created_by, base=study.spec["base"],
                        experts=[e["name"] for e in study.spec["experts"]],
@@ -214,9 +216,9 @@ def reference_point(values: list[list[float]], directions: list[str], keys: list
 
 def _feasible_points(study: Study) -> tuple[list[Trial], list[list[float]], StudySpec]:
     """Completed, feasible trials (one per configuration) in finishing order, and their values."""
-    spec = StudySpec.model_validate(study.spec)
+    spec = spec_of(study)
     keys = [o.key for o in objectives_of(spec)]
-    done = sorted((t for t in study.trials if t.state == "complete"), key=lambda t: (t.finished_at, t.number))
+    done = sorted((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: (t.finished_at, t.number))
     unique = list({t.config_hash: t for t in reversed(done)}.values())[::-1]  # first of each configuration
     feasible = [t for t in unique if all(v <= 0 for v in constraint_violations(spec, t.values).values())]
     return feasible, [[t.values[k] for k in keys] for t in feasible], spec
@@ -225,7 +227,7 @@ def _feasible_points(study: Study) -> tuple[list[Trial], list[list[float]], Stud
 def results_version(session: Session, study: Study) -> tuple:
     """Changes whenever a trial of ``study`` completes: the key under which fronts are cached."""
     count, last = session.execute(select(func.count(), func.max(Trial.finished_at))
-                                  .where(Trial.study_id == study.id, Trial.state == "complete")).one()
+                                  .where(Trial.study_id == study.id, Trial.state == TrialState.COMPLETE)).one()
     return study.id, count, last
 
 

@@ -6,14 +6,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from evals.calibration import calibration_texts
 from evals.catalog import TaskCatalog
+from evals.texts import calibration_texts
 from merging.errors import MergeError
-from merging.io import check_checkpoint
-from merging.locate import ModelNotFound, is_hub_id, locate
+from merging.io import ModelNotFound, check_checkpoint, is_hub_id, locate
 from merging.methods import get_method
 from search.spec import StudySpec
-from service.objectives import objectives_of
+from service.specs import objectives_of
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,8 @@ def _run_trials(client, spec, scores):
         (lambda s: s.update(method_params={"lambda": 1.0, "bogus": 2}), ["body", "method_params"]),
     ],
 )
-def test_bad_spec_is_422_naming_the_field_and_stores_nothing(client, settings, zoo, mutate, loc):
-    spec = zoo_spec(zoo)
+def test_bad_spec_is_422_naming_the_field_and_stores_nothing(client, settings, tiny_zoo, mutate, loc):
+    spec = zoo_spec(tiny_zoo)
     mutate(spec)
     r = client.post("/api/v1/studies", json=spec)
     assert r.status_code == 422, r.text
@@ -52,8 +52,8 @@ def test_bad_spec_is_422_naming_the_field_and_stores_nothing(client, settings, z
     assert optuna.get_all_study_names(storage) == []
 
 
-def test_lease_complete_and_stale_results(client, zoo):
-    spec = zoo_spec(zoo, trials=3)
+def test_lease_complete_and_stale_results(client, tiny_zoo):
+    spec = zoo_spec(tiny_zoo, trials=3)
     study = client.post("/api/v1/studies", json=spec).json()
     lease = client.post("/api/v1/leases", json={"worker": "w1"}).json()
     assert lease["study_id"] == study["id"]
@@ -78,8 +78,8 @@ def test_lease_complete_and_stale_results(client, zoo):
     assert detail["counts"]["complete"] == 1
 
 
-def test_failed_evaluation_keeps_the_reason_and_the_study_goes_on(client, zoo):
-    spec = zoo_spec(zoo, trials=2)
+def test_failed_evaluation_keeps_the_reason_and_the_study_goes_on(client, tiny_zoo):
+    spec = zoo_spec(tiny_zoo, trials=2)
     study = client.post("/api/v1/studies", json=spec).json()
     first = client.post("/api/v1/leases", json={"worker": "w"}).json()
     r = client.post(f"/api/v1/leases/{first['token']}/result", json={"error": "EvaluationError: NaN"})
@@ -90,11 +90,11 @@ def test_failed_evaluation_keeps_the_reason_and_the_study_goes_on(client, zoo):
     assert trials[0]["error"] == "EvaluationError: NaN"
 
 
-def test_expired_lease_is_re_leased_then_failed_after_max_attempts(settings, zoo):
+def test_expired_lease_is_re_leased_then_failed_after_max_attempts(settings, tiny_zoo):
     settings = settings.model_copy(update={"lease_seconds": 0.3, "max_attempts": 2})
     with TestClient(create_app(settings)) as client:
         authorize(client)
-        spec = zoo_spec(zoo, trials=2)
+        spec = zoo_spec(tiny_zoo, trials=2)
         study = client.post("/api/v1/studies", json=spec).json()
         first = client.post("/api/v1/leases", json={"worker": "slow"}).json()
         time.sleep(0.5)
@@ -111,8 +111,8 @@ def test_expired_lease_is_re_leased_then_failed_after_max_attempts(settings, zoo
         assert "lease expired" in trial["error"]
 
 
-def test_budget_reached_marks_done_and_pareto_lists_the_front(client, zoo):
-    spec = zoo_spec(zoo, trials=3)
+def test_budget_reached_marks_done_and_pareto_lists_the_front(client, tiny_zoo):
+    spec = zoo_spec(tiny_zoo, trials=3)
     study = client.post("/api/v1/studies", json=spec).json()
     numbers = _run_trials(client, spec, [(0.9, 0.1), (0.1, 0.9), (0.05, 0.05)])
     assert client.post("/api/v1/leases", json={"worker": "w"}).status_code == 204
@@ -129,8 +129,8 @@ def test_unknown_study_is_404(client):
     assert client.get("/api/v1/studies/999/pareto").status_code == 404
 
 
-def test_identical_configuration_in_another_study_is_answered_from_the_cache(client, zoo):
-    spec = zoo_spec(zoo, trials=2)
+def test_identical_configuration_in_another_study_is_answered_from_the_cache(client, tiny_zoo):
+    spec = zoo_spec(tiny_zoo, trials=2)
     first = client.post("/api/v1/studies", json=spec).json()
     for _ in range(2):
         lease = client.post("/api/v1/leases", json={"worker": "w"}).json()
@@ -146,8 +146,8 @@ def test_identical_configuration_in_another_study_is_answered_from_the_cache(cli
     assert [t["values"] for t in detail["trials"]] == [t["values"] for t in original]
 
 
-def test_objective_directions_resolve_from_lm_eval_and_kind(client, zoo):
-    spec = zoo_spec(zoo, trials=1)
+def test_objective_directions_resolve_from_lm_eval_and_kind(client, tiny_zoo):
+    spec = zoo_spec(tiny_zoo, trials=1)
     spec["objectives"].append({"kind": "sparsity"})
     study = client.post("/api/v1/studies", json=spec).json()
     directions = {o["key"]: o["direction"] for o in study["objectives"]}
@@ -155,8 +155,8 @@ def test_objective_directions_resolve_from_lm_eval_and_kind(client, zoo):
                           "sparsity": "minimize"}
 
 
-def test_perplexity_objective_needs_readable_data(client, zoo):
-    spec = zoo_spec(zoo)
+def test_perplexity_objective_needs_readable_data(client, tiny_zoo):
+    spec = zoo_spec(tiny_zoo)
     spec["objectives"].append({"kind": "perplexity"})
     assert client.post("/api/v1/studies", json=spec).status_code == 422
     spec["objectives"][-1]["data"] = "/no/such/file.jsonl"
@@ -165,8 +165,8 @@ def test_perplexity_objective_needs_readable_data(client, zoo):
     assert r.json()["detail"][0]["loc"] == ["body", "objectives", 2, "data"]
 
 
-def test_released_lease_goes_back_to_the_queue_without_costing_an_attempt(client, zoo):
-    spec = zoo_spec(zoo, trials=2)
+def test_released_lease_goes_back_to_the_queue_without_costing_an_attempt(client, tiny_zoo):
+    spec = zoo_spec(tiny_zoo, trials=2)
     study = client.post("/api/v1/studies", json=spec).json()
     first = client.post("/api/v1/leases", json={"worker": "w"}).json()
     assert client.post(f"/api/v1/leases/{first['token']}/release").status_code == 200
@@ -177,8 +177,8 @@ def test_released_lease_goes_back_to_the_queue_without_costing_an_attempt(client
     assert trial["attempts"] == 1 and trial["worker"] == "w2"
 
 
-def test_constraints_exclude_infeasible_trials_from_front_and_tell_optuna(client, settings, zoo):
-    spec = zoo_spec(zoo, trials=3)
+def test_constraints_exclude_infeasible_trials_from_front_and_tell_optuna(client, settings, tiny_zoo):
+    spec = zoo_spec(tiny_zoo, trials=3)
     spec["constraints"] = [{"objective": "mmmo_add:exact_match", "min": 0.2}]
     spec["selection"] = {"policy": "best:mmmo_reverse:exact_match"}
     study = client.post("/api/v1/studies", json=spec).json()
@@ -195,8 +195,8 @@ def test_constraints_exclude_infeasible_trials_from_front_and_tell_optuna(client
     assert detail["status"] == "done"
 
 
-def test_unknown_constraint_or_selection_objective_is_422(client, zoo):
-    spec = zoo_spec(zoo)
+def test_unknown_constraint_or_selection_objective_is_422(client, tiny_zoo):
+    spec = zoo_spec(tiny_zoo)
     spec["constraints"] = [{"objective": "nope", "max": 1}]
     r = client.post("/api/v1/studies", json=spec)
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "constraints", 0, "objective"]
@@ -205,8 +205,8 @@ def test_unknown_constraint_or_selection_objective_is_422(client, zoo):
     assert client.post("/api/v1/studies", json=spec).json()["detail"][0]["loc"] == ["body", "selection"]
 
 
-def test_hypervolume_history_is_monotone(client, zoo):
-    spec = zoo_spec(zoo, trials=4)
+def test_hypervolume_history_is_monotone(client, tiny_zoo):
+    spec = zoo_spec(tiny_zoo, trials=4)
     study = client.post("/api/v1/studies", json=spec).json()
     _run_trials(client, spec, [(0.2, 0.2), (0.1, 0.1), (0.6, 0.3), (0.3, 0.7)])
     history = client.get(f"/api/v1/studies/{study['id']}/hypervolume").json()
@@ -216,12 +216,12 @@ def test_hypervolume_history_is_monotone(client, zoo):
     assert hv[-1] == pytest.approx(client.get(f"/api/v1/studies/{study['id']}/pareto").json()["hypervolume"])
 
 
-def test_export_trial_as_mergekit_and_spec(client, zoo):
+def test_export_trial_as_mergekit_and_spec(client, tiny_zoo):
     import yaml
 
     from merging.mergekit_yaml import parse_mergekit
 
-    spec = zoo_spec(zoo, trials=1)
+    spec = zoo_spec(tiny_zoo, trials=1)
     study = client.post("/api/v1/studies", json=spec).json()
     lease = client.post("/api/v1/leases", json={"worker": "w"}).json()
     text = client.get(f"/api/v1/studies/{study['id']}/trials/{lease['trial_number']}/export").text
@@ -234,8 +234,8 @@ def test_export_trial_as_mergekit_and_spec(client, zoo):
     assert client.get(f"/api/v1/studies/{study['id']}/trials/99/export").status_code == 404
 
 
-def test_time_budget_stops_new_trials(client, zoo):
-    spec = zoo_spec(zoo, trials=50)
+def test_time_budget_stops_new_trials(client, tiny_zoo):
+    spec = zoo_spec(tiny_zoo, trials=50)
     spec["budget"]["seconds"] = 3.0  # room for a slow machine to create the study and lease once
     study = client.post("/api/v1/studies", json=spec).json()
     first = client.post("/api/v1/leases", json={"worker": "w"}).json()
@@ -247,8 +247,8 @@ def test_time_budget_stops_new_trials(client, zoo):
     assert client.get(f"/api/v1/studies/{study['id']}").json()["status"] == "done"
 
 
-def test_layer_groups_read_the_layer_count_from_the_base(client, zoo):
-    spec = zoo_spec(zoo, trials=1)
+def test_layer_groups_read_the_layer_count_from_the_base(client, tiny_zoo):
+    spec = zoo_spec(tiny_zoo, trials=1)
     spec["search_space"] = {"layer_groups": 2, "filters": ["mlp"]}
     study = client.post("/api/v1/studies", json=spec).json()
     lease = client.post("/api/v1/leases", json={"worker": "w"}).json()
@@ -259,8 +259,8 @@ def test_layer_groups_read_the_layer_count_from_the_base(client, zoo):
     assert r.status_code == 422 and "mergekit" in r.json()["detail"]
 
 
-def test_warm_start_seeds_evaluated_trials_outside_the_budget(client, settings, zoo):
-    spec = zoo_spec(zoo, trials=3)
+def test_warm_start_seeds_evaluated_trials_outside_the_budget(client, settings, tiny_zoo):
+    spec = zoo_spec(tiny_zoo, trials=3)
     first = client.post("/api/v1/studies", json=spec).json()
     _run_trials(client, spec, [(0.9, 0.1), (0.1, 0.9), (0.5, 0.5)])
     warm = dict(spec, seed=7, warm_start=[first["id"]], budget={"trials": 2})
@@ -278,17 +278,17 @@ def test_warm_start_seeds_evaluated_trials_outside_the_budget(client, settings, 
     assert client.post("/api/v1/leases", json={"worker": "w"}).status_code == 204  # budget: 2 new trials
 
 
-def test_warm_start_from_unknown_or_different_study_is_422(client, zoo):
-    spec = zoo_spec(zoo, trials=1)
+def test_warm_start_from_unknown_or_different_study_is_422(client, tiny_zoo):
+    spec = zoo_spec(tiny_zoo, trials=1)
     r = client.post("/api/v1/studies", json=dict(spec, warm_start=[42]))
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "warm_start", 0]
-    other = client.post("/api/v1/studies", json=zoo_spec(zoo, experts=("sort", "upper"))).json()
+    other = client.post("/api/v1/studies", json=zoo_spec(tiny_zoo, experts=("sort", "upper"))).json()
     r = client.post("/api/v1/studies", json=dict(spec, warm_start=[other["id"]]))
     assert r.status_code == 422 and "same base" in r.json()["detail"][0]["msg"]
 
 
-def test_mmmo_bo_sampler_runs_through_the_server(client, zoo):
-    spec = zoo_spec(zoo, trials=5)
+def test_mmmo_bo_sampler_runs_through_the_server(client, tiny_zoo):
+    spec = zoo_spec(tiny_zoo, trials=5)
     spec["sampler"] = {"name": "mmmo-bo", "n_startup_trials": 3}
     study = client.post("/api/v1/studies", json=spec).json()
     _run_trials(client, spec, [(0.1 * i, 1 - 0.1 * i) for i in range(5)])
@@ -296,7 +296,7 @@ def test_mmmo_bo_sampler_runs_through_the_server(client, zoo):
     assert detail["status"] == "done" and len({str(t["params"]) for t in detail["trials"]}) == 5
 
 
-def test_a_users_own_task_directory(client, zoo, tmp_path):
+def test_a_users_own_task_directory(client, tiny_zoo, tmp_path):
     from evals.synthetic import DATA_DIR
 
     tasks = tmp_path / "my_tasks"
@@ -314,7 +314,7 @@ target_delimiter: ""
 generation_kwargs: {{until: ["\\n"], max_gen_toks: 8, do_sample: false}}
 metric_list: [{{metric: exact_match, aggregation: mean, higher_is_better: true}}]
 """)
-    spec = zoo_spec(zoo, trials=1)
+    spec = zoo_spec(tiny_zoo, trials=1)
     spec["objectives"] = [{"task": "my_add", "samples": 10}]
     r = client.post("/api/v1/studies", json=spec)
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "objectives", 0, "task"]
@@ -327,17 +327,17 @@ metric_list: [{{metric: exact_match, aggregation: mean, higher_is_better: true}}
 
     from evals.objective import Objective
     from merging.config import MergeConfig
-    from service.worker import TrialRunner
+    from service.runner import TrialRunner
 
     values = TrialRunner().run(MergeConfig.from_dict(lease["merge_config"]),
                                [Objective(**o) for o in lease["objectives"]], tuple(lease["task_paths"]))
     assert 0.0 <= values["my_add:exact_match"] <= 1.0
 
 
-def test_cancel_clone_delete_and_search(client, settings, zoo):
-    spec = zoo_spec(zoo, trials=4)
+def test_cancel_clone_delete_and_search(client, settings, tiny_zoo):
+    spec = zoo_spec(tiny_zoo, trials=4)
     study = client.post("/api/v1/studies", json=spec).json()
-    other = client.post("/api/v1/studies", json=zoo_spec(zoo, experts=("sort", "upper"), method="dare_ties")).json()
+    other = client.post("/api/v1/studies", json=zoo_spec(tiny_zoo, experts=("sort", "upper"), method="dare_ties")).json()
     held = client.post("/api/v1/leases", json={"worker": "w"}).json()
     assert held["study_id"] == study["id"]
     cancelled = client.post(f"/api/v1/studies/{study['id']}/cancel").json()
@@ -363,8 +363,8 @@ def test_cancel_clone_delete_and_search(client, settings, zoo):
     assert len(optuna.get_all_study_names(storage)) == 2
 
 
-def test_metrics_in_prometheus_text(client, zoo):
-    spec = zoo_spec(zoo, trials=2)
+def test_metrics_in_prometheus_text(client, tiny_zoo):
+    spec = zoo_spec(tiny_zoo, trials=2)
     client.post("/api/v1/studies", json=spec)
     _run_trials(client, spec, [(0.1, 0.2)])
     client.post("/api/v1/leases", json={"worker": "busy"})
@@ -374,8 +374,8 @@ def test_metrics_in_prometheus_text(client, zoo):
     assert "mmmo_busy_workers 1" in text and "mmmo_trial_duration_seconds_count 1" in text
 
 
-def test_reference_point_from_the_spec(client, zoo):
-    spec = zoo_spec(zoo, trials=2)
+def test_reference_point_from_the_spec(client, tiny_zoo):
+    spec = zoo_spec(tiny_zoo, trials=2)
     keys = objective_keys(spec)
     spec["reference_point"] = dict.fromkeys(keys, 0.0)
     study = client.post("/api/v1/studies", json=spec).json()
@@ -387,21 +387,21 @@ def test_reference_point_from_the_spec(client, zoo):
     assert client.post("/api/v1/studies", json=spec).json()["detail"][0]["loc"] == ["body", "reference_point"]
 
 
-def test_trials_asked_but_never_recorded_are_failed_in_optuna(client, zoo):
+def test_trials_asked_but_never_recorded_are_failed_in_optuna(client, tiny_zoo):
     from search.spec import StudySpec
-    from service import queue, studies
+    from service import results, studies
 
-    spec = zoo_spec(zoo, trials=3)
+    spec = zoo_spec(tiny_zoo, trials=3)
     study_id = client.post("/api/v1/studies", json=spec).json()["id"]
     services = client.app.state.services
     with services.sessions() as session:
         study = studies.get_study(session, study_id, None)
         name, parsed = study.optuna_name, StudySpec.model_validate(study.spec)
         orphan, _ = services.optuna.ask(name, parsed)  # as if the asking process died right after
-        assert queue.fail_orphans(session, services.optuna, study, older_than_s=3600) == []  # too recent
+        assert results.fail_orphans(session, services.optuna, study, older_than_s=3600) == []  # too recent
         lease = client.post("/api/v1/leases", json={"worker": "w"}).json()
         assert lease["trial_number"] != orphan
-        assert queue.fail_orphans(session, services.optuna, study, older_than_s=0) == [orphan]
+        assert results.fail_orphans(session, services.optuna, study, older_than_s=0) == [orphan]
     trials = optuna.load_study(study_name=name, storage=services.optuna.storage).trials
     assert trials[orphan].state == optuna.trial.TrialState.FAIL
     assert trials[lease["trial_number"]].state == optuna.trial.TrialState.RUNNING  # ours, leased: untouched

@@ -58,7 +58,9 @@ def test_study_over_http_runs_to_completion(tmp_path, zoo, cache_dir):
 def test_prefetching_worker_runs_every_trial_exactly_once(tmp_path, zoo, cache_dir):
     import threading
 
-    from service.worker import TrialRunner, Worker
+    from service.client import HttpLeaseSource
+    from service.runner import TrialRunner
+    from service.worker import Worker
 
     settings = Settings(home=tmp_path, cache_dir=cache_dir)
     running = start_server(settings, port=0)
@@ -67,8 +69,8 @@ def test_prefetching_worker_runs_every_trial_exactly_once(tmp_path, zoo, cache_d
     runner = TrialRunner(cache_dir=cache_dir)
     runner.on_timing = runs.append
     stop = threading.Event()
-    worker = Worker(ApiClient(running.url, token=running.token), runner, name="pipelined", poll_seconds=0.2,
-                    prefetch=True)
+    worker = Worker(HttpLeaseSource(ApiClient(running.url, token=running.token)), runner, name="pipelined",
+                    poll_seconds=0.2, prefetch=True)
     thread = threading.Thread(target=worker.run, args=(stop,))
     try:
         study = client.create_study(zoo_spec(zoo, trials=5, samples=20))

@@ -1,4 +1,4 @@
-"""Objectives and the in-memory evaluator on the demo zoo."""
+"""Objectives and the in-memory evaluator on the tiny zoo (on the demo zoo where a score needs skill)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from evals.catalog import TaskCatalog
 from evals.evaluator import EvaluationError, Evaluator, bundled_task_names
 from evals.objective import Objective
 from merging.config import ExpertRef, MergeConfig
-from service.worker import TrialRunner
+from service.runner import TrialRunner
 
 
 def test_fixed_subset_is_identical_across_calls_and_seeded():
@@ -37,9 +37,9 @@ def test_catalog_rejects_unknown_task_metric_and_filter():
 
 
 @pytest.fixture(scope="module")
-def base_model(zoo):
-    model = AutoModelForCausalLM.from_pretrained(zoo.base, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(zoo.base)
+def base_model(tiny_zoo):
+    model = AutoModelForCausalLM.from_pretrained(tiny_zoo.base, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_zoo.base)
 
 
 def test_evaluator_scores_both_output_types_and_repeats_exactly(base_model):
@@ -66,6 +66,7 @@ def test_evaluator_refuses_unknown_tasks_up_front(base_model):
         Evaluator(model, tok, [Objective(task="not_a_task")])
 
 
+@pytest.mark.slow  # the add expert must out-score the reverse expert on add: trained models
 def test_trial_runner_scores_depend_on_the_merge(zoo):
     runner = TrialRunner()
     objectives = [Objective(task="mmmo_add", samples=60), Objective(task="mmmo_reverse", samples=60)]
@@ -82,7 +83,7 @@ def test_trial_runner_scores_depend_on_the_merge(zoo):
     assert rev_heavy["mmmo_reverse:exact_match"] >= add_heavy["mmmo_reverse:exact_match"]
 
 
-def test_perplexity_and_sparsity_objectives(zoo):
+def test_perplexity_and_sparsity_objectives(tiny_zoo):
     from evals.synthetic import DATA_DIR
 
     runner = TrialRunner()
@@ -91,8 +92,8 @@ def test_perplexity_and_sparsity_objectives(zoo):
                   Objective(kind="sparsity", direction="minimize")]
 
     def config(w: float) -> MergeConfig:
-        return MergeConfig(method="task_arithmetic", base=str(zoo.base),
-                           experts=(ExpertRef("add", str(zoo.experts["add"]), {"weight": w}),))
+        return MergeConfig(method="task_arithmetic", base=str(tiny_zoo.base),
+                           experts=(ExpertRef("add", str(tiny_zoo.experts["add"]), {"weight": w}),))
 
     at_base = runner.run(config(0.0), objectives)
     at_expert = runner.run(config(1.0), objectives)
@@ -104,11 +105,11 @@ def test_perplexity_and_sparsity_objectives(zoo):
 
     from evals.evaluator import Perplexity
 
-    base = AutoModelForCausalLM.from_pretrained(zoo.base).eval()
-    direct = Perplexity(data).score(base, AutoTokenizer.from_pretrained(zoo.base))
+    base = AutoModelForCausalLM.from_pretrained(tiny_zoo.base).eval()
+    direct = Perplexity(data).score(base, AutoTokenizer.from_pretrained(tiny_zoo.base))
     assert at_base["perplexity:validation"] == pytest.approx(direct, rel=1e-5)
-    expert = AutoModelForCausalLM.from_pretrained(zoo.experts["add"]).eval()
-    direct = Perplexity(data).score(expert, AutoTokenizer.from_pretrained(zoo.base))
+    expert = AutoModelForCausalLM.from_pretrained(tiny_zoo.experts["add"]).eval()
+    direct = Perplexity(data).score(expert, AutoTokenizer.from_pretrained(tiny_zoo.base))
     assert at_expert["perplexity:validation"] == pytest.approx(direct, rel=1e-4)
 
 
@@ -120,13 +121,13 @@ def test_auto_batch_size_scores_like_a_fixed_one(base_model):
 
 
 @pytest.mark.parametrize("budget,loads,resident", [(None, 4, 1), (10**12, 2, 2), (1, 4, 1)])
-def test_resident_sets_are_kept_within_the_memory_budget(zoo, budget, loads, resident):
+def test_resident_sets_are_kept_within_the_memory_budget(tiny_zoo, budget, loads, resident):
     runner = TrialRunner(max_resident_bytes=budget)
     objectives = [Objective(task="mmmo_add", samples=5)]
 
     def config(expert: str) -> MergeConfig:
-        return MergeConfig(method="task_arithmetic", base=str(zoo.base),
-                           experts=(ExpertRef(expert, str(zoo.experts[expert]), {"weight": 0.5}),))
+        return MergeConfig(method="task_arithmetic", base=str(tiny_zoo.base),
+                           experts=(ExpertRef(expert, str(tiny_zoo.experts[expert]), {"weight": 0.5}),))
 
     for expert in ("add", "sort", "add", "sort"):
         runner.run(config(expert), objectives)

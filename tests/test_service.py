@@ -17,8 +17,8 @@ from service.app import create_app
 from tests.conftest import authorize, objective_keys, zoo_spec
 
 
-def test_cancel_stops_running_trials_at_their_next_heartbeat(client, zoo):
-    spec = zoo_spec(zoo, trials=4)
+def test_cancel_stops_running_trials_at_their_next_heartbeat(client, tiny_zoo):
+    spec = zoo_spec(tiny_zoo, trials=4)
     study = client.post("/api/v1/studies", json=spec).json()
     held = client.post("/api/v1/leases", json={"worker": "w"}).json()
     assert client.post(f"/api/v1/leases/{held['token']}/heartbeat").status_code == 200
@@ -36,15 +36,15 @@ def test_cancel_stops_running_trials_at_their_next_heartbeat(client, zoo):
     (dict(json={"unknown_field": 1}), 422),
     (dict(content=b"[" + b"1," * 700_000 + b"1]", headers={"Content-Type": "application/json"}), 413),  # huge
 ])
-def test_bad_requests_are_4xx_with_a_message_and_store_nothing(client, zoo, send, code):
+def test_bad_requests_are_4xx_with_a_message_and_store_nothing(client, tiny_zoo, send, code):
     r = client.post("/api/v1/studies", **send)
     assert r.status_code == code, r.text
     assert r.json()["detail"]
     assert client.get("/api/v1/studies").json() == []
 
 
-def test_bad_lease_requests_are_refused(client, zoo):
-    spec = zoo_spec(zoo, trials=2)
+def test_bad_lease_requests_are_refused(client, tiny_zoo):
+    spec = zoo_spec(tiny_zoo, trials=2)
     client.post("/api/v1/studies", json=spec)
     assert client.post("/api/v1/leases", json={"worker": ""}).status_code == 422
     assert client.post("/api/v1/leases", json={"worker": "w", "extra": 1}).status_code == 422
@@ -58,13 +58,14 @@ def test_bad_lease_requests_are_refused(client, zoo):
     assert client.get(f"/api/v1/studies/{lease['study_id']}/trials/0").json()["state"] == "leased"
 
 
-def test_materialize_is_a_job_for_a_worker_and_its_model_downloads(client, settings, zoo, cache_dir, tmp_path):
+def test_materialize_is_a_job_for_a_worker_and_its_model_downloads(client, settings, tiny_zoo, cache_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from service.client import ApiClient
-    from service.worker import TrialRunner, Worker
+    from service.client import ApiClient, HttpLeaseSource
+    from service.runner import TrialRunner
+    from service.worker import Worker
 
-    spec = zoo_spec(zoo, trials=2)
+    spec = zoo_spec(tiny_zoo, trials=2)
     study = client.post("/api/v1/studies", json=spec).json()
     lease = client.post("/api/v1/leases", json={"worker": "w"}).json()
     client.post(f"/api/v1/leases/{lease['token']}/result", json={"values": dict.fromkeys(objective_keys(spec), 0.5)})
@@ -79,7 +80,7 @@ def test_materialize_is_a_job_for_a_worker_and_its_model_downloads(client, setti
         def __init__(self) -> None:
             self.http = client
 
-    worker = Worker(_Through(), TrialRunner(cache_dir=cache_dir), name="materializer")
+    worker = Worker(HttpLeaseSource(_Through()), TrialRunner(cache_dir=cache_dir), name="materializer")
     assert worker.run_one()  # jobs come before trials
     done = client.get(f"/api/v1/jobs/{job_id}").json()
     assert done["state"] == "done" and done["worker"] == "materializer" and done["size_bytes"] > 0
@@ -111,7 +112,7 @@ def test_materialize_is_a_job_for_a_worker_and_its_model_downloads(client, setti
 
 
 def test_two_servers_on_one_postgres_never_lease_a_trial_twice_or_exceed_the_budget(postgres_url, tmp_path,
-                                                                                     zoo, cache_dir):
+                                                                                     tiny_zoo, cache_dir):
     from service.settings import Settings
 
     settings = Settings(home=tmp_path, cache_dir=cache_dir, database_url=postgres_url, lease_seconds=300)
@@ -124,7 +125,7 @@ def test_two_servers_on_one_postgres_never_lease_a_trial_twice_or_exceed_the_bud
         for c in clients:
             c.headers["Authorization"] = f"Bearer {token}"
         budget = 16
-        clients[0].post("/api/v1/studies", json=zoo_spec(zoo, trials=budget))
+        clients[0].post("/api/v1/studies", json=zoo_spec(tiny_zoo, trials=budget))
         leased: list[tuple[int, int, str]] = []
         guard = threading.Lock()
 
@@ -184,8 +185,8 @@ def _fuzz(operation, headers: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize("field,value", [("warm_start", [2**63]), ("seed", 2**40), ("seed", -1)])
-def test_out_of_range_numbers_in_a_spec_are_422(client, zoo, field, value):
+def test_out_of_range_numbers_in_a_spec_are_422(client, tiny_zoo, field, value):
     """Found by the schemathesis run: a warm-start id beyond the database's integers was a 500."""
-    r = client.post("/api/v1/studies", json=zoo_spec(zoo) | {field: value})
+    r = client.post("/api/v1/studies", json=zoo_spec(tiny_zoo) | {field: value})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][:2] == ["body", field]
     assert client.get("/api/v1/studies").json() == []

@@ -68,7 +68,8 @@ class Study(Base):
     name: Mapped[str] = mapped_column(String(200))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     optuna_name: Mapped[str] = mapped_column(String(200), unique=True)
-    status: Mapped[str] = mapped_column(String(20), default="running")  # running | done | cancelled
+    status: Mapped[str] = mapped_column(String(20), default="running")  # service.states.StudyStatus
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)  # why a failed study cannot run
     budget: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
@@ -80,7 +81,7 @@ class Study(Base):
 
 
 class Trial(Base):
-    """One Optuna trial and its lease. ``state``: queued | leased | complete | failed."""
+    """One Optuna trial and its lease. ``state``: ``service.states.TrialState``."""
 
     __tablename__ = "mmmo_trials"
     __table_args__ = (UniqueConstraint("study_id", "number"),)
@@ -124,7 +125,7 @@ class Result(Base):
 class Job(Base):
     """Work for a worker other than a trial: ``materialize`` writes a trial's merged model, which
     the worker uploads as a tar archive to ``artifact`` (a path in the server's home).
-    ``state``: queued | leased | done | failed."""
+    ``state``: ``service.states.JobState``."""
 
     __tablename__ = "mmmo_jobs"
 

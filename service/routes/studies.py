@@ -24,6 +24,7 @@ from service.schemas import (
     StudyPublic,
     TrialPublic,
 )
+from service.specs import spec_of
 
 router = APIRouter(prefix="/studies", tags=["studies"])
 
@@ -45,14 +46,9 @@ def _trial(study: Study, number: int) -> Trial:
 
 @router.post("", status_code=status.HTTP_201_CREATED)
 def create_study(spec: StudySpec, who: MemberDep, services: ServicesDep, session: SessionDep) -> StudyPublic:
-    try:
-        with services.lock:
-            study = studies.create_study(session, services.optuna, services.catalog, spec,
-                                         team_id=who.team_id, created_by=who.user)
-    except studies.InvalidSpec as exc:
-        raise RequestValidationError(
-            [{"loc": ("body", *p.loc), "msg": p.msg, "type": "value_error"} for p in exc.problems]
-        ) from None
+    with services.lock:
+        study = studies.create_study(session, services.optuna, services.catalog, spec,
+                                     team_id=who.team_id, created_by=who.user, now=services.clock())
     return studies.study_public(study)
 
 
@@ -91,7 +87,8 @@ def list_studies(who: MemberDep, session: SessionDep, status: str | None = None,
 def cancel_study(study_id: StudyId, who: MemberDep, services: ServicesDep, session: SessionDep) -> StudyPublic:
     """No new leases from now; trials being run stop at their worker's next heartbeat."""
     with services.lock:
-        return studies.study_public(studies.cancel_study(session, services.optuna, _found(session, study_id, who)))
+        study = studies.cancel_study(session, services.optuna, _found(session, study_id, who), services.clock())
+    return studies.study_public(study)
 
 
 @router.delete("/{study_id}", status_code=status.HTTP_204_NO_CONTENT)
@@ -103,8 +100,7 @@ def delete_study(study_id: StudyId, who: MemberDep, services: ServicesDep, sessi
 @router.post("/{study_id}/clone", status_code=status.HTTP_201_CREATED)
 def clone_study(study_id: StudyId, who: MemberDep, services: ServicesDep, session: SessionDep) -> StudyPublic:
     """A new study with the same spec (its evaluated configurations come from the results cache)."""
-    spec = StudySpec.model_validate(_found(session, study_id, who).spec)
-    return create_study(spec, who, services, session)
+    return create_study(spec_of(_found(session, study_id, who)), who, services, session)
 
 
 @router.get("/{study_id}")

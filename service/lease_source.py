@@ -1,0 +1,51 @@
+"""What a worker leases and where from: a ``Lease``, the ``LeaseSource`` it comes from (over HTTP:
+``client.HttpLeaseSource``; in process: ``local.LocalLeaseSource``), and the errors a source raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class LeaseLost(Exception):
+    """The lease is no longer held (expired, re-leased, finished, study stopped): abandon the work
+    and post nothing."""
+
+
+class Refused(Exception):
+    """The server refused a report for a reason other than a lost lease (a malformed result)."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A piece of work as a worker sees it (the API's ``LeasePublic``)."""
+
+    token: str
+    study_id: int
+    trial_number: int
+    merge_config: dict[str, Any]
+    lease_seconds: float
+    kind: str = "trial"  # or "materialize"
+    objectives: list[dict[str, Any]] = field(default_factory=list)
+    task_paths: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> Lease:
+        return cls(token=data["token"], study_id=data["study_id"], trial_number=data["trial_number"],
+                   merge_config=data["merge_config"], lease_seconds=float(data["lease_seconds"]),
+                   kind=data.get("kind", "trial"), objectives=list(data.get("objectives", [])),
+                   task_paths=list(data.get("task_paths", [])), options=dict(data.get("options") or {}))
+
+
+class LeaseSource(Protocol):
+    """Where a worker gets work and reports it. Transient trouble (server unreachable) raises
+    ``OSError``; a lost lease ``LeaseLost``; any other refusal ``Refused``."""
+
+    def lease(self, worker: str) -> Lease | None: ...
+    def heartbeat(self, token: str) -> None: ...
+    def complete(self, token: str, values: dict[str, float]) -> None: ...
+    def fail(self, token: str, error: str, *, fatal: bool = False) -> None: ...
+    def release(self, token: str) -> None: ...
+    def upload(self, token: str, archive: Path) -> None: ...

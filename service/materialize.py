@@ -1,0 +1,41 @@
+"""A merged model written to disk: ``mmmo merge``, ``mmmo study materialize`` and a worker's
+materialise job all come through here, on the merge engine's file path (one tensor at a time)."""
+
+from __future__ import annotations
+
+import tarfile
+import tempfile
+from pathlib import Path
+
+from merging.config import MergeConfig
+
+
+def obim_stats(config: MergeConfig, cache_dir: Path | None, device: str) -> dict:
+    """OBIM's calibration statistics of ``config``'s experts (cached on disk); other methods need none."""
+    if config.method != "obim":
+        return {}
+    from evals.texts import calibration_texts
+    from merging.saliency import stats_for
+
+    return stats_for(config.experts, cache_dir, device, calibration_texts)
+
+
+def write_model(config: MergeConfig, out_dir: Path, *, dtype: str | None, device: str,
+                cache_dir: Path | None, **kwargs) -> Path:
+    """``config``'s merged model written through the merge engine's file path."""
+    from merging.files import merge_to_dir
+
+    return merge_to_dir(config, out_dir, dtype=dtype, device=device, stats=obim_stats(config, cache_dir, device),
+                        **kwargs)
+
+
+def materialize(config: MergeConfig, out_tar: Path, *, dtype: str | None, device: str,
+                cache_dir: Path | None) -> int:
+    """Write ``config``'s merged model and pack it as a tar archive (safetensors do not compress:
+    no gzip); returns the archive's size."""
+    with tempfile.TemporaryDirectory(prefix="mmmo-materialize-") as tmp:
+        model_dir = write_model(config, Path(tmp) / "model", dtype=dtype, device=device, cache_dir=cache_dir)
+        with tarfile.open(out_tar, "w") as tar:
+            for path in sorted(model_dir.iterdir()):
+                tar.add(path, arcname=path.name)
+    return out_tar.stat().st_size

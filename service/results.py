@@ -1,0 +1,147 @@
+"""What a trial's outcome does: Optuna is told, the results cache is filled, the study finishes.
+
+Optuna writes through its own connection. On SQLite a write transaction of ours would block
+it (and a read snapshot of ours would go stale under it), so every Optuna call is made with
+no transaction of ours open: ``optuna_call`` commits first. Optuna is always told before our
+row changes, and telling is idempotent, so a crash in between heals on the next report.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from evals.objective import Objective
+from search.constraints import constraint_violations
+from search.optuna_store import OptunaStudies
+from service.db.models import Result, Study, Trial
+from service.specs import objectives_of, spec_of
+from service.states import FINISHED_TRIAL, PENDING_TRIAL, StudyStatus, TrialOrigin, TrialState
+
+
+class BadResult(ValueError):
+    """A result that does not match the study's objectives."""
+
+
+def optuna_call(session: Session, call: Callable[..., Any], *args: Any) -> Any:
+    session.commit()
+    return call(*args)
+
+
+def cached_values(session: Session, config_hash: str, objectives: list[Objective]) -> dict[str, float] | None:
+    """Stored values of every objective for this configuration, or None if any is missing."""
+    known = dict(session.execute(
+        select(Result.objective_hash, Result.value).where(Result.config_hash == config_hash)
+    ).all())
+    if not all(o.identity() in known for o in objectives):
+        return None
+    return {o.key: known[o.identity()] for o in objectives}
+
+
+def _store(session: Session, config_hash: str, objectives: list[Objective], values: dict[str, float]) -> None:
+    have = {h for (h,) in session.execute(select(Result.objective_hash).where(Result.config_hash == config_hash))}
+    for o in objectives:
+        if o.identity() not in have:
+            session.add(Result(config_hash=config_hash, objective_hash=o.identity(), value=float(values[o.key])))
+
+
+def checked_values(study: Study, values: dict[str, float]) -> list[float]:
+    """``values`` in objective order; refused unless they are finite and name exactly the objectives."""
+    keys = [o.key for o in objectives_of(spec_of(study))]
+    if sorted(values) != sorted(keys):
+        raise BadResult(f"values must have exactly the keys {keys}, got {sorted(values)}")
+    ordered = [float(values[k]) for k in keys]
+    if not all(math.isfinite(v) for v in ordered):
+        raise BadResult(f"values must be finite numbers, got {values}")
+    return ordered
+
+
+def tell_cached(session: Session, optuna: OptunaStudies, study: Study, trial: Trial, values: dict[str, float],
+                now: datetime) -> None:
+    """A new trial whose configuration the cache already answers: complete at once, never leased."""
+    spec = spec_of(study)
+    optuna_call(session, optuna.tell, study.optuna_name, spec, trial.number,
+                [values[o.key] for o in objectives_of(spec)], constraint_violations(spec, values))
+    trial.state, trial.values, trial.cached, trial.finished_at = TrialState.COMPLETE, values, True, now
+
+
+def complete(session: Session, optuna: OptunaStudies, trial: Trial, values: dict[str, float],
+             now: datetime) -> Trial:
+    """A leased trial's objective values: told to Optuna, cached for every later study, stored."""
+    study = trial.study
+    spec = spec_of(study)
+    ordered = checked_values(study, values)
+    optuna_call(session, optuna.tell, study.optuna_name, spec, trial.number, ordered,
+                constraint_violations(spec, values))
+    _store(session, trial.config_hash, objectives_of(spec), values)
+    trial.state, trial.values, trial.lease_token, trial.finished_at = TrialState.COMPLETE, values, None, now
+    trial.duration_s = (now - trial.started_at).total_seconds() if trial.started_at else None
+    finish_study_if_done(session, optuna, study, now)
+    session.commit()
+    return trial
+
+
+def fail(session: Session, optuna: OptunaStudies, trial: Trial, error: str, now: datetime) -> Trial:
+    """The trial cannot be evaluated (bad merge, NaN score, cancelled study): no retry."""
+    optuna_call(session, optuna.fail, trial.study.optuna_name, spec_of(trial.study), trial.number)
+    trial.state, trial.error, trial.lease_token, trial.finished_at = TrialState.FAILED, error, None, now
+    finish_study_if_done(session, optuna, trial.study, now)
+    return trial
+
+
+def fail_study(session: Session, optuna: OptunaStudies, study: Study, reason: str, now: datetime) -> None:
+    """The study cannot run at all (a worker found its checkpoints incompatible): its pending
+    trials fail with the reason and no more are asked for."""
+    if study.status != StudyStatus.RUNNING:
+        return
+    for trial in [t for t in study.trials if t.state in PENDING_TRIAL]:
+        optuna_call(session, optuna.fail, study.optuna_name, spec_of(study), trial.number)
+        trial.state, trial.error, trial.lease_token, trial.finished_at = TrialState.FAILED, reason, None, now
+    study.status, study.error, study.finished_at = StudyStatus.FAILED, reason, now
+    fail_orphans(session, optuna, study, older_than_s=0.0)
+
+
+def out_of_time(study: Study, now: datetime) -> bool:
+    seconds = study.spec.get("budget", {}).get("seconds")
+    return seconds is not None and (now - study.created_at).total_seconds() > seconds
+
+
+def sampled_count(session: Session, study: Study) -> int:
+    """Trials the study's sampler proposed (warm-start copies are outside the budget)."""
+    return session.scalar(select(func.count()).select_from(Trial)
+                          .where(Trial.study_id == study.id, Trial.origin == TrialOrigin.SAMPLER))
+
+
+def finish_study_if_done(session: Session, optuna: OptunaStudies, study: Study, now: datetime) -> None:
+    """Done when the trial budget is spent, or the time budget is and nothing is in flight.
+    Then no ask can be in flight either, so trials Optuna handed out that never got a row (their
+    server died mid-ask) are failed at once rather than left running in Optuna's records."""
+    if study.status != StudyStatus.RUNNING:
+        return
+    counts = dict(session.execute(
+        select(Trial.state, func.count()).where(Trial.study_id == study.id, Trial.origin == TrialOrigin.SAMPLER)
+        .group_by(Trial.state)
+    ).all())
+    finished = sum(counts.get(s, 0) for s in FINISHED_TRIAL)
+    in_flight = sum(counts.get(s, 0) for s in PENDING_TRIAL)
+    if finished >= study.budget or (out_of_time(study, now) and in_flight == 0):
+        study.status, study.finished_at = StudyStatus.DONE, now
+        fail_orphans(session, optuna, study, older_than_s=0.0)
+
+
+def fail_orphans(session: Session, optuna: OptunaStudies, study: Study, older_than_s: float) -> list[int]:
+    """Fail Optuna trials that were asked but never got a row of ours (the process asking died
+    in between). Only those older than ``older_than_s``: another server may be mid-ask."""
+    spec = spec_of(study)
+    known = set(session.scalars(select(Trial.number).where(Trial.study_id == study.id)))
+    cutoff = datetime.now() - timedelta(seconds=older_than_s)  # Optuna stores local naive times
+    orphans = [n for n, started in optuna_call(session, optuna.running_since, study.optuna_name, spec).items()
+               if n not in known and (started is None or started <= cutoff)]
+    for number in orphans:
+        optuna_call(session, optuna.fail, study.optuna_name, spec, number)
+    return orphans

@@ -1,0 +1,116 @@
+"""One trial on a worker: the resident set (base, deltas, live model, evaluator) -> merge -> evaluate.
+
+Base, expert deltas, the live model and the evaluator stay resident between trials of the
+same (base, experts, objectives); nothing is written to disk per trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evals.evaluator import Evaluator
+from evals.objective import Objective
+from merging.config import MergeConfig
+from merging.io import locate
+from merging.resident import Merger, expert_dirs
+from service.materialize import obim_stats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Resident:
+    key: tuple
+    merger: Merger
+    model: Any
+    evaluator: Evaluator
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [*self.merger.base.values(), *(d for ds in self.merger.deltas.values() for d in ds),
+                   *self.model.parameters()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class TrialRunner:
+    """Merges and scores trials, keeping sets of models resident between trials.
+
+    A set is the base, the expert deltas, a live model and its evaluator for one (base, experts,
+    objectives). Without ``max_resident_bytes`` only the last set used stays; with it, sets stay
+    until a new one needs their room, the least recently used going first.
+    """
+
+    def __init__(self, device: str = "cpu", batch_size: int | str = 64, cache_dir: Path | None = None,
+                 max_resident_bytes: int | None = None) -> None:
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.cache_dir = cache_dir
+        self.max_resident_bytes = max_resident_bytes
+        self._sets: OrderedDict[tuple, _Resident] = OrderedDict()
+        self.loads = 0  # sets loaded so far (a reload after eviction counts again)
+        self.last_timing: dict[str, float] = {}  # seconds of the last trial: load, merge, evaluate
+        self.on_timing: Callable[[dict[str, float]], None] | None = None  # e.g. a benchmark's recorder
+
+    def _merger(self, config: MergeConfig) -> tuple[Path, Merger]:
+        stats = obim_stats(config, self.cache_dir, str(self.device))
+        base_dir = locate(config.base)  # a clear error naming the model if this worker cannot find it
+        experts = {name: str(locate(path)) for name, path in expert_dirs(config).items()}
+        # IncompatibleCheckpoints from here fails the whole study: every worker would see the same.
+        merger = Merger.from_checkpoints(str(base_dir), experts, stats=stats, device=self.device,
+                                         check_ancestry=config.method != "linear")
+        return base_dir, merger
+
+    def _load(self, config: MergeConfig, objectives: list[Objective], task_paths: tuple[str, ...]) -> _Resident:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        key = (config.base, config.method == "obim", tuple(config.experts_identity()), tuple(objectives), task_paths)
+        if key in self._sets:
+            self._sets.move_to_end(key)
+            return self._sets[key]
+        if self.max_resident_bytes is None:
+            self._sets.clear()  # free the previous set before loading the next
+        log.info("loading base %s and %d experts", config.base, len(config.experts))
+        base_dir, merger = self._merger(config)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(self.device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        evaluator = Evaluator(model, tokenizer, objectives, batch_size=self.batch_size,
+                              include_paths=[Path(p) for p in task_paths])
+        resident = _Resident(key, merger, model, evaluator)
+        self.loads += 1
+        if self.max_resident_bytes is not None:
+            while self._sets and sum(r.nbytes for r in self._sets.values()) + resident.nbytes > self.max_resident_bytes:
+                evicted = self._sets.popitem(last=False)[1]
+                log.info("evicting the resident models of %s", evicted.key[0])
+        self._sets[key] = resident
+        return resident
+
+    @property
+    def resident_keys(self) -> list[tuple]:
+        return list(self._sets)
+
+    def run(self, config: MergeConfig, objectives: list[Objective], task_paths: tuple[str, ...] = (),
+            check: Callable[[], None] | None = None) -> dict[str, float]:
+        """Merge and score; ``check`` is called between the steps and may raise to abandon the trial."""
+        check = check or (lambda: None)
+        t0 = time.perf_counter()
+        resident = self._load(config, objectives, tuple(task_paths))
+        check()
+        t1 = time.perf_counter()
+        resident.merger.apply(resident.model, config)
+        check()
+        t2 = time.perf_counter()
+        scores = resident.evaluator.score()
+        if any(o.kind == "sparsity" for o in objectives):
+            scores["sparsity"] = resident.merger.sparsity_l1(resident.model)
+        self.last_timing = {"load": t1 - t0, "merge": t2 - t1, "evaluate": time.perf_counter() - t2}
+        if self.on_timing:
+            self.on_timing(self.last_timing)
+        return scores
