@@ -267,16 +267,18 @@ def _materialize_on_worker(args: argparse.Namespace) -> int:
     import tempfile
     import time
 
+    from service.states import PENDING_JOB, JobState
+
     out = Path(args.out_dir)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"output directory '{out}' exists and is not empty")
     client = _client(args)
     job = client.materialize(args.study_id, args.trial, args.dtype)
     print(f"job {job['id']} queued; waiting for a worker", file=sys.stderr)
-    while job["state"] in ("queued", "leased"):
+    while job["state"] in PENDING_JOB:
         time.sleep(1.0)
         job = client.job(job["id"])
-    if job["state"] != "done":
+    if job["state"] != JobState.DONE:
         raise RuntimeError(f"job {job['id']} failed: {job['error']}")
     with tempfile.TemporaryDirectory() as tmp:
         archive = client.download(job["id"], Path(tmp) / "model.tar")

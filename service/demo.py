@@ -16,10 +16,12 @@ from rich.table import Table
 from evals.zoo import Zoo, ensure_zoo
 from service.app import create_app
 from service.auth import ensure_local_token
-from service.client import ApiClient
+from service.client import ApiClient, HttpLeaseSource
+from service.runner import TrialRunner
 from service.services import Services
 from service.settings import Settings
-from service.worker import TrialRunner, Worker
+from service.states import FINISHED_TRIAL, StudyStatus
+from service.worker import Worker
 
 
 def demo_spec(zoo: Zoo, trials: int, samples: int = 100) -> dict:
@@ -78,7 +80,8 @@ def in_process_worker(url: str, token: str, name: str = "demo-worker", cache_dir
     stop = threading.Event()
     client = ApiClient(url, token=token)
     # The server shares this process's cores: no prefetching (see Worker).
-    worker = Worker(client, TrialRunner(cache_dir=cache_dir), name=name, poll_seconds=0.2, prefetch=False)
+    worker = Worker(HttpLeaseSource(client), TrialRunner(cache_dir=cache_dir), name=name, poll_seconds=0.2,
+                    prefetch=False)
     thread = threading.Thread(target=worker.run, args=(stop,), name="mmmo-worker", daemon=True)
     thread.start()
     try:
@@ -130,11 +133,11 @@ def watch_study(client: ApiClient, study_id: int, console: Console) -> dict:
         bar = progress.add_task("trials", total=study["budget"], best="")
         while True:
             study = client.study(study_id)
-            finished = [t for t in study["trials"] if t["state"] in ("complete", "failed")]
+            finished = [t for t in study["trials"] if t["state"] in FINISHED_TRIAL]
             best = max((_mean(t["values"]) for t in finished if t["values"]), default=None)
             progress.update(bar, completed=len(finished),
                             best=f"best mean so far {best:.3f}" if best is not None else "")
-            if study["status"] != "running":
+            if study["status"] != StudyStatus.RUNNING:
                 return study
             time.sleep(0.5)
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from evals.catalog import TaskCatalog
 from evals.texts import calibration_texts
-from merging.errors import MergeError
+from merging.checks import check_dirs
+from merging.errors import IncompatibleCheckpoints, MergeError
 from merging.io import ModelNotFound, check_checkpoint, is_hub_id, locate
 from merging.methods import get_method
 from search.spec import StudySpec
@@ -49,17 +50,33 @@ def resolve_directions(spec: StudySpec, catalog: TaskCatalog) -> StudySpec:
     return spec.model_copy(update={"objectives": objectives})
 
 
-def spec_problems(spec: StudySpec, catalog: TaskCatalog) -> list[SpecProblem]:
+def _model_problems(spec: StudySpec) -> list[SpecProblem]:
+    """Each model is a checkpoint; where the server sees them all, the experts merge onto the base
+    (same tensors and shapes, descended from it), else a worker finds out at its first load."""
     problems: list[SpecProblem] = []
+    readable = True
     for loc, path in [(("base",), spec.base)] + [(("experts", i, "path"), e.path) for i, e in enumerate(spec.experts)]:
         try:
             check_checkpoint(path, download=False)
         except ModelNotFound:
+            readable = False
             if not is_hub_id(path):  # a hub id the server has not cached: each worker resolves it
                 problems.append(SpecProblem(loc, f"'{path}' is not a directory the server can see, nor a "
                                                  "Hugging Face id (org/name)"))
         except MergeError as exc:
             problems.append(SpecProblem(loc, str(exc)))
+    if problems or not readable:
+        return problems
+    for i, e in enumerate(spec.experts):
+        try:
+            check_dirs(spec.base, {e.name: e.path}, ancestry=spec.method != "linear")
+        except IncompatibleCheckpoints as exc:
+            problems.append(SpecProblem(("experts", i, "path"), str(exc)))
+    return problems
+
+
+def spec_problems(spec: StudySpec, catalog: TaskCatalog) -> list[SpecProblem]:
+    problems = _model_problems(spec)
     for i, e in enumerate(spec.experts):
         if e.calibration is not None:
             try:

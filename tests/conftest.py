@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from evals.offline import force_offline
+from evals.offline import set_offline
 
-force_offline()
+set_offline(True)
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 POSTGRES_URL = os.environ.get("MMMO_TEST_POSTGRES_URL")
@@ -27,6 +27,14 @@ def zoo(cache_dir):
     from evals.zoo import ensure_zoo
 
     return ensure_zoo(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    """An untrained zoo with the demo zoo's names and layout, built in about a second (no skill)."""
+    from evals.tiny_zoo import build_tiny_zoo
+
+    return build_tiny_zoo(tmp_path_factory.mktemp("tiny") / "zoo")
 
 
 @pytest.fixture
@@ -103,3 +111,38 @@ def client(settings):
 def objective_keys(spec: dict) -> list[str]:
     """The objective keys of a ``zoo_spec`` (exact match per task), in order."""
     return [f"{o['task']}:exact_match" for o in spec["objectives"]]
+
+
+class ManualClock:
+    """The service's clock, moved by hand: lease expiry and time budgets tested without waiting."""
+
+    def __init__(self) -> None:
+        from service.db.models import utcnow
+
+        self.now = utcnow()
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        from datetime import timedelta
+
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def clock_client(settings, clock):
+    """``client`` on a server whose clock the test moves (``clock.advance``)."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.services import Services
+
+    with TestClient(create_app(settings, Services.start(settings, clock=clock))) as c:
+        authorize(c)
+        yield c

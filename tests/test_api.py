@@ -6,13 +6,12 @@ not depend on what computed the numbers.
 
 from __future__ import annotations
 
-import time
-
 import optuna
 import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.services import Services
 from tests.conftest import authorize, objective_keys, zoo_spec
 
 
@@ -90,23 +89,28 @@ def test_failed_evaluation_keeps_the_reason_and_the_study_goes_on(client, tiny_z
     assert trials[0]["error"] == "EvaluationError: NaN"
 
 
-def test_expired_lease_is_re_leased_then_failed_after_max_attempts(settings, tiny_zoo):
-    settings = settings.model_copy(update={"lease_seconds": 0.3, "max_attempts": 2})
-    with TestClient(create_app(settings)) as client:
+def test_expired_lease_is_re_leased_then_failed_after_max_attempts(settings, clock, tiny_zoo):
+    settings = settings.model_copy(update={"lease_seconds": 30, "max_attempts": 2})
+    with TestClient(create_app(settings, Services.start(settings, clock=clock))) as client:
         authorize(client)
         spec = zoo_spec(tiny_zoo, trials=2)
         study = client.post("/api/v1/studies", json=spec).json()
         first = client.post("/api/v1/leases", json={"worker": "slow"}).json()
-        time.sleep(0.5)
+        clock.advance(29)
+        assert client.post(f"/api/v1/leases/{first['token']}/heartbeat").status_code == 200  # renewed: 30 s more
+        clock.advance(29)
+        assert client.post("/api/v1/leases", json={"worker": "fast"}).json()["trial_number"] != first["trial_number"]
+        clock.advance(2)  # past the renewed expiry
         second = client.post("/api/v1/leases", json={"worker": "fast"}).json()
         assert second["trial_number"] == first["trial_number"]
         assert second["token"] != first["token"]
         values = dict.fromkeys(objective_keys(spec), 0.1)
         assert client.post(f"/api/v1/leases/{first['token']}/result", json={"values": values}).status_code == 409
-        time.sleep(0.5)
+        clock.advance(31)
         third = client.post("/api/v1/leases", json={"worker": "w"}).json()
         assert third["trial_number"] != first["trial_number"]
-        trial = client.get(f"/api/v1/studies/{study['id']}").json()["trials"][0]
+        trial = next(t for t in client.get(f"/api/v1/studies/{study['id']}").json()["trials"]
+                     if t["number"] == first["trial_number"])
         assert trial["state"] == "failed" and trial["attempts"] == 2
         assert "lease expired" in trial["error"]
 
@@ -234,15 +238,21 @@ def test_export_trial_as_mergekit_and_spec(client, tiny_zoo):
     assert client.get(f"/api/v1/studies/{study['id']}/trials/99/export").status_code == 404
 
 
-def test_time_budget_stops_new_trials(client, tiny_zoo):
+def test_time_budget_stops_new_trials(clock_client, clock, tiny_zoo):
+    client = clock_client
     spec = zoo_spec(tiny_zoo, trials=50)
-    spec["budget"]["seconds"] = 3.0  # room for a slow machine to create the study and lease once
+    spec["budget"]["seconds"] = 20.0  # shorter than a lease (30 s): no lease expires here
     study = client.post("/api/v1/studies", json=spec).json()
     first = client.post("/api/v1/leases", json={"worker": "w"}).json()
-    time.sleep(3.2)
+    clock.advance(19)
+    second = client.post("/api/v1/leases", json={"worker": "w"})
+    assert second.status_code == 200  # still within the budget
+    clock.advance(2)
     assert client.post("/api/v1/leases", json={"worker": "w"}).status_code == 204
+    values = {"values": dict.fromkeys(objective_keys(spec), 0.5)}
+    client.post(f"/api/v1/leases/{second.json()['token']}/result", json=values)
     assert client.get(f"/api/v1/studies/{study['id']}").json()["status"] == "running"  # one still in flight
-    client.post(f"/api/v1/leases/{first['token']}/result", json={"values": dict.fromkeys(objective_keys(spec), 0.5)})
+    client.post(f"/api/v1/leases/{first['token']}/result", json=values)
     assert client.post("/api/v1/leases", json={"worker": "w"}).status_code == 204
     assert client.get(f"/api/v1/studies/{study['id']}").json()["status"] == "done"
 

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from service import studies
 from service.deps import MemberDep, ServicesDep, StudyId
 from service.services import Services
+from service.states import StudyStatus
 
 router = APIRouter(prefix="/studies", tags=["studies"])
 POLL_SECONDS = 0.5
@@ -54,7 +55,7 @@ async def _stream(services: Services, study_id: int, team_id: int, poll: float) 
         if status_now != last_status:
             last_status = status_now
             yield _event("study", {"study": study_id, "status": status_now})
-            if status_now != "running":
+            if status_now != StudyStatus.RUNNING:
                 return
         await asyncio.sleep(poll)
         idle += poll

@@ -7,7 +7,7 @@ import uuid
 from fastapi import APIRouter, HTTPException, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
-from service import dispatch, jobs, workers
+from service import dispatch, jobs, presence
 from service.db.models import Job
 from service.deps import CallerDep, ServicesDep, SessionDep
 from service.schemas import JobPublic, LeasePublic, LeaseRequest, TrialPublic, TrialResult
@@ -19,7 +19,7 @@ router = APIRouter(prefix="/leases", tags=["leases"])
 
 @router.post("", response_model=LeasePublic, responses={204: {"description": "no work to run now"}})
 def lease(body: LeaseRequest, who: CallerDep, services: ServicesDep, session: SessionDep) -> LeasePublic | Response:
-    workers.seen(session, body.worker, who.team_id)
+    presence.seen(session, body.worker, who.team_id)
     with services.lock:
         leased = dispatch.next_work(session, services.optuna, services.policy, body.worker, services.clock(),
                                     team_id=who.team_id)
@@ -32,7 +32,7 @@ def heartbeat(token: str, who: CallerDep, services: ServicesDep, session: Sessio
     with services.lock:
         held = dispatch.heartbeat(session, services.optuna, services.policy, token, services.clock())
     expires, name = held.lease_expires_at, held.worker
-    workers.seen(session, name, who.team_id)
+    presence.seen(session, name, who.team_id)
     return {"expires_at": expires}
 
 

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from service.db.models import Job, Study, Trial, WorkerSeen, utcnow
 from service.schemas import WorkerPublic, WorkerTask
+from service.states import JobState, TrialState
 
 SHOWN_FOR = timedelta(hours=24)  # workers unseen for longer drop off the page
 _WRITE_EVERY = timedelta(seconds=5)  # idle workers poll every second: record them at most this often
@@ -42,11 +43,11 @@ def listing(session: Session, team_id: int, lease_seconds: float) -> list[Worker
     ).all()
     names = [w.name for w in rows]
     tasks: dict[str, list[WorkerTask]] = {n: [] for n in names}
-    for t in session.scalars(select(Trial).join(Study).where(Trial.state == "leased", Trial.worker.in_(names),
+    for t in session.scalars(select(Trial).join(Study).where(Trial.state == TrialState.LEASED, Trial.worker.in_(names),
                                                              Study.team_id == team_id)):
         tasks[t.worker].append(WorkerTask(kind="trial", study_id=t.study_id, trial_number=t.number,
                                           since=t.started_at, lease_expires_at=t.lease_expires_at))
-    for j in session.scalars(select(Job).join(Study).where(Job.state == "leased", Job.worker.in_(names),
+    for j in session.scalars(select(Job).join(Study).where(Job.state == JobState.LEASED, Job.worker.in_(names),
                                                            Study.team_id == team_id)):
         tasks[j.worker].append(WorkerTask(kind="materialize", study_id=j.study_id, trial_number=j.trial_number,
                                           since=None, lease_expires_at=j.lease_expires_at))

@@ -1,0 +1,51 @@
+"""A base that is not the experts' ancestor: refused at submit time when the server sees the
+files, else the study fails once, at a worker's first load, with the reason."""
+
+from __future__ import annotations
+
+import shutil
+
+from evals.tiny_zoo import build_tiny_zoo
+from service import local
+from service.runner import TrialRunner
+from service.services import Services
+from tests.conftest import zoo_spec
+
+
+def test_a_base_that_is_not_the_experts_ancestor_is_a_422_naming_the_expert(client, tiny_zoo, tmp_path):
+    stranger = build_tiny_zoo(tmp_path / "other", seed=1)  # same shapes, unrelated weights
+    spec = zoo_spec(tiny_zoo) | {"base": str(stranger.base)}
+    response = client.post("/api/v1/studies", json=spec)
+    assert response.status_code == 422
+    problem = response.json()["detail"][0]
+    assert problem["loc"] == ["body", "experts", 0, "path"]
+    assert "model 'add'" in problem["msg"] and "ancestor" in problem["msg"]
+    assert client.get("/api/v1/studies").json() == []
+    # linear merges take no deltas: any models of one shape merge
+    assert client.post("/api/v1/studies", json=spec | {"method": "linear", "search_space": {"density": None}}
+                       ).status_code == 201
+
+
+def test_a_study_whose_models_turn_out_incompatible_fails_once_with_the_reason(settings, tmp_path):
+    zoo = build_tiny_zoo(tmp_path / "zoo")
+    stranger = build_tiny_zoo(tmp_path / "other", seed=1)
+    services = Services.start(settings)
+    try:
+        study_id = local.create(services, _spec(zoo, trials=6))
+        # What the worker finds is not what the server checked (another machine's files, a
+        # checkpoint replaced since): the 'reverse' expert is now an unrelated model.
+        shutil.rmtree(zoo.experts["reverse"])
+        shutil.copytree(stranger.experts["reverse"], zoo.experts["reverse"])
+        final = local.run(services, study_id, TrialRunner(cache_dir=tmp_path / "cache"))
+    finally:
+        services.close()
+    assert final["status"] == "failed"
+    assert "model 'reverse'" in final["error"] and "ancestor" in final["error"]
+    assert len(final["trials"]) == 1  # one load, not trial after trial
+    assert final["trials"][0]["state"] == "failed" and final["trials"][0]["error"] == final["error"]
+
+
+def _spec(zoo, trials: int):
+    from search.spec import StudySpec
+
+    return StudySpec.model_validate(zoo_spec(zoo, trials=trials))
