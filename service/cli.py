@@ -119,23 +119,9 @@ def cmd_admin_revoke(args: argparse.Namespace) -> int:
 
 def _admin_session(args: argparse.Namespace):
     """A session on the migrated database, for admin commands (they need no server)."""
-    from contextlib import contextmanager
+    from service.db.session import migrated_session
 
-    from service.db.migrate import upgrade
-    from service.db.session import make_engine, session_factory
-
-    @contextmanager
-    def opened():
-        url = _settings(args).resolved_database_url()
-        upgrade(url)
-        engine = make_engine(url)
-        try:
-            with session_factory(engine)() as session:
-                yield session
-        finally:
-            engine.dispose()
-
-    return opened()
+    return migrated_session(_settings(args).resolved_database_url())
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -262,30 +248,11 @@ def cmd_study_materialize(args: argparse.Namespace) -> int:
 
 
 def _materialize_on_worker(args: argparse.Namespace) -> int:
-    """Queue the job for a worker, wait for it, download and unpack the archive into OUT_DIR."""
-    import tarfile
-    import tempfile
-    import time
-
-    from service.states import PENDING_JOB, JobState
-
-    out = Path(args.out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"output directory '{out}' exists and is not empty")
     client = _client(args)
-    job = client.materialize(args.study_id, args.trial, args.dtype)
-    print(f"job {job['id']} queued; waiting for a worker", file=sys.stderr)
-    while job["state"] in PENDING_JOB:
-        time.sleep(1.0)
-        job = client.job(job["id"])
-    if job["state"] != JobState.DONE:
-        raise RuntimeError(f"job {job['id']} failed: {job['error']}")
-    with tempfile.TemporaryDirectory() as tmp:
-        archive = client.download(job["id"], Path(tmp) / "model.tar")
-        out.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive) as tar:
-            tar.extractall(out, filter="data")
-    print(f"trial {args.trial} of study {args.study_id} written to {out} (by worker {job['worker']})")
+    job = client.materialize_into(args.study_id, args.trial, Path(args.out_dir), args.dtype,
+                                  on_queued=lambda j: print(f"job {j['id']} queued; waiting for a worker",
+                                                            file=sys.stderr))
+    print(f"trial {args.trial} of study {args.study_id} written to {args.out_dir} (by worker {job['worker']})")
     return 0
 
 
@@ -317,6 +284,8 @@ def _run_local(args: argparse.Namespace, study_id: int | None) -> int:
         with services.sessions() as session:
             console.print(pareto_table(pareto(get_study(session, study_id, None)).model_dump(mode="json")))
         console.print(f"study {study_id}: {final['status']}")
+        if final["error"]:
+            raise RuntimeError(f"study {study_id} failed: {final['error']}")
     finally:
         services.close()
     return 0

@@ -3,6 +3,7 @@ source over HTTP."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,34 @@ class ApiClient:
                 for chunk in response.iter_bytes(1 << 20):
                     f.write(chunk)
         return out
+
+    def materialize_into(self, study_id: int, number: int, out: Path, dtype: str | None = None, *,
+                         poll_seconds: float = 1.0,
+                         on_queued: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Have a worker write a trial's model (a job), wait for it, and unpack its archive into
+        ``out``; returns the finished job."""
+        import tarfile
+        import tempfile
+        import time
+
+        from service.states import PENDING_JOB, JobState
+
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"output directory '{out}' exists and is not empty")
+        job = self.materialize(study_id, number, dtype)
+        if on_queued:
+            on_queued(job)
+        while job["state"] in PENDING_JOB:
+            time.sleep(poll_seconds)
+            job = self.job(job["id"])
+        if job["state"] != JobState.DONE:
+            raise RuntimeError(f"job {job['id']} failed: {job['error']}")
+        with tempfile.TemporaryDirectory() as tmp:
+            archive = self.download(job["id"], Path(tmp) / "model.tar")
+            out.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(archive) as tar:
+                tar.extractall(out, filter="data")
+        return job
 
     def upload_artifact(self, token: str, archive: Path) -> dict[str, Any]:
         def chunks():

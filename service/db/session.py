@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 
 def make_engine(url: str, pool_size: int = 5) -> Engine:
@@ -26,3 +29,17 @@ def make_engine(url: str, pool_size: int = 5) -> Engine:
 
 def session_factory(engine: Engine) -> sessionmaker:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def migrated_session(url: str) -> Iterator[Session]:
+    """One session on the database at ``url``, migrated first: for commands that need no server."""
+    from service.db.migrate import upgrade
+
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        with session_factory(engine)() as session:
+            yield session
+    finally:
+        engine.dispose()
