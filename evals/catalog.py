@@ -7,6 +7,7 @@ from pathlib import Path
 
 from evals.evaluator import task_manager
 from evals.objective import Objective
+from evals.texts import read_calibration_texts
 
 
 class TaskCatalog:
@@ -43,8 +44,6 @@ class TaskCatalog:
         if objective.kind == "sparsity":
             return None
         if objective.kind == "perplexity":
-            from merging.saliency import read_calibration_texts
-
             try:
                 read_calibration_texts(objective.data, limit=1)
             except (OSError, ValueError, KeyError) as exc:

@@ -3,6 +3,9 @@
 lm-eval's ``simple_evaluate`` rebuilds tasks and collects environment info on every call;
 here the task objects are built once and ``lm_eval.evaluator.evaluate`` is called per trial
 on the same documents, so a trial pays for the model's forward passes and little else.
+
+Importing this module does not decide whether lm-eval may reach the hub: the command that
+imports it calls ``evals.offline.set_offline`` first.
 """
 
 from __future__ import annotations
@@ -13,15 +16,12 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from evals.offline import force_offline
+from lm_eval.evaluator import evaluate
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
 
-force_offline()
-
-from lm_eval.evaluator import evaluate  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
-
-from evals.objective import Objective  # noqa: E402
+from evals.objective import Objective
+from evals.texts import read_calibration_texts
 
 BUNDLED_TASKS_DIR = Path(__file__).parent / "tasks"
 log = logging.getLogger(__name__)
@@ -35,8 +35,6 @@ class Perplexity:
     """Perplexity of a live model on fixed calibration texts (token-weighted mean NLL, exponentiated)."""
 
     def __init__(self, data: str | None, limit: int = 256, batch_size: int = 32) -> None:
-        from merging.saliency import read_calibration_texts
-
         if data is None:
             raise EvaluationError("a perplexity objective needs 'data' (a jsonl or text file)")
         self.texts = read_calibration_texts(data, limit=limit)

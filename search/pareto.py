@@ -13,8 +13,37 @@ import numpy as np
 Point = Sequence[float]
 
 
+def sign(direction: str) -> float:
+    """-1 for ``minimize``, else +1: an objective times its sign is to be maximised."""
+    return -1.0 if direction == "minimize" else 1.0
+
+
+def min_max_scale(values: Sequence[Point] | np.ndarray, like: Sequence[Point] | np.ndarray | None = None) -> np.ndarray:
+    """Rows of ``values`` with each column mapped to [0, 1] by the min and max of that column of
+    ``like`` (default: ``values`` itself); a column whose min and max agree maps to 0."""
+    x = np.asarray(values, dtype=float)
+    ref = x if like is None else np.asarray(like, dtype=float)
+    lo, span = ref.min(0), ref.max(0) - ref.min(0)
+    return (x - lo) / np.where(span > 0, span, 1.0)
+
+
+def reference_point(values: Sequence[Point], directions: Sequence[str], keys: Sequence[str],
+                    given: dict[str, float] | None = None) -> list[float]:
+    """The hypervolume reference: the spec's point where it gives one (``given``, by objective
+    key); else just worse than the worst value seen in each objective (10% of its range, or 0.1)."""
+    ref = []
+    for d, column in enumerate(zip(*values, strict=True)):
+        if given and keys[d] in given:
+            ref.append(given[keys[d]])
+            continue
+        lo, hi = min(column), max(column)
+        margin = 0.1 * (hi - lo) or 0.1
+        ref.append(lo - margin if sign(directions[d]) > 0 else hi + margin)
+    return ref
+
+
 def _to_min(points: Sequence[Point], directions: Sequence[str]) -> list[tuple[float, ...]]:
-    signs = [1.0 if d == "minimize" else -1.0 for d in directions]
+    signs = [-sign(d) for d in directions]
     return [tuple(s * v for s, v in zip(signs, p, strict=True)) for p in points]
 
 
@@ -109,10 +138,6 @@ def knee_point(points: Sequence[Point], directions: Sequence[str]) -> int | None
     front = pareto_front(points, directions)
     if not front:
         return None
-    mins = _to_min([points[i] for i in front], directions)
-    dims = range(len(directions))
-    lo = [min(p[d] for p in mins) for d in dims]
-    hi = [max(p[d] for p in mins) for d in dims]
-    def dist(p: tuple[float, ...]) -> float:
-        return sum(((p[d] - lo[d]) / (hi[d] - lo[d]) if hi[d] > lo[d] else 0.0) ** 2 for d in dims)
-    return front[min(range(len(front)), key=lambda i: dist(mins[i]))]
+    scaled = min_max_scale(_to_min([points[i] for i in front], directions))
+    dist = [sum(float(x) ** 2 for x in row) for row in scaled]
+    return front[min(range(len(front)), key=dist.__getitem__)]

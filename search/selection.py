@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from search.pareto import knee_point, pareto_front
+from search.pareto import knee_point, min_max_scale, pareto_front, sign
 from search.spec import SelectionSpec
 
 
@@ -18,20 +18,19 @@ def select(values: Sequence[Sequence[float]], keys: Sequence[str], directions: S
     front = pareto_front(values, directions)
     if policy.policy.startswith("best:"):
         d = list(keys).index(policy.policy.removeprefix("best:"))
-        sign = 1.0 if directions[d] == "maximize" else -1.0
-        return max(front, key=lambda i: sign * values[i][d])
+        s = sign(directions[d])
+        return max(front, key=lambda i: s * values[i][d])
     # Weighted sum of min-max normalised objectives, each oriented so that larger is better.
     dims = range(len(keys))
-    lo = [min(v[d] for v in values) for d in dims]
-    hi = [max(v[d] for v in values) for d in dims]
+    scaled = min_max_scale(values)
 
     def utility(i: int) -> float:
         total = 0.0
         for d in dims:
-            scaled = (values[i][d] - lo[d]) / (hi[d] - lo[d]) if hi[d] > lo[d] else 0.0
-            if directions[d] == "minimize":
-                scaled = 1.0 - scaled
-            total += (policy.weights or {}).get(keys[d], 0.0) * scaled
+            x = float(scaled[i][d])
+            if sign(directions[d]) < 0:
+                x = 1.0 - x
+            total += (policy.weights or {}).get(keys[d], 0.0) * x
         return total
 
     return max(front, key=utility)

@@ -8,7 +8,7 @@ from typing import Any
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
 from merging.config import ExpertRef, Grouping, MergeConfig
-from merging.methods import METHODS
+from merging.randomness import SEEDED_METHODS
 from search.spec import Range, StudySpec
 
 
@@ -60,6 +60,6 @@ class SearchSpace:
                                   group_params=grouped[e.name]) for e in self.spec.experts)
         # The seed is part of a merge only where the method draws random masks: a TIES merge of
         # a study seeded 7 is the same model (and the same cache entry) as one seeded 0.
-        seed = self.spec.seed if METHODS.get(self.spec.method) and METHODS[self.spec.method].uses_rng else 0
+        seed = self.spec.seed if self.spec.method in SEEDED_METHODS else 0
         return MergeConfig(method=self.spec.method, base=self.spec.base, experts=experts, params=global_params,
                            seed=seed, grouping=self.grouping())

@@ -39,6 +39,19 @@ def test_space_round_trips_to_a_merge_config():
         {"a.weight": 0.5, "a.density": 0.3, "b.weight": 1.0, "b.density": 0.9}.items())))).fingerprint()
 
 
+def test_seeded_methods_are_the_methods_that_use_the_rng():
+    from merging.methods import METHODS
+    from merging.randomness import SEEDED_METHODS
+
+    assert SEEDED_METHODS == {name for name, cls in METHODS.items() if cls.uses_rng}
+
+
+def test_seed_reaches_the_merge_only_for_methods_that_draw_random_numbers():
+    for method, seeded in (("dare_ties", True), ("ties", False), ("no_such_method", False)):
+        spec = StudySpec.model_validate(BASE | {"method": method, "seed": 7})
+        assert SearchSpace(spec).merge_config({}).seed == (7 if seeded else 0)
+
+
 def test_yaml_spec_loads(tmp_path):
     path = tmp_path / "spec.yaml"
     path.write_text("base: /b\nexperts:\n  - {name: a, path: /a}\nobjectives:\n  - task: mmmo_add\n")
@@ -69,7 +82,7 @@ def test_expert_named_method_is_refused():
 
 
 def test_objective_keys_match_the_evaluators():
-    from service.objectives import objectives_of
+    from service.specs import objectives_of
 
     spec = StudySpec.model_validate({
         "base": "b", "experts": [{"name": "e", "path": "p"}],

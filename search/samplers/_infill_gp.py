@@ -24,10 +24,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from optuna.samplers import GPSampler
-from optuna.study import Study, StudyDirection
+from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
+
+from search.samplers._common import signs
 
 _logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class InfillGP(GPSampler):
             # the trials and the standardisation GPSampler fits on, read the same way
             done = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE,), use_cache=False)
             if done:
-                sign = np.array([-1.0 if d == StudyDirection.MINIMIZE else 1.0 for d in study.directions])
+                sign = signs(study.directions)
                 values = sign * np.array([t.values for t in done], dtype=float)
                 mean, sd = values.mean(0), np.maximum(values.std(0), 1e-12)
                 self._y_train = (values - mean) / sd
@@ -79,6 +80,7 @@ class InfillGP(GPSampler):
     def _rebase(self, acqf: Any) -> None:
         """Redo the acquisition's box decomposition against the study's reference point: once for
         logEHVI, once per Monte-Carlo fantasy of the running trials for qLogEHVI."""
+        import torch  # here, not at the top: importing the samplers (the server does) stays torch-free
         from optuna._gp import acqf as module
 
         y = torch.from_numpy(self._y_train)

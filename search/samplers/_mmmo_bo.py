@@ -15,7 +15,6 @@ ones keep the GP's choice. Until ``n_startup_trials`` are complete, trials are r
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,26 +24,9 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from search.samplers._common import from_unit, min_max_scale, rbf, signs, to_unit
 from search.samplers._infill_gp import InfillGP
 from search.spec import SamplerSpec
-
-
-def _to_unit(dist: BaseDistribution, value: float) -> float:
-    lo, hi = dist.low, dist.high
-    if hi == lo:
-        return 0.0
-    if dist.log:
-        return (math.log(value) - math.log(lo)) / (math.log(hi) - math.log(lo))
-    return (value - lo) / (hi - lo)
-
-
-def _from_unit(dist: BaseDistribution, u: float) -> float:
-    u = min(1.0, max(0.0, u))
-    lo, hi = dist.low, dist.high
-    value = math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))) if dist.log else lo + u * (hi - lo)
-    if isinstance(dist, IntDistribution):
-        return int(round((value - lo) / dist.step) * dist.step + lo)
-    return min(hi, max(lo, value))
 
 
 def de_candidate(base: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray, rng: np.random.RandomState,
@@ -59,14 +41,10 @@ def de_candidate(base: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray, 
 def posterior_variance(x: np.ndarray, observed: np.ndarray, lengthscale: float = 0.2,
                        noise: float = 1e-4) -> np.ndarray:
     """GP posterior variance (RBF prior, unit signal variance) at rows of ``x`` given ``observed``."""
-    def k(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-        d2 = ((p[:, None, :] - q[None, :, :]) ** 2).sum(-1)
-        return np.exp(-d2 / (2 * lengthscale**2))
-
     if observed.size == 0:
         return np.ones(len(x))
-    gram = k(observed, observed) + noise * np.eye(len(observed))
-    cross = k(x, observed)  # (n, m)
+    gram = rbf(observed, observed, lengthscale) + noise * np.eye(len(observed))
+    cross = rbf(x, observed, lengthscale)  # (n, m)
     solved = np.linalg.solve(gram, cross.T)  # (m, n)
     return np.clip(1.0 - (cross * solved.T).sum(1), 0.0, None)
 
@@ -102,7 +80,7 @@ class MMMOBOSampler(BaseSampler):
             return proposal
 
         def encode(params: dict[str, Any]) -> np.ndarray:
-            return np.array([_to_unit(search_space[k], params[k]) for k in numeric])
+            return np.array([to_unit(search_space[k], params[k]) for k in numeric])
 
         best = self._best(known, study.directions)
         pool = [encode(t.params) for t in best]
@@ -113,15 +91,11 @@ class MMMOBOSampler(BaseSampler):
             candidates.append(de_candidate(base, a, b, c, self._rng, self.f, self.cr))
         observed = np.stack([encode(t.params) for t in known])
         pick = candidates[int(np.argmax(posterior_variance(np.stack(candidates), observed, self.lengthscale)))]
-        return proposal | {k: _from_unit(search_space[k], float(u)) for k, u in zip(numeric, pick, strict=True)}
+        return proposal | {k: from_unit(search_space[k], float(u)) for k, u in zip(numeric, pick, strict=True)}
 
     def _best(self, trials: Sequence[FrozenTrial], directions: Sequence[StudyDirection]) -> list[FrozenTrial]:
         """The ``top`` trials by summed min-max normalised objectives (each oriented to maximise)."""
-        values = np.array([t.values for t in trials], dtype=float)
-        signs = np.array([1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in directions])
-        oriented = values * signs
-        span = oriented.max(0) - oriented.min(0)
-        scaled = (oriented - oriented.min(0)) / np.where(span > 0, span, 1.0)
+        scaled = min_max_scale(np.array([t.values for t in trials], dtype=float) * signs(directions))
         order = np.argsort(-scaled.sum(1))
         return [trials[i] for i in order[: max(3, self.top)]]
 

@@ -30,14 +30,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.exceptions import ExperimentalWarning
 from optuna.samplers import BaseSampler, NSGAIISampler, QMCSampler, TPESampler
-from optuna.study import Study, StudyDirection
+from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
+from search.samplers._common import encode, from_unit, signs
 from search.samplers._infill_gp import InfillGP
-from search.samplers._mmmo_bo import _from_unit, _to_unit
 from search.samplers._surrogate import rank_by_improvement
 from search.spec import SamplerSpec
 
@@ -118,13 +118,12 @@ class WarmNSGAIISampler(BaseSampler):
             if set(proposal) == set(search_space):
                 children.append(proposal)
 
-        def encode(params: dict[str, Any]) -> list[float]:
-            return [_encode(search_space[n], params[n]) for n in names]
+        def unit(params: dict[str, Any]) -> list[float]:
+            return [encode(search_space[n], params[n]) for n in names]
 
-        signs = np.array([1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in study.directions])
-        order = rank_by_improvement(np.array([encode(t.params) for t in done]),
-                                    np.array([t.values for t in done]) * signs,
-                                    np.array([encode(c) for c in children]))
+        order = rank_by_improvement(np.array([unit(t.params) for t in done]),
+                                    np.array([t.values for t in done]) * signs(study.directions),
+                                    np.array([unit(c) for c in children]))
         return children[int(order[0])]
 
     def _filled(self, child: dict[str, Any], search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
@@ -136,7 +135,7 @@ class WarmNSGAIISampler(BaseSampler):
                 if isinstance(dist, CategoricalDistribution):
                     out[name] = dist.choices[self._rng.randint(len(dist.choices))]
                 else:
-                    out[name] = _from_unit(dist, float(self._rng.rand()))
+                    out[name] = from_unit(dist, float(self._rng.rand()))
         return out
 
     def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
@@ -153,12 +152,6 @@ class WarmNSGAIISampler(BaseSampler):
         self.nsga.after_trial(study, trial, state, values)
         self.warm.after_trial(study, trial, state, values)
         self.design.after_trial(study, trial, state, values)
-
-
-def _encode(dist: BaseDistribution, value: Any) -> float:
-    if isinstance(dist, (FloatDistribution, IntDistribution)):
-        return _to_unit(dist, value)
-    return dist.choices.index(value) / max(1, len(dist.choices) - 1)
 
 
 def make_nsga2(spec: SamplerSpec, seed: int, reference: Sequence[float] | None = None) -> BaseSampler:

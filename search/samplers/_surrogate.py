@@ -14,14 +14,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from search.pareto import hypervolume_improvement, pareto_front
+from search.samplers._common import min_max_scale, rbf
 
 _LENGTHSCALES = (0.1, 0.2, 0.4, 0.8)
 _NOISE = 1e-3
-
-
-def _rbf(p: np.ndarray, q: np.ndarray, lengthscale: float) -> np.ndarray:
-    d2 = ((p[:, None, :] - q[None, :, :]) ** 2).sum(-1)
-    return np.exp(-d2 / (2 * lengthscale**2))
 
 
 class GaussianProcess:
@@ -34,7 +30,7 @@ class GaussianProcess:
         scale = np.sqrt(x.shape[1])
         best = None
         for ls in _LENGTHSCALES:
-            gram = _rbf(x, x, ls * scale) + _NOISE * np.eye(len(x))
+            gram = rbf(x, x, ls * scale) + _NOISE * np.eye(len(x))
             chol = np.linalg.cholesky(gram)
             alpha = np.linalg.solve(chol.T, np.linalg.solve(chol, z))
             evidence = -0.5 * z @ alpha - np.log(np.diag(chol)).sum()
@@ -43,7 +39,7 @@ class GaussianProcess:
         _, self.lengthscale, self.chol, self.alpha = best
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        cross = _rbf(x, self.x, self.lengthscale)
+        cross = rbf(x, self.x, self.lengthscale)
         mean = cross @ self.alpha
         v = np.linalg.solve(self.chol, cross.T)
         var = np.clip(1.0 - (v * v).sum(0), 1e-12, None)
@@ -64,5 +60,5 @@ def rank_by_improvement(observed_x: np.ndarray, observed_y: np.ndarray, candidat
     front: Sequence[Sequence[float]] = [tuple(observed_y[i]) for i in pareto_front(observed_y.tolist(), directions)]
     gains = np.array([hypervolume_improvement(front, tuple(u), tuple(reference), directions) for u in optimistic])
     # all-dominated candidates tie at zero gain: prefer the one predicted closest to the front
-    tiebreak = ((optimistic - observed_y.min(0)) / span).sum(1)
+    tiebreak = min_max_scale(optimistic, like=observed_y).sum(1)
     return np.lexsort((-tiebreak, -gains))

@@ -1,18 +1,34 @@
-"""Calibration texts for OBIM's activation statistics: a file, or an lm-eval task's documents."""
+"""Texts for OBIM's calibration statistics and for perplexity objectives: a file, or an lm-eval
+task's documents."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
-
-from merging.saliency import read_calibration_texts
 
 TASK_PREFIX = "task:"
 
 
+def read_calibration_texts(source: str | Path, limit: int = 256) -> list[str]:
+    """Texts from a jsonl file (field ``text``, else ``prompt`` + ``target``) or a plain text file."""
+    path = Path(source)
+    texts: list[str] = []
+    with open(path, encoding="utf-8") as fh:
+        if path.suffix == ".jsonl":
+            for line in fh:
+                row = json.loads(line)
+                texts.append(row["text"] if "text" in row else row.get("prompt", "") + row.get("target", ""))
+        else:
+            texts = [line.rstrip("\n") for line in fh if line.strip()]
+    if not texts:
+        raise ValueError(f"calibration file '{path}' holds no text")
+    return texts[:limit]
+
+
 def calibration_texts(source: str, limit: int = 256, include_paths: Sequence[Path] = ()) -> list[str]:
     """``task:NAME`` reads the task's training documents (else validation, else test) as prompt +
-    target; anything else is a jsonl/text file (see ``merging.saliency.read_calibration_texts``)."""
+    target; anything else is a jsonl/text file (see ``read_calibration_texts``)."""
     if not source.startswith(TASK_PREFIX):
         return read_calibration_texts(source, limit=limit)
     from evals.evaluator import task_manager
