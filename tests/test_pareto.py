@@ -64,3 +64,13 @@ def test_hypervolume_trace_measures_every_prefix():
     ref = [0.0, 1.0, 0.0]
     trace = hypervolume_trace(points, ref, directions)
     assert trace == pytest.approx([hypervolume(points[: i + 1], ref, directions) for i in range(60)], abs=1e-12)
+
+
+def test_reference_point_is_the_given_one_else_just_beyond_the_worst_value():
+    from search.pareto import reference_point
+
+    values = [[0.2, 3.0], [0.6, 1.0]]
+    directions, keys = ["maximize", "minimize"], ["acc", "ppl"]
+    assert reference_point(values, directions, keys) == pytest.approx([0.2 - 0.04, 3.0 + 0.2])
+    assert reference_point(values, directions, keys, {"ppl": 10.0}) == pytest.approx([0.16, 10.0])
+    assert reference_point([[0.5, 2.0]], directions, keys) == pytest.approx([0.4, 2.1])  # no range: 0.1

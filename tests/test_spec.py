@@ -98,3 +98,16 @@ def test_reference_point_in_objective_order_only_when_whole():
     assert whole.reference() == [0.1, 0.2]
     assert StudySpec.model_validate(body | {"reference_point": {"t:exact_match": 0.1}}).reference() is None
     assert StudySpec.model_validate(body).reference() is None
+
+
+def test_constraint_violations_follow_optunas_sign_and_decide_feasibility():
+    from search.constraints import constraint_violations, is_feasible
+
+    spec = StudySpec.model_validate(BASE | {"constraints": [{"objective": "sparsity", "max": 0.5},
+                                                            {"objective": "mmmo_add:exact_match", "min": 0.2}]})
+    values = {"sparsity": 0.25, "mmmo_add:exact_match": 0.1}
+    assert constraint_violations(spec, values) == pytest.approx({"sparsity:max": -0.25,
+                                                                 "mmmo_add:exact_match:min": 0.1})
+    assert not is_feasible(spec, values)
+    assert is_feasible(spec, values | {"mmmo_add:exact_match": 0.2})
+    assert is_feasible(StudySpec.model_validate(BASE), values)
