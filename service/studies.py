@@ -11,9 +11,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from evals.catalog import TaskCatalog
-from search.constraints import constraint_violations
+from search.constraints import constraint_violations, is_feasible
 from search.optuna_store import OptunaStudies
-from search.pareto import hypervolume, hypervolume_trace, pareto_front
+from search.pareto import hypervolume, hypervolume_trace, pareto_front, reference_point
 from search.selection import select as select_trial
 from search.space import SearchSpace
 from search.spec import StudySpec
@@ -199,28 +199,13 @@ def study_detail(study: Study) -> StudyDetail:
                        trials=[trial_public(t) for t in study.trials])
 
 
-def reference_point(values: list[list[float]], directions: list[str], keys: list[str],
-                    given: dict[str, float] | None = None) -> list[float]:
-    """The spec's point where it gives one; else just worse than the worst value seen in each
-    objective (10% of its range, or 0.1)."""
-    ref = []
-    for d, column in enumerate(zip(*values, strict=True)):
-        if given and keys[d] in given:
-            ref.append(given[keys[d]])
-            continue
-        lo, hi = min(column), max(column)
-        margin = 0.1 * (hi - lo) or 0.1
-        ref.append(lo - margin if directions[d] == "maximize" else hi + margin)
-    return ref
-
-
 def _feasible_points(study: Study) -> tuple[list[Trial], list[list[float]], StudySpec]:
     """Completed, feasible trials (one per configuration) in finishing order, and their values."""
     spec = spec_of(study)
     keys = [o.key for o in objectives_of(spec)]
     done = sorted((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: (t.finished_at, t.number))
     unique = list({t.config_hash: t for t in reversed(done)}.values())[::-1]  # first of each configuration
-    feasible = [t for t in unique if all(v <= 0 for v in constraint_violations(spec, t.values).values())]
+    feasible = [t for t in unique if is_feasible(spec, t.values)]
     return feasible, [[t.values[k] for k in keys] for t in feasible], spec
 
 
