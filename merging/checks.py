@@ -16,18 +16,19 @@ ANCESTRY_PROBES = 3  # matrices compared per expert
 
 def check_compatible(base: TensorReader, experts: Mapping[str, TensorReader], *, ancestry: bool) -> list[str]:
     """The base's tensor names, once every expert has the same tensors with the same shapes
-    (and, with ``ancestry``, looks fine-tuned from the base); a MergeError naming the expert otherwise."""
+    (and, with ``ancestry``, looks fine-tuned from the base); otherwise an IncompatibleCheckpoints
+    (a MergeError) naming the expert."""
     names = base.keys()
     for expert, reader in experts.items():
         missing = sorted(set(names) - set(reader.keys()))
         extra = sorted(set(reader.keys()) - set(names))
         if missing or extra:
             raise IncompatibleCheckpoints(f"model '{expert}': tensors differ from the base (missing {missing[:5]}, "
-                             f"unexpected {extra[:5]})")
+                                          f"unexpected {extra[:5]})")
         for n in names:
             if reader.shape(n) != base.shape(n):
                 raise IncompatibleCheckpoints(f"model '{expert}': tensor '{n}' has shape {reader.shape(n)}, "
-                                 f"the base has {base.shape(n)}")
+                                              f"the base has {base.shape(n)}")
     if ancestry:
         _check_ancestry(base, experts, names)
     return names
@@ -45,8 +46,9 @@ def _check_ancestry(base: TensorReader, experts: Mapping[str, TensorReader], nam
             b = bases[n]
             rel.append(float((reader.get(n).float() - b).norm() / b.norm().clamp_min(1e-12)))
         if min(rel) > ANCESTOR_MAX_RELATIVE_DELTA:
-            raise IncompatibleCheckpoints(f"model '{expert}': does not look fine-tuned from the base (relative delta "
-                             f"{min(rel):.2f} on '{probes[rel.index(min(rel))]}'): is the base its ancestor?")
+            raise IncompatibleCheckpoints(f"model '{expert}': does not look fine-tuned from the base (relative "
+                                          f"delta {min(rel):.2f} on '{probes[rel.index(min(rel))]}'): is the base "
+                                          "its ancestor?")
 
 
 def check_dirs(base_dir: str | Path, expert_dirs: Mapping[str, str | Path], *, ancestry: bool,

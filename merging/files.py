@@ -18,20 +18,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from merging.checkpoint import CheckpointReader
+from merging.checks import check_compatible
 from merging.config import MergeConfig
 from merging.errors import MergeError
-from merging.io import BIN_INDEX, SAFETENSORS_INDEX
-from merging.locate import locate
+from merging.io import BIN_INDEX, SAFETENSORS_INDEX, CheckpointReader, SafetensorsWriter, locate
 from merging.mergekit_yaml import to_mergekit
-from merging.methods import TensorInputs
 from merging.plan import MergePlan
-from merging.resident import tensor_seed
-from merging.safetensors_stream import SafetensorsWriter
+from merging.step import merge_tensor
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# A fine-tune moves weights by a small fraction of their norm; an unrelated model by ~sqrt(2).
-ANCESTOR_MAX_RELATIVE_DELTA = 0.5
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -42,36 +37,6 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
         return DTYPES[name]
     except KeyError:
         raise MergeError(f"unknown dtype '{name}'; known: {sorted(DTYPES)}") from None
-
-
-def _check_inputs(base: CheckpointReader, experts: Mapping[str, CheckpointReader]) -> list[str]:
-    names = base.keys()
-    for expert, reader in experts.items():
-        missing = sorted(set(names) - set(reader.keys()))
-        extra = sorted(set(reader.keys()) - set(names))
-        if missing or extra:
-            raise MergeError(f"model '{expert}': tensors differ from the base (missing {missing[:5]}, "
-                             f"unexpected {extra[:5]})")
-        for n in names:
-            if reader.shape(n) != base.shape(n):
-                raise MergeError(f"model '{expert}': tensor '{n}' has shape {reader.shape(n)}, "
-                                 f"the base has {base.shape(n)}")
-    return names
-
-
-def _check_ancestry(base: CheckpointReader, experts: Mapping[str, CheckpointReader], names: list[str]) -> None:
-    """Refuse a base that is not the experts' ancestor, judged on up to three matrices."""
-    probes = [n for n in names if len(base.shape(n)) == 2][:3]
-    if not probes:
-        return
-    for expert, reader in experts.items():
-        rel = []
-        for n in probes:
-            b = base.get(n).float()
-            rel.append(float((reader.get(n).float() - b).norm() / b.norm().clamp_min(1e-12)))
-        if min(rel) > ANCESTOR_MAX_RELATIVE_DELTA:
-            raise MergeError(f"model '{expert}': does not look fine-tuned from the base (relative delta "
-                             f"{min(rel):.2f} on '{probes[rel.index(min(rel))]}'): is the base its ancestor?")
 
 
 def _model_card(config: MergeConfig, dtype: str | None) -> str:
@@ -154,9 +119,7 @@ def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None 
     names_k = plan_params.names
     base = CheckpointReader(config.base)
     readers = {e.name: CheckpointReader(e.path) for e in config.experts}
-    names = _check_inputs(base, readers)
-    if config.method != "linear":
-        _check_ancestry(base, readers, names)
+    names = check_compatible(base, readers, ancestry=config.method != "linear")
     stats = stats or {}
     dev = torch.device(device)
 
@@ -171,11 +134,8 @@ def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None 
             b32 = b.to(dev, torch.float32)
             # Each expert tensor becomes its delta in place: one buffer per expert, no temporaries.
             deltas = [readers[e].get(name).to(dev, torch.float32).sub_(b32) for e in names_k]
-            gen = torch.Generator(device=dev).manual_seed(tensor_seed(config.seed, name))
             tensor_stats = [stats.get(e, {}).get(name) for e in names_k]
-            experts_params, params = plan_params.params_for(name)
-            inputs = TensorInputs(name, b32, deltas, gen, tensor_stats, owned=True)
-            merged = plan_params.method.merge(inputs, experts_params, params)
+            merged = merge_tensor(plan_params, name, b32, deltas, tensor_stats, owned=True)
             writer.add(name, merged.to(target).cpu())
             del b32, deltas, merged
             if progress:

@@ -6,66 +6,49 @@ once when the experts are loaded.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
+from merging.checks import check_compatible
 from merging.config import MergeConfig
 from merging.errors import MergeError
-from merging.io import load_state_dict
-from merging.methods import TensorInputs
+from merging.io import StateDictReader, load_state_dict
 from merging.plan import MergePlan
-
-
-def tensor_seed(seed: int, name: str) -> int:
-    """A per-tensor seed that does not depend on the order tensors are merged in."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
-
-
-def compute_deltas(
-    base: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]], dtype: torch.dtype = torch.float32
-) -> dict[str, list[Tensor]]:
-    """Per tensor, each expert's ``W_k - W_base``; errors name the expert and tensor at fault."""
-    for expert, state in experts.items():
-        missing = sorted(set(base) - set(state))
-        extra = sorted(set(state) - set(base))
-        if missing or extra:
-            raise MergeError(
-                f"model '{expert}': tensors differ from the base (missing {missing[:5]}, unexpected {extra[:5]})"
-            )
-        for name, tensor in base.items():
-            if state[name].shape != tensor.shape:
-                raise MergeError(
-                    f"model '{expert}': tensor '{name}' has shape {tuple(state[name].shape)}, "
-                    f"the base has {tuple(tensor.shape)}"
-                )
-    return {name: [experts[e][name].to(dtype) - b.to(dtype) for e in experts] for name, b in base.items()}
+from merging.step import merge_tensor
 
 
 class Merger:
-    """Holds a base and K expert deltas; ``apply`` writes a merge into a model's parameters."""
+    """Holds a base and K expert deltas; ``apply`` writes a merge into a model's parameters.
+
+    The experts are checked against the base first (``merging.checks``): same tensors and shapes,
+    and with ``check_ancestry`` (pass ``method != "linear"``) a base that is their ancestor.
+    """
 
     def __init__(self, base: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]],
                  dtype: torch.dtype = torch.float32,
-                 stats: Mapping[str, Mapping[str, Tensor]] | None = None, device: str | torch.device = "cpu") -> None:
+                 stats: Mapping[str, Mapping[str, Tensor]] | None = None, device: str | torch.device = "cpu",
+                 *, check_ancestry: bool = True) -> None:
         if not experts:
             raise MergeError("a merge needs at least one expert")
+        check_compatible(StateDictReader(base), {e: StateDictReader(sd) for e, sd in experts.items()},
+                         ancestry=check_ancestry)
         self.device = torch.device(device)
         self.expert_names = list(experts)
         self.base = {k: v.to(self.device, dtype) for k, v in base.items()}
-        self.deltas = compute_deltas(self.base, {e: {k: v.to(self.device) for k, v in sd.items()}
-                                                 for e, sd in experts.items()}, dtype)
+        # Per tensor, each expert's ``W_k - W_base``.
+        self.deltas = {name: [experts[e][name].to(self.device, dtype) - b for e in self.expert_names]
+                       for name, b in self.base.items()}
         self.stats = {name: {k: v.to(self.device) for k, v in (stats or {}).get(name, {}).items()}
                       for name in self.expert_names}
 
     @classmethod
     def from_checkpoints(cls, base_dir: str, expert_dirs: Mapping[str, str],
                          stats: Mapping[str, Mapping[str, Tensor]] | None = None,
-                         device: str | torch.device = "cpu") -> Merger:
+                         device: str | torch.device = "cpu", *, check_ancestry: bool = True) -> Merger:
         return cls(load_state_dict(base_dir), {name: load_state_dict(p) for name, p in expert_dirs.items()},
-                   stats=stats, device=device)
+                   stats=stats, device=device, check_ancestry=check_ancestry)
 
     def merged_tensors(self, config: MergeConfig):
         """Yield (name, merged tensor) for every tensor of the base."""
@@ -74,10 +57,7 @@ class Merger:
             raise MergeError(f"merge config names experts {names}, the merger holds {self.expert_names}")
         plan = MergePlan(config)
         for name, base in self.base.items():
-            gen = torch.Generator(device=self.device).manual_seed(tensor_seed(config.seed, name))
-            stats = [self.stats[e].get(name) for e in names]
-            experts, params = plan.params_for(name)
-            yield name, plan.method.merge(TensorInputs(name, base, self.deltas[name], gen, stats), experts, params)
+            yield name, merge_tensor(plan, name, base, self.deltas[name], [self.stats[e].get(name) for e in names])
 
     def apply(self, model: nn.Module, config: MergeConfig) -> None:
         """Write the merge of ``config`` into ``model``'s parameters in place."""
@@ -100,4 +80,4 @@ def expert_dirs(config: MergeConfig) -> dict[str, str]:
     return {e.name: e.path for e in config.experts}
 
 
-__all__ = ["Merger", "compute_deltas", "expert_dirs", "tensor_seed"]
+__all__ = ["Merger", "expert_dirs"]

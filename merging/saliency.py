@@ -17,8 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from merging.io import weight_files
-from merging.locate import locate
+from merging.io import locate, weight_files
 
 HOOK_VERSION = 1  # bump when what the hooks accumulate changes: old caches are then ignored
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merging.safetensors_stream import SafetensorsReader, SafetensorsWriter
+from merging.io.safetensors_stream import SafetensorsReader, SafetensorsWriter
 from merging.select import kth_largest, topk_mask
 
 

@@ -7,7 +7,6 @@ against what it can see, and says plainly what is missing when it cannot.
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 from pathlib import Path
@@ -27,13 +26,11 @@ def is_hub_id(ref: str | Path) -> bool:
     return bool(_HUB_ID.match(text)) and not Path(text).exists() and ".." not in text
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
 def locate(ref: str | Path, *, download: bool = True) -> Path:
     """A local directory holding ``ref``'s files. Hub ids come from the hub cache first; they are
-    downloaded only with ``download`` and when the hub is not switched off (HF_HUB_OFFLINE)."""
+    downloaded only with ``download`` and when huggingface_hub is not offline (its own
+    ``constants.HF_HUB_OFFLINE``, which it reads from HF_HUB_OFFLINE at import; we read no
+    environment here: the service's Settings decide ``download``)."""
     path = Path(ref)
     if path.is_dir():
         return path
@@ -45,7 +42,7 @@ def locate(ref: str | Path, *, download: bool = True) -> Path:
         return Path(snapshot_download(str(ref), local_files_only=True, allow_patterns=_FILES))
     except Exception:  # noqa: BLE001 - any miss of the cache means: not here
         pass
-    if not download or _offline():
+    if not download or constants.HF_HUB_OFFLINE:
         raise ModelNotFound(f"model '{ref}' is neither a directory on {socket.gethostname()} nor in its Hugging "
                             f"Face cache ({constants.HF_HUB_CACHE}); download it there (`hf download {ref}`) "
                             "or name a path the workers can see")
