@@ -102,24 +102,8 @@ def calibration_stats(model_dir: Path, texts: Sequence[str], cache_dir: Path | N
     return stats
 
 
-def read_calibration_texts(source: str | Path, limit: int = 256) -> list[str]:
-    """Texts from a jsonl file (field ``text``, else ``prompt`` + ``target``) or a plain text file."""
-    path = Path(source)
-    texts: list[str] = []
-    with open(path, encoding="utf-8") as fh:
-        if path.suffix == ".jsonl":
-            for line in fh:
-                row = json.loads(line)
-                texts.append(row["text"] if "text" in row else row.get("prompt", "") + row.get("target", ""))
-        else:
-            texts = [line.rstrip("\n") for line in fh if line.strip()]
-    if not texts:
-        raise ValueError(f"calibration file '{path}' holds no text")
-    return texts[:limit]
-
-
-def stats_for(config_experts, cache_dir: Path | None, device: str = "cpu",
-              texts_of: Callable[[str], list[str]] = read_calibration_texts) -> dict[str, dict[str, Tensor]]:
+def stats_for(config_experts, cache_dir: Path | None, device: str = "cpu", *,
+              texts_of: Callable[[str], list[str]]) -> dict[str, dict[str, Tensor]]:
     """Statistics of every expert that names calibration data (cached); the others use magnitude.
 
     ``texts_of`` turns an expert's calibration source into texts (the service passes one that
