@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from evals.evaluator import task_manager
 from evals.objective import Objective
 from evals.texts import read_calibration_texts
 
@@ -19,6 +18,8 @@ class TaskCatalog:
         self._loaded: dict[tuple[tuple[str, ...], str], object] = {}
 
     def _manager(self, paths: tuple[str, ...], name: str):
+        from evals.evaluator import task_manager  # lm-eval loads at the first spec checked, not at start-up
+
         for defaults in (False, True):
             if (paths, defaults) not in self._managers:
                 self._managers[(paths, defaults)] = task_manager([Path(p) for p in paths], defaults=defaults)

@@ -8,10 +8,7 @@ from pathlib import Path
 
 from evals.catalog import TaskCatalog
 from evals.texts import calibration_texts
-from merging.checks import check_dirs
 from merging.errors import IncompatibleCheckpoints, MergeError
-from merging.io import ModelNotFound, check_checkpoint, is_hub_id, locate
-from merging.methods import get_method
 from search.spec import StudySpec
 from service.specs import objectives_of
 
@@ -27,6 +24,8 @@ def resolve_layers(spec: StudySpec) -> StudySpec:
     ss = spec.search_space
     if not ss.layer_groups or ss.num_layers:
         return spec
+    from merging.io import ModelNotFound, locate  # torch: at the first spec checked, not at start-up
+
     try:
         base = locate(spec.base, download=False)
     except ModelNotFound:
@@ -53,6 +52,10 @@ def resolve_directions(spec: StudySpec, catalog: TaskCatalog) -> StudySpec:
 def _model_problems(spec: StudySpec) -> list[SpecProblem]:
     """Each model is a checkpoint; where the server sees them all, the experts merge onto the base
     (same tensors and shapes, descended from it), else a worker finds out at its first load."""
+    # Checkpoint reading needs torch: imported at the first spec checked, not at the server's start.
+    from merging.checks import check_dirs
+    from merging.io import ModelNotFound, check_checkpoint, is_hub_id
+
     problems: list[SpecProblem] = []
     readable = True
     for loc, path in [(("base",), spec.base)] + [(("experts", i, "path"), e.path) for i, e in enumerate(spec.experts)]:
@@ -83,6 +86,8 @@ def spec_problems(spec: StudySpec, catalog: TaskCatalog) -> list[SpecProblem]:
                 calibration_texts(e.calibration, limit=1)
             except (OSError, ValueError, KeyError) as exc:
                 problems.append(SpecProblem(("experts", i, "calibration"), f"cannot read calibration data: {exc}"))
+    from merging.methods import get_method  # torch: at the first spec checked, not at start-up
+
     try:
         method = get_method(spec.method)
     except MergeError as exc:
