@@ -89,3 +89,9 @@ def test_merge_imports_no_lm_eval(tmp_path, tiny_zoo):
     seen = _modules_after(["merge", str(config), str(tmp_path / "out")], tmp_path)
     assert seen == {"rc": 0, "torch": True, "lm_eval": False}
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_the_api_server_imports_neither_torch_nor_lm_eval_until_a_spec_is_checked():
+    code = "import sys, service.app; print('torch' in sys.modules, 'lm_eval' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.stdout.split() == ["False", "False"], out.stderr
