@@ -347,7 +347,8 @@ metric_list: [{{metric: exact_match, aggregation: mean, higher_is_better: true}}
 def test_cancel_clone_delete_and_search(client, settings, tiny_zoo):
     spec = zoo_spec(tiny_zoo, trials=4)
     study = client.post("/api/v1/studies", json=spec).json()
-    other = client.post("/api/v1/studies", json=zoo_spec(tiny_zoo, experts=("sort", "upper"), method="dare_ties")).json()
+    other = client.post("/api/v1/studies",
+                        json=zoo_spec(tiny_zoo, experts=("sort", "upper"), method="dare_ties")).json()
     held = client.post("/api/v1/leases", json={"worker": "w"}).json()
     assert held["study_id"] == study["id"]
     cancelled = client.post(f"/api/v1/studies/{study['id']}/cancel").json()

@@ -46,9 +46,9 @@ def test_every_api_endpoint_needs_a_valid_token(app):
     assert anonymous.get("/metrics").status_code == 200
 
 
-def test_another_teams_study_answers_exactly_as_a_missing_one(app, zoo):
+def test_another_teams_study_answers_exactly_as_a_missing_one(app, tiny_zoo):
     a, b = _client(app, "team-a", user="alice"), _client(app, "team-b")
-    study = a.post("/api/v1/studies", json=zoo_spec(zoo)).json()
+    study = a.post("/api/v1/studies", json=zoo_spec(tiny_zoo)).json()
     assert study["created_by"] == "alice"
     sid = study["id"]
     missing = sid + 1000
@@ -63,7 +63,7 @@ def test_another_teams_study_answers_exactly_as_a_missing_one(app, zoo):
     assert [s["id"] for s in a.get("/api/v1/studies").json()] == [sid]
     assert a.get(f"/api/v1/studies/{sid}").json()["status"] == "running"  # b's cancel and delete did nothing
     # warm starts and leases stay inside the team too
-    spec = zoo_spec(zoo) | {"warm_start": [sid]}
+    spec = zoo_spec(tiny_zoo) | {"warm_start": [sid]}
     assert b.post("/api/v1/studies", json=spec).status_code == 422
     assert b.post("/api/v1/leases", json={"worker": "w"}).status_code == 204
     assert a.post("/api/v1/leases", json={"worker": "w"}).json()["study_id"] == sid
@@ -87,10 +87,10 @@ def test_tokens_are_stored_hashed_and_revocable(app, settings):
     assert c.get("/api/v1/studies").status_code == 401
 
 
-def test_worker_pool_token_leases_every_teams_trials_and_nothing_else(app, zoo):
+def test_worker_pool_token_leases_every_teams_trials_and_nothing_else(app, tiny_zoo):
     a, b = _client(app, "team-a"), _client(app, "team-b")
-    sa_id = a.post("/api/v1/studies", json=zoo_spec(zoo)).json()["id"]
-    sb_id = b.post("/api/v1/studies", json=zoo_spec(zoo, experts=("sort", "upper"))).json()["id"]
+    sa_id = a.post("/api/v1/studies", json=zoo_spec(tiny_zoo)).json()["id"]
+    sb_id = b.post("/api/v1/studies", json=zoo_spec(tiny_zoo, experts=("sort", "upper"))).json()["id"]
     pool = _client(app)
     with app.state.services.sessions() as session:
         pool.headers["Authorization"] = f"Bearer {auth.create_token(session, None).token}"
@@ -100,11 +100,11 @@ def test_worker_pool_token_leases_every_teams_trials_and_nothing_else(app, zoo):
     assert leased == {sa_id, sb_id}
 
 
-def test_leases_take_turns_across_studies(app, zoo):
+def test_leases_take_turns_across_studies(app, tiny_zoo):
     """Round-robin: a second study is served at once, not after the first one's whole budget."""
     a, b = _client(app, "team-a"), _client(app, "team-b")
-    first = a.post("/api/v1/studies", json=zoo_spec(zoo, trials=6)).json()["id"]
-    second = b.post("/api/v1/studies", json=zoo_spec(zoo, trials=6, experts=("sort", "upper"))).json()["id"]
+    first = a.post("/api/v1/studies", json=zoo_spec(tiny_zoo, trials=6)).json()["id"]
+    second = b.post("/api/v1/studies", json=zoo_spec(tiny_zoo, trials=6, experts=("sort", "upper"))).json()["id"]
     pool = _client(app)
     with app.state.services.sessions() as session:
         pool.headers["Authorization"] = f"Bearer {auth.create_token(session, None).token}"
@@ -112,7 +112,7 @@ def test_leases_take_turns_across_studies(app, zoo):
     assert order == [first, second] * 3
 
 
-def test_admin_cli_creates_teams_and_tokens_for_scripts(tmp_path, zoo, cache_dir):
+def test_admin_cli_creates_teams_and_tokens_for_scripts(tmp_path, tiny_zoo, cache_dir):
     db = f"sqlite:///{tmp_path / 'admin.db'}"
 
     def mmmo(*args: str) -> subprocess.CompletedProcess:
@@ -136,7 +136,7 @@ def test_admin_cli_creates_teams_and_tokens_for_scripts(tmp_path, zoo, cache_dir
 
     app = create_app(Settings(home=tmp_path / "home", cache_dir=cache_dir, database_url=db))
     with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as c:
-        assert c.post("/api/v1/studies", json=zoo_spec(zoo)).json()["created_by"] == "bob"
+        assert c.post("/api/v1/studies", json=zoo_spec(tiny_zoo)).json()["created_by"] == "bob"
         token_id = listed.split()[0]
         assert mmmo("revoke", token_id).returncode == 0
         assert c.get("/api/v1/studies").status_code == 401

@@ -23,27 +23,27 @@ from merging.resident import Merger
 EXPERTS = ("add", "reverse", "sort")
 
 
-def _config(zoo, method: str, **params) -> MergeConfig:
+def _config(tiny_zoo, method: str, **params) -> MergeConfig:
     per_expert = {"obim": {"density": 0.4, "weight": 1.0}, "ties": {"density": 0.5, "weight": 0.8},
                   "dare_ties": {"density": 0.6, "weight": 0.7}, "task_arithmetic": {"weight": 0.6}}[method]
-    return MergeConfig(method=method, base=str(zoo.base), params=params, seed=5,
-                       experts=tuple(ExpertRef(e, str(zoo.experts[e]), per_expert) for e in EXPERTS))
+    return MergeConfig(method=method, base=str(tiny_zoo.base), params=params, seed=5,
+                       experts=tuple(ExpertRef(e, str(tiny_zoo.experts[e]), per_expert) for e in EXPERTS))
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "obim"])
-def test_streamed_equals_resident(zoo, tmp_path, method):
-    config = _config(zoo, method)
+def test_streamed_equals_resident(tiny_zoo, tmp_path, method):
+    config = _config(tiny_zoo, method)
     out = merge_to_dir(config, tmp_path / "out")
     streamed = load_state_dict(out)
-    merger = Merger.from_checkpoints(str(zoo.base), {e: str(zoo.experts[e]) for e in EXPERTS})
+    merger = Merger.from_checkpoints(str(tiny_zoo.base), {e: str(tiny_zoo.experts[e]) for e in EXPERTS})
     resident = dict(merger.merged_tensors(config))
     assert sorted(streamed) == sorted(resident)
     for name, tensor in resident.items():
         assert torch.equal(streamed[name], tensor), name
 
 
-def test_output_is_a_loadable_sharded_model_with_card_and_tokenizer(zoo, tmp_path):
-    out = merge_to_dir(_config(zoo, "ties"), tmp_path / "out", max_shard_bytes=400_000, dtype="bfloat16")
+def test_output_is_a_loadable_sharded_model_with_card_and_tokenizer(tiny_zoo, tmp_path):
+    out = merge_to_dir(_config(tiny_zoo, "ties"), tmp_path / "out", max_shard_bytes=10_000, dtype="bfloat16")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert (out / "tokenizer.json").exists() and (out / "config.json").exists()
@@ -53,9 +53,9 @@ def test_output_is_a_loadable_sharded_model_with_card_and_tokenizer(zoo, tmp_pat
     assert next(model.parameters()).dtype == torch.bfloat16
 
 
-def _copy_with(zoo, tmp_path, name: str, edit) -> str:
+def _copy_with(tiny_zoo, tmp_path, name: str, edit) -> str:
     dst = tmp_path / name
-    shutil.copytree(zoo.experts["add"], dst)
+    shutil.copytree(tiny_zoo.experts["add"], dst)
     state = load_file(str(dst / "model.safetensors"))
     edit(state)
     save_file({k: v.contiguous() for k, v in state.items()}, str(dst / "model.safetensors"))
@@ -70,10 +70,10 @@ def _copy_with(zoo, tmp_path, name: str, edit) -> str:
         (lambda s: s.update({k: torch.randn_like(v) for k, v in s.items()}), "does not look fine-tuned"),
     ],
 )
-def test_bad_inputs_fail_before_any_output(zoo, tmp_path, edit, match):
-    bad = _copy_with(zoo, tmp_path, "bad", edit)
-    config = MergeConfig(method="ties", base=str(zoo.base),
-                         experts=(ExpertRef("good", str(zoo.experts["sort"]), {"weight": 1.0}),
+def test_bad_inputs_fail_before_any_output(tiny_zoo, tmp_path, edit, match):
+    bad = _copy_with(tiny_zoo, tmp_path, "bad", edit)
+    config = MergeConfig(method="ties", base=str(tiny_zoo.base),
+                         experts=(ExpertRef("good", str(tiny_zoo.experts["sort"]), {"weight": 1.0}),
                                   ExpertRef("bad", bad, {"weight": 1.0})))
     with pytest.raises(MergeError, match=match) as info:
         merge_to_dir(config, tmp_path / "out")
@@ -81,8 +81,8 @@ def test_bad_inputs_fail_before_any_output(zoo, tmp_path, edit, match):
     assert not (tmp_path / "out").exists()
 
 
-def test_density_out_of_range_is_refused(zoo, tmp_path):
-    config = _config(zoo, "ties")
+def test_density_out_of_range_is_refused(tiny_zoo, tmp_path):
+    config = _config(tiny_zoo, "ties")
     bad = MergeConfig(method="ties", base=config.base,
                       experts=tuple(ExpertRef(e.name, e.path, {"weight": 1.0, "density": 1.5}) for e in config.experts))
     with pytest.raises(MergeError, match="density"):
@@ -90,18 +90,18 @@ def test_density_out_of_range_is_refused(zoo, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_failure_mid_stream_leaves_nothing_behind(zoo, tmp_path):
+def test_failure_mid_stream_leaves_nothing_behind(tiny_zoo, tmp_path):
     def explode(name, done, total):
         if done == 3:
             raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        merge_to_dir(_config(zoo, "ties"), tmp_path / "out", progress=explode)
+        merge_to_dir(_config(tiny_zoo, "ties"), tmp_path / "out", progress=explode)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_mergekit_yaml_round_trip_and_cli(zoo, tmp_path):
-    config = _config(zoo, "ties", normalize=False)
+def test_mergekit_yaml_round_trip_and_cli(tiny_zoo, tmp_path):
+    config = _config(tiny_zoo, "ties", normalize=False)
     text = to_mergekit(config, "float32")
     plan = parse_mergekit(text)
     assert plan.config.method == "ties" and plan.dtype == "float32"
@@ -119,11 +119,11 @@ def test_mergekit_yaml_round_trip_and_cli(zoo, tmp_path):
     assert again.returncode == 1 and "not empty" in again.stderr
 
 
-def test_obim_cli_with_calibration(zoo, tmp_path):
+def test_obim_cli_with_calibration(tiny_zoo, tmp_path):
     from evals.synthetic import DATA_DIR
 
-    doc = {"merge_method": "obim", "base_model": str(zoo.base),
-           "models": [{"model": str(zoo.experts[e]), "parameters": {"density": 0.5},
+    doc = {"merge_method": "obim", "base_model": str(tiny_zoo.base),
+           "models": [{"model": str(tiny_zoo.experts[e]), "parameters": {"density": 0.5},
                        "calibration": str(DATA_DIR / e / "train.jsonl")} for e in EXPERTS[:2]]}
     import yaml
 
@@ -136,12 +136,12 @@ def test_obim_cli_with_calibration(zoo, tmp_path):
     assert len(list((tmp_path / "cache" / "saliency").glob("*.safetensors"))) == 2
 
 
-def test_ties_on_the_zoo_equals_the_mergekit_formulas(zoo):
+def test_ties_on_the_zoo_equals_the_mergekit_formulas(tiny_zoo):
     from tests.test_methods import _ref_gta, _ref_magnitude
 
-    config = _config(zoo, "ties", normalize=True, **{"lambda": 1.2})
+    config = _config(tiny_zoo, "ties", normalize=True, **{"lambda": 1.2})
     names = [e.name for e in config.experts]
-    merger = Merger.from_checkpoints(str(zoo.base), {e: str(zoo.experts[e]) for e in names})
+    merger = Merger.from_checkpoints(str(tiny_zoo.base), {e: str(tiny_zoo.experts[e]) for e in names})
     p = config.experts[0].params
     for tensor, merged in merger.merged_tensors(config):
         trimmed = [_ref_magnitude(d, p["density"]) for d in merger.deltas[tensor]]
@@ -150,14 +150,15 @@ def test_ties_on_the_zoo_equals_the_mergekit_formulas(zoo):
         torch.testing.assert_close(merged, ref, rtol=1e-6, atol=1e-6, msg=tensor)
 
 
-def test_obim_calibration_from_an_lm_eval_task(zoo, tmp_path):
-    from evals.calibration import calibration_texts
+def test_obim_calibration_from_an_lm_eval_task(tiny_zoo, tmp_path):
+    from evals.texts import calibration_texts
+    from evals.tiny_zoo import TINY_INTERMEDIATE
     from merging.saliency import stats_for
 
     texts = calibration_texts("task:mmmo_add", limit=16)
     assert len(texts) == 16 and all("+" in t and "=" in t for t in texts)
-    experts = [ExpertRef("add", str(zoo.experts["add"]), {}, calibration="task:mmmo_add")]
+    experts = [ExpertRef("add", str(tiny_zoo.experts["add"]), {}, calibration="task:mmmo_add")]
     stats = stats_for(experts, tmp_path, texts_of=calibration_texts)
-    assert stats["add"]["model.layers.0.mlp.down_proj.weight"].shape == (384,)
+    assert stats["add"]["model.layers.0.mlp.down_proj.weight"].shape == (TINY_INTERMEDIATE,)
     with pytest.raises(ValueError, match="unknown"):
         calibration_texts("task:no_such_task")

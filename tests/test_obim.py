@@ -111,15 +111,15 @@ def test_unknown_order_is_refused():
         get_method("obim").resolve([{"density": 0.5}], {"order": "random"}, ["e0"])
 
 
-def test_calibration_stats_are_cached_on_disk(zoo, tmp_path):
+def test_calibration_stats_are_cached_on_disk(tiny_zoo, tmp_path):
     texts = ["12+30=42", "abc>cba", "dcba#abcd"]
-    first = calibration_stats(zoo.experts["add"], texts, tmp_path)
+    first = calibration_stats(tiny_zoo.experts["add"], texts, tmp_path)
     cached = list((tmp_path / "saliency").glob("*.safetensors"))
     assert len(cached) == 1
-    second = calibration_stats(zoo.experts["add"], texts, tmp_path)
+    second = calibration_stats(tiny_zoo.experts["add"], texts, tmp_path)
     assert sorted(first) == sorted(second)
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert any(k.endswith("mlp.down_proj.weight") for k in first)
-    other = calibration_stats(zoo.experts["add"], texts[:2], tmp_path)
+    other = calibration_stats(tiny_zoo.experts["add"], texts[:2], tmp_path)
     assert len(list((tmp_path / "saliency").glob("*.safetensors"))) == 2
     assert not torch.equal(other["lm_head.weight"], first["lm_head.weight"])
