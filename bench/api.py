@@ -64,7 +64,7 @@ from service import auth  # noqa: E402
 from service.db.migrate import upgrade  # noqa: E402
 from service.db.models import Study, Trial  # noqa: E402
 from service.db.session import make_engine, session_factory  # noqa: E402
-from service.objectives import objectives_of  # noqa: E402
+from service.specs import objectives_of  # noqa: E402
 
 GOAL_MS = 50.0
 TEAM = "bench"
