@@ -20,7 +20,7 @@ from tests.conftest import zoo_spec
 
 pytestmark = pytest.mark.slow
 CHROMIUM = os.environ.get("MMMO_CHROMIUM", "/usr/bin/chromium")
-SCREENSHOT = Path(__file__).resolve().parent.parent / "service" / "web" / "docs" / "study-page.png"
+SCREENSHOT = Path(__file__).resolve().parents[2] / "service" / "web" / "docs" / "study-page.png"
 
 
 @pytest.fixture(scope="module")

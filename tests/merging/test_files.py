@@ -137,7 +137,7 @@ def test_obim_cli_with_calibration(tiny_zoo, tmp_path):
 
 
 def test_ties_on_the_zoo_equals_the_mergekit_formulas(tiny_zoo):
-    from tests.test_methods import _ref_gta, _ref_magnitude
+    from tests.merging.test_methods import _ref_gta, _ref_magnitude
 
     config = _config(tiny_zoo, "ties", normalize=True, **{"lambda": 1.2})
     names = [e.name for e in config.experts]

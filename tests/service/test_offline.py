@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_locate import _cache_repo
+from tests.merging.test_locate import _cache_repo
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 WORKER_START = """
 import json, os
