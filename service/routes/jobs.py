@@ -8,6 +8,7 @@ from fastapi.responses import FileResponse
 from service import jobs
 from service.deps import JobId, MemberDep, SessionDep
 from service.schemas import JobPublic
+from service.states import JobState
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -29,7 +30,7 @@ def get_job(job_id: JobId, who: MemberDep, session: SessionDep) -> JobPublic:
 def download(job_id: JobId, who: MemberDep, session: SessionDep) -> FileResponse:
     """The merged model as a tar archive of its directory (config, tokenizer, safetensors shards)."""
     job = _found(session, job_id, who.team_id)
-    if job.state != "done" or not job.artifact or not Path(job.artifact).is_file():
+    if job.state != JobState.DONE or not job.artifact or not Path(job.artifact).is_file():
         raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} is {job.state}: nothing to download yet"
-                            if job.state != "done" else f"job {job_id}'s archive is gone from the server")
+                            if job.state != JobState.DONE else f"job {job_id}'s archive is gone from the server")
     return FileResponse(job.artifact, media_type="application/x-tar", filename=Path(job.artifact).name)

@@ -150,3 +150,18 @@ def test_studies_page_form_errors_and_workers_page(browser, server, zoo):
     row = page.inner_text("#workers tbody")
     assert "gpu-box-7" in row and "busy" in row and f"trial {held['trial_number']}" in row
     context.close()
+
+
+def test_a_study_that_cannot_run_shows_why(browser, server, tiny_zoo):
+    running, client = server
+    study = client.create_study(zoo_spec(tiny_zoo, trials=4))
+    lease = client.lease("w")
+    client.fail(lease["token"], "the study's models cannot be merged: model 'add': does not look fine-tuned "
+                "from the base", fatal=True)
+    assert client.study(study["id"])["status"] == "failed"
+    page = browser.new_context().new_page()
+    _log_in(page, running.url, running.token, f"/studies/{study['id']}")
+    shown = page.locator("#study-error")
+    shown.wait_for(state="visible")
+    assert "model 'add': does not look fine-tuned" in shown.text_content()
+    assert page.locator("#cancel").is_hidden()
