@@ -9,8 +9,6 @@ models have no skill: tests that assert scores of trained models use the demo zo
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from evals.synthetic import DATA_DIR
 from evals.tokenizer import build_char_tokenizer
-from evals.zoo import ZOO_FORMAT, Zoo
+from evals.zoo import ZOO_FORMAT, Zoo, build_staged
 
 TINY_TASKS = ("add", "reverse", "sort", "upper")
 TINY_HIDDEN = 16
@@ -31,17 +29,7 @@ EXPERT_RELATIVE_DELTA = 0.05  # per tensor, relative to its RMS: far below the a
 def build_tiny_zoo(root: Path, seed: int = 0) -> Zoo:
     """Write base + one expert per task (``expert-<task>``) and ``zoo.json`` under ``root``; return it loaded."""
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
-        _build_into(staging, root, seed)
-        if root.exists():
-            shutil.rmtree(root)
-        staging.rename(root)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return Zoo.load(root)
+    return build_staged(root, lambda staging: _build_into(staging, root, seed))
 
 
 def _build_into(staging: Path, final: Path, seed: int) -> None:

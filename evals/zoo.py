@@ -157,18 +157,24 @@ def build_zoo(out: Path, recipe: ZooRecipe = ZooRecipe(), progress: Callable[[st
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-        try:
-            _build_into(staging, out, recipe, note)
-            if out.exists():
-                shutil.rmtree(out)
-            staging.rename(out)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+        return build_staged(out, lambda staging: _build_into(staging, out, recipe, note))
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def build_staged(out: Path, fill: Callable[[Path], None]) -> Zoo:
+    """``fill`` a staging directory beside ``out``, then put it in ``out``'s place: a build that
+    fails half way never leaves a half-built zoo behind."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        fill(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
     return Zoo.load(out)
 
 

@@ -75,15 +75,20 @@ def planned(result) -> list[list[str]]:
     return [shlex.split(line) for line in result.stdout.splitlines()]
 
 
-def one_line_error(result, code: int, *needles: str) -> str:
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+def _single_error_line(result, prefix: str, needles: tuple[str, ...]) -> str:
+    """Nothing ran (empty stdout) and stderr is one line starting ``prefix`` holding every needle."""
     assert result.stdout == "", "nothing may run after a configuration error"
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, lines
-    assert lines[0].startswith("mmmo-entrypoint: ")
+    assert lines[0].startswith(prefix)
     for needle in needles:
         assert needle in lines[0]
     return lines[0]
+
+
+def one_line_error(result, code: int, *needles: str) -> str:
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    return _single_error_line(result, "mmmo-entrypoint: ", needles)
 
 
 def recording_mmmo(stubs: Path, log: Path) -> None:
@@ -114,13 +119,7 @@ def recorded_env(log: Path, subcommand: str) -> dict[str, str]:
 def mmmo_error(result, *needles: str) -> str:
     """`mmmo` refused its settings: exit non-zero, nothing on stdout, one line `mmmo: error: ...`."""
     assert result.returncode != 0, (result.returncode, result.stdout, result.stderr)
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("mmmo: error: ")
-    for needle in needles:
-        assert needle in lines[0]
-    return lines[0]
+    return _single_error_line(result, "mmmo: error: ", needles)
 
 
 def _default(value: str) -> str:
