@@ -9,7 +9,9 @@ from typing import Any
 
 import httpx
 
-from service.lease_source import Lease, LeaseLost, Refused
+from service.lease_source import Lease, LeaseLost, Refused, Transient
+
+LEASE_TOKEN_HEADER = "X-Lease-Token"  # the lease routes read the lease token from it, not from the URL
 
 
 class ServerUnreachable(ConnectionError):
@@ -128,30 +130,32 @@ class ApiClient:
                 while block := f.read(1 << 20):
                     yield block
 
-        return self._call("PUT", f"/api/v1/leases/{token}/artifact", content=chunks(),
-                          headers={"Content-Type": "application/x-tar"})
+        return self._call("PUT", "/api/v1/leases/current/artifact", content=chunks(),
+                          headers={"Content-Type": "application/x-tar", LEASE_TOKEN_HEADER: token})
 
     def lease(self, worker: str) -> dict[str, Any] | None:
         return self._call("POST", "/api/v1/leases", json={"worker": worker})
 
     def heartbeat(self, token: str) -> dict[str, Any]:
-        return self._call("POST", f"/api/v1/leases/{token}/heartbeat")
+        return self._call("POST", "/api/v1/leases/current/heartbeat", headers={LEASE_TOKEN_HEADER: token})
 
     def complete(self, token: str, values: dict[str, float]) -> dict[str, Any]:
-        return self._call("POST", f"/api/v1/leases/{token}/result", json={"values": values})
+        return self._call("POST", "/api/v1/leases/current/result", json={"values": values},
+                          headers={LEASE_TOKEN_HEADER: token})
 
     def release(self, token: str) -> dict[str, Any]:
-        return self._call("POST", f"/api/v1/leases/{token}/release")
+        return self._call("POST", "/api/v1/leases/current/release", headers={LEASE_TOKEN_HEADER: token})
 
     def fail(self, token: str, error: str, *, fatal: bool = False) -> dict[str, Any]:
         body: dict[str, Any] = {"error": error[:10_000]}
         if fatal:
             body["fatal"] = True
-        return self._call("POST", f"/api/v1/leases/{token}/result", json=body)
+        return self._call("POST", "/api/v1/leases/current/result", json=body, headers={LEASE_TOKEN_HEADER: token})
 
 
 class HttpLeaseSource:
-    """``worker.LeaseSource`` over the API: 409 and 404 mean the lease was lost."""
+    """``worker.LeaseSource`` over the API: 409 and 404 mean the lease was lost; a 5xx (a
+    restarting server behind a proxy answers 502 or 503) is ``Transient``, worth retrying."""
 
     def __init__(self, client: ApiClient) -> None:
         self.client = client
@@ -160,6 +164,8 @@ class HttpLeaseSource:
         try:
             return call(*args, **kwargs)
         except ApiError as exc:
+            if exc.status >= 500:
+                raise Transient(str(exc)) from exc
             raise (LeaseLost if exc.status in (404, 409) else Refused)(str(exc)) from exc
 
     def lease(self, worker: str) -> Lease | None:

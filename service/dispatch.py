@@ -2,7 +2,9 @@
 (``local.py``): the next piece of work, heartbeats, hand-backs and outcomes.
 
 Callers serialise these per process (``Services.lock``); on PostgreSQL the row locks and the
-ask lock also keep several servers apart. Every function takes ``now`` from the caller's clock.
+ask lock also keep several servers apart. Every function takes ``now`` from the caller's clock,
+and ``holder``, the caller's API token id (None in process): a lease is only ever renewed,
+reported or released by the holder it was granted to (``leases.held``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from service.states import StudyStatus, TrialState
 
 def sweep_expired(session: Session, optuna: OptunaStudies, policy: LeasePolicy, now: datetime) -> None:
     """Expired leases go back to the queue, or fail once they used up their attempts (or their
-    study stopped meanwhile)."""
+    study stopped meanwhile); trials left waiting on a twin that is gone are settled."""
     for trial in leases.expired(session, Trial, now):
         if trial.study.status != StudyStatus.RUNNING:
             results.fail(session, optuna, trial, f"study {trial.study.status}", now)
@@ -36,6 +38,7 @@ def sweep_expired(session: Session, optuna: OptunaStudies, policy: LeasePolicy, 
             jobs.fail(session, job, reason, now)
         else:
             leases.requeue(job)
+    results.settle_waiters(session, optuna, now)
 
 
 def _running_studies(session: Session, team_id: int | None, study_id: int | None) -> list[Study]:
@@ -48,37 +51,40 @@ def _running_studies(session: Session, team_id: int | None, study_id: int | None
     return list(session.scalars(query.order_by(Study.last_leased_at.asc().nulls_first(), Study.id)))
 
 
-def _next_trial(session: Session, optuna: OptunaStudies, policy: LeasePolicy, worker: str, now: datetime,
-                team_id: int | None, study_id: int | None) -> Trial | None:
+def _next_trial(session: Session, optuna: OptunaStudies, policy: LeasePolicy, worker: str, holder: int | None,
+                now: datetime, team_id: int | None, study_id: int | None) -> Trial | None:
     grace = max(policy.lease_seconds, 60.0)
     for study in _running_studies(session, team_id, study_id):
         trial = session.scalars(
-            select(Trial).where(Trial.study_id == study.id, Trial.state == TrialState.QUEUED)
+            select(Trial).where(Trial.study_id == study.id, Trial.state == TrialState.QUEUED,
+                                Trial.waiting_on.is_(None))
             .order_by(Trial.id).limit(1).with_for_update(skip_locked=True)
         ).first() or proposals.propose(session, optuna, study, now, orphan_grace_s=grace)
         if trial is not None:
-            leases.grant(trial, worker, policy, now)
+            leases.grant(trial, worker, holder, policy, now)
             trial.started_at = study.last_leased_at = now
             return trial
     return None
 
 
 def next_work(session: Session, optuna: OptunaStudies, policy: LeasePolicy, worker: str, now: datetime, *,
-              team_id: int | None = None, study_id: int | None = None, with_jobs: bool = True) -> LeasePublic | None:
-    """Lease the next piece of work to ``worker``: a materialise job first (someone is waiting for
-    its download), else a queued or new trial of the running study (of ``team_id``'s studies, of
-    every team's if None; of ``study_id`` only, if given) that was served longest ago."""
+              holder: int | None, team_id: int | None = None, study_id: int | None = None,
+              with_jobs: bool = True) -> LeasePublic | None:
+    """Lease the next piece of work to ``worker`` (calling with token ``holder``): a materialise
+    job first (someone is waiting for its download), else a queued or new trial of the running
+    study (of ``team_id``'s studies, of every team's if None; of ``study_id`` only, if given)
+    that was served longest ago."""
     sweep_expired(session, optuna, policy, now)
     job = jobs.next_queued(session, team_id) if with_jobs and study_id is None else None
     if job is not None:
-        leases.grant(job, worker, policy, now)
+        leases.grant(job, worker, holder, policy, now)
         session.commit()
         trial = next(t for t in job.study.trials if t.number == job.trial_number)
         return LeasePublic(kind="materialize", token=job.lease_token, study_id=job.study_id,
                            trial_number=job.trial_number, job_id=job.id, options=job.options,
                            merge_config=trial.merge_config, objectives=[], expires_at=job.lease_expires_at,
                            lease_seconds=policy.lease_seconds)
-    trial = _next_trial(session, optuna, policy, worker, now, team_id, study_id)
+    trial = _next_trial(session, optuna, policy, worker, holder, now, team_id, study_id)
     session.commit()
     if trial is None:
         return None
@@ -89,10 +95,11 @@ def next_work(session: Session, optuna: OptunaStudies, policy: LeasePolicy, work
                        lease_seconds=policy.lease_seconds)
 
 
-def heartbeat(session: Session, optuna: OptunaStudies, policy: LeasePolicy, token: str, now: datetime) -> Trial | Job:
+def heartbeat(session: Session, optuna: OptunaStudies, policy: LeasePolicy, token: str, holder: int | None,
+              now: datetime) -> Trial | Job:
     """Extend the lease. A trial of a study that stopped (cancelled, failed) fails here: its
     worker should stop."""
-    row = leases.held(session, token)
+    row = leases.held(session, token, holder)
     if isinstance(row, Trial) and row.lease_expires_at >= now and row.study.status != StudyStatus.RUNNING:
         results.fail(session, optuna, row, f"study {row.study.status}", now)
         session.commit()
@@ -102,37 +109,37 @@ def heartbeat(session: Session, optuna: OptunaStudies, policy: LeasePolicy, toke
     return row
 
 
-def release(session: Session, token: str) -> Trial | Job:
+def release(session: Session, token: str, holder: int | None) -> Trial | Job:
     """The worker will not run this lease: queued again, the attempt not counted."""
-    row = leases.held(session, token)
+    row = leases.held(session, token, holder)
     leases.release(row)
     session.commit()
     return row
 
 
 def requeue_leases_of(session: Session, study_id: int, worker: str) -> int:
-    """Return a dead worker's leases of a study to the queue at once (``mmmo study resume``)."""
+    """Return a dead in-process worker's leases of a study to the queue at once (``mmmo study resume``)."""
     held = session.scalars(select(Trial).where(Trial.study_id == study_id, Trial.state == TrialState.LEASED,
-                                               Trial.worker == worker)).all()
+                                               Trial.worker == worker, Trial.lease_holder_id.is_(None))).all()
     for trial in held:
         leases.requeue(trial)
     session.commit()
     return len(held)
 
 
-def complete(session: Session, optuna: OptunaStudies, token: str, values: dict[str, float],
+def complete(session: Session, optuna: OptunaStudies, token: str, holder: int | None, values: dict[str, float],
              now: datetime) -> Trial:
-    row = leases.held(session, token)
+    row = leases.held(session, token, holder)
     if isinstance(row, Job):
         raise results.BadResult("a materialise job reports success by uploading its archive")
     return results.complete(session, optuna, row, values, now)
 
 
-def fail(session: Session, optuna: OptunaStudies, token: str, error: str, now: datetime, *,
+def fail(session: Session, optuna: OptunaStudies, token: str, holder: int | None, error: str, now: datetime, *,
          fatal: bool = False) -> Trial | Job:
     """The work failed with ``error``. ``fatal``: the study itself cannot run (its checkpoints are
     incompatible), so it fails once with that reason instead of trial after trial."""
-    row = leases.held(session, token)
+    row = leases.held(session, token, holder)
     if isinstance(row, Job):
         return jobs.fail(session, row, error, now)
     results.fail(session, optuna, row, error, now)

@@ -47,9 +47,9 @@ def next_queued(session: Session, team_id: int | None) -> Job | None:
     return session.scalars(query.order_by(Job.id).limit(1).with_for_update(skip_locked=True)).first()
 
 
-def held(session: Session, token: str) -> Job:
-    """The job leased under ``token``, for calls only a job's lease can make (its upload)."""
-    row = leases.held(session, token)
+def held(session: Session, token: str, holder: int | None) -> Job:
+    """The job leased under ``token`` by ``holder``, for calls only a job's lease can make (its upload)."""
+    row = leases.held(session, token, holder)
     if not isinstance(row, Job):
         raise StaleLease("no materialise job holds this lease")
     return row

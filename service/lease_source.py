@@ -17,6 +17,11 @@ class Refused(Exception):
     """The server refused a report for a reason other than a lost lease (a malformed result)."""
 
 
+class Transient(OSError):
+    """The server could not answer now (a 5xx: restarting behind a proxy, overloaded): try again.
+    An ``OSError``, like an unreachable server, so every caller that retries those retries this."""
+
+
 @dataclass(frozen=True)
 class Lease:
     """A piece of work as a worker sees it (the API's ``LeasePublic``)."""
@@ -40,8 +45,8 @@ class Lease:
 
 
 class LeaseSource(Protocol):
-    """Where a worker gets work and reports it. Transient trouble (server unreachable) raises
-    ``OSError``; a lost lease ``LeaseLost``; any other refusal ``Refused``."""
+    """Where a worker gets work and reports it. Transient trouble (server unreachable, a 5xx)
+    raises ``OSError`` (``Transient`` for a 5xx); a lost lease ``LeaseLost``; any other refusal ``Refused``."""
 
     def lease(self, worker: str) -> Lease | None: ...
     def heartbeat(self, token: str) -> None: ...

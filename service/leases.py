@@ -5,6 +5,10 @@
 attempt not counted), and a finished row drops its token, so a late heartbeat or result with
 that token is refused (``StaleLease``). What finishing means is the caller's: ``results`` for
 trials, ``jobs`` for jobs.
+
+A lease belongs to its holder, the API token that leased it (None: the in-process ``mmmo study
+run``): a call with another holder's lease token is refused exactly as a stale one, so a lease
+token that leaked (another team, a log) can neither report, renew nor release the work.
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ class LeasePolicy:
     max_attempts: int
 
 
-def grant(row: Leasable, worker: str, policy: LeasePolicy, now: datetime) -> None:
-    """Lease ``row`` to ``worker``: a fresh token, one more attempt."""
+def grant(row: Leasable, worker: str, holder: int | None, policy: LeasePolicy, now: datetime) -> None:
+    """Lease ``row`` to ``worker`` calling with token ``holder``: a fresh lease token, one more attempt."""
     row.state, row.worker, row.attempts = _LEASED[type(row)], worker, row.attempts + 1
+    row.lease_holder_id = holder
     row.lease_token = secrets.token_urlsafe(24)
     row.lease_expires_at = now + timedelta(seconds=policy.lease_seconds)
 
@@ -51,6 +56,7 @@ def renew(row: Leasable, policy: LeasePolicy, now: datetime) -> None:
 def requeue(row: Leasable) -> None:
     """Back to the queue: its lease token is void from now on."""
     row.state, row.lease_token, row.lease_expires_at = _QUEUED[type(row)], None, None
+    row.lease_holder_id = None
 
 
 def release(row: Leasable) -> None:
@@ -72,12 +78,13 @@ def expired(session: Session, kind: type[Leasable], now: datetime) -> list[Leasa
                                 .with_for_update(skip_locked=True)))
 
 
-def held(session: Session, token: str) -> Leasable:
-    """The trial or job leased under ``token``, locked for this transaction."""
+def held(session: Session, token: str, holder: int | None) -> Leasable:
+    """The trial or job leased under ``token`` by ``holder``, locked for this transaction; another
+    holder's lease is refused with the very answer a stale one gets."""
     for kind in (Trial, Job):
         row = session.scalars(select(kind).where(kind.lease_token == token).with_for_update()).first()
         if row is not None:
-            if row.state != _LEASED[kind]:
+            if row.state != _LEASED[kind] or row.lease_holder_id != holder:
                 break
             return row
     raise StaleLease("this lease is no longer held (expired, re-leased or finished)")

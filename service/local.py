@@ -24,7 +24,8 @@ LOCAL_WORKER = "study-run"
 
 
 class LocalLeaseSource:
-    """``worker.LeaseSource`` on this process's database, for one study."""
+    """``worker.LeaseSource`` on this process's database, for one study. It calls with no API
+    token, so its leases' holder is None (``leases.held``)."""
 
     def __init__(self, services: Services, study_id: int) -> None:
         self.services, self.study_id = services, study_id
@@ -40,21 +41,22 @@ class LocalLeaseSource:
 
     def lease(self, worker: str) -> Lease | None:
         s = self.services
-        leased = self._call(dispatch.next_work, s.optuna, s.policy, worker, s.clock(), study_id=self.study_id)
+        leased = self._call(dispatch.next_work, s.optuna, s.policy, worker, s.clock(), holder=None,
+                            study_id=self.study_id)
         return None if leased is None else Lease.from_api(leased.model_dump(mode="json"))
 
     def heartbeat(self, token: str) -> None:
         s = self.services
-        self._call(dispatch.heartbeat, s.optuna, s.policy, token, s.clock())
+        self._call(dispatch.heartbeat, s.optuna, s.policy, token, None, s.clock())
 
     def complete(self, token: str, values: dict[str, float]) -> None:
-        self._call(dispatch.complete, self.services.optuna, token, values, self.services.clock())
+        self._call(dispatch.complete, self.services.optuna, token, None, values, self.services.clock())
 
     def fail(self, token: str, error: str, *, fatal: bool = False) -> None:
-        self._call(dispatch.fail, self.services.optuna, token, error, self.services.clock(), fatal=fatal)
+        self._call(dispatch.fail, self.services.optuna, token, None, error, self.services.clock(), fatal=fatal)
 
     def release(self, token: str) -> None:
-        self._call(dispatch.release, token)
+        self._call(dispatch.release, token, None)
 
     def upload(self, token: str, archive: Path) -> None:
         raise Refused("`mmmo study run` runs no materialise jobs")

@@ -1,4 +1,8 @@
-"""Who is connected: workers as the server last saw them, and what each is running now."""
+"""Who is connected: workers as the server last saw them, and what each is running now.
+
+A worker is its name under the API token it calls with: a worker of another token (another
+team's) with the same name is another worker, and can neither rename nor hide this one.
+"""
 
 from __future__ import annotations
 
@@ -16,21 +20,23 @@ SHOWN_FOR = timedelta(hours=24)  # workers unseen for longer drop off the page
 _WRITE_EVERY = timedelta(seconds=5)  # idle workers poll every second: record them at most this often
 
 
-def seen(session: Session, name: str, team_id: int | None) -> None:
-    """Record a call from ``name`` (a lease, heartbeat or result); committed at once."""
+def seen(session: Session, name: str, token_id: int, team_id: int | None) -> None:
+    """Record a call from worker ``name`` with token ``token_id`` (of ``team_id``; None: the
+    worker pool's) (a lease or heartbeat); committed at once."""
     now = utcnow()
-    row = session.scalar(select(WorkerSeen).where(WorkerSeen.name == name))
+    mine = select(WorkerSeen).where(WorkerSeen.token_id == token_id, WorkerSeen.name == name)
+    row = session.scalar(mine)
     if row is None:
-        session.add(WorkerSeen(name=name, team_id=team_id, first_seen_at=now, last_seen_at=now))
+        session.add(WorkerSeen(token_id=token_id, name=name, team_id=team_id, first_seen_at=now, last_seen_at=now))
         try:
             session.commit()
             return
         except IntegrityError:  # another server recorded it first
             session.rollback()
-            row = session.scalar(select(WorkerSeen).where(WorkerSeen.name == name))
-    if now - row.last_seen_at < _WRITE_EVERY and row.team_id == team_id:
+            row = session.scalar(mine)
+    if now - row.last_seen_at < _WRITE_EVERY:
         return
-    row.last_seen_at, row.team_id = now, team_id
+    row.last_seen_at = now
     session.commit()
 
 
@@ -41,19 +47,25 @@ def listing(session: Session, team_id: int, lease_seconds: float) -> list[Worker
         select(WorkerSeen).where(or_(WorkerSeen.team_id == team_id, WorkerSeen.team_id.is_(None)),
                                  WorkerSeen.last_seen_at > now - SHOWN_FOR)
     ).all()
-    names = [w.name for w in rows]
-    tasks: dict[str, list[WorkerTask]] = {n: [] for n in names}
-    for t in session.scalars(select(Trial).join(Study).where(Trial.state == TrialState.LEASED, Trial.worker.in_(names),
+    tokens = {w.token_id for w in rows}
+    tasks: dict[tuple[int | None, str | None], list[WorkerTask]] = {(w.token_id, w.name): [] for w in rows}
+    for t in session.scalars(select(Trial).join(Study).where(Trial.state == TrialState.LEASED,
+                                                             Trial.lease_holder_id.in_(tokens),
                                                              Study.team_id == team_id)):
-        tasks[t.worker].append(WorkerTask(kind="trial", study_id=t.study_id, trial_number=t.number,
-                                          since=t.started_at, lease_expires_at=t.lease_expires_at))
-    for j in session.scalars(select(Job).join(Study).where(Job.state == JobState.LEASED, Job.worker.in_(names),
+        tasks.get((t.lease_holder_id, t.worker), []).append(
+            WorkerTask(kind="trial", study_id=t.study_id, trial_number=t.number, since=t.started_at,
+                       lease_expires_at=t.lease_expires_at))
+    for j in session.scalars(select(Job).join(Study).where(Job.state == JobState.LEASED,
+                                                           Job.lease_holder_id.in_(tokens),
                                                            Study.team_id == team_id)):
-        tasks[j.worker].append(WorkerTask(kind="materialize", study_id=j.study_id, trial_number=j.trial_number,
-                                          since=None, lease_expires_at=j.lease_expires_at))
+        tasks.get((j.lease_holder_id, j.worker), []).append(
+            WorkerTask(kind="materialize", study_id=j.study_id, trial_number=j.trial_number, since=None,
+                       lease_expires_at=j.lease_expires_at))
     alive = timedelta(seconds=max(2 * lease_seconds, 30.0))
-    out = [WorkerPublic(name=w.name, pool=w.team_id is None, first_seen_at=w.first_seen_at,
-                        last_seen_at=w.last_seen_at, running=tasks[w.name],
-                        status="busy" if tasks[w.name] else "idle" if now - w.last_seen_at < alive else "gone")
-           for w in rows]
+    out = []
+    for w in rows:
+        running = tasks[(w.token_id, w.name)]
+        out.append(WorkerPublic(name=w.name, pool=w.team_id is None, first_seen_at=w.first_seen_at,
+                                last_seen_at=w.last_seen_at, running=running,
+                                status="busy" if running else "idle" if now - w.last_seen_at < alive else "gone"))
     return sorted(out, key=lambda w: (w.status != "busy", w.status == "gone", -w.last_seen_at.timestamp()))

@@ -1,5 +1,6 @@
 """Asking Optuna for a study's next trial: one asker per study at a time, within its budget, and
-configurations already evaluated answered from the results cache instead of a worker."""
+configurations already evaluated answered from the team's results cache instead of a worker;
+configurations being evaluated right now wait for that result instead of being evaluated twice."""
 
 from __future__ import annotations
 
@@ -49,9 +50,12 @@ def propose(session: Session, optuna: OptunaStudies, study: Study, now: datetime
             orphan_grace_s: float = 300.0) -> Trial | None:
     """A new queued trial of ``study``, or None if its budget is spent (or another server is asking).
 
-    A configuration already evaluated on the same objectives (in any study) is answered from
-    the results cache and the next proposal asked for: small NSGA-II populations make
-    duplicate children, and warm-started studies repeat their parents' configurations.
+    A configuration the team already evaluated on the same objectives (in any of its studies) is
+    answered from its results cache and the next proposal asked for: small NSGA-II populations
+    make duplicate children, and warm-started studies repeat their parents' configurations. One
+    that a pending trial of the team is evaluating now (its twin) waits for the twin's result
+    (``results.complete`` answers it; if the twin fails it is queued to be evaluated), and the
+    next proposal is asked for too. Both count against the budget like any proposal.
     """
     if results.out_of_time(study, now):
         results.finish_study_if_done(session, optuna, study, now)
@@ -68,12 +72,14 @@ def propose(session: Session, optuna: OptunaStudies, study: Study, now: datetime
             config = space.merge_config(params)
             trial = Trial(study_id=study.id, number=number, params=params, merge_config=config.to_dict(),
                           config_hash=config.fingerprint(), state=TrialState.QUEUED)
-            values = results.cached_values(session, trial.config_hash, objectives)
+            values = results.cached_values(session, study.team_id, trial.config_hash, objectives)
             if values is not None:  # told before the row exists: no other server can lease it meanwhile
                 results.tell_cached(session, optuna, study, trial, values, now)
+            elif (twin := results.waiting_twin(session, study, trial.config_hash)) is not None:
+                trial.waiting_on = twin.id  # in the row from the start: never leased
             session.add(trial)
             session.flush()
-            if values is None:
+            if values is None and trial.waiting_on is None:
                 return trial
             results.finish_study_if_done(session, optuna, study, now)
     return None

@@ -1,9 +1,13 @@
-"""What a trial's outcome does: Optuna is told, the results cache is filled, the study finishes.
+"""What a trial's outcome does: Optuna is told, the results cache is filled, the study finishes,
+and the trials waiting on it (the same configuration, proposed while it ran) are answered from it.
 
 Optuna writes through its own connection. On SQLite a write transaction of ours would block
 it (and a read snapshot of ours would go stale under it), so every Optuna call is made with
 no transaction of ours open: ``optuna_call`` commits first. Optuna is always told before our
-row changes, and telling is idempotent, so a crash in between heals on the next report.
+row changes, and telling is idempotent, so a crash in between heals on the next report. Our
+rows of one outcome (the trial, the cache, its waiters, the study) change in one transaction.
+
+The results cache is a team's: values one team's workers posted never answer another team's trial.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session, aliased
 
 from evals.objective import Objective
 from search.constraints import constraint_violations
@@ -33,21 +37,25 @@ def optuna_call(session: Session, call: Callable[..., Any], *args: Any) -> Any:
     return call(*args)
 
 
-def cached_values(session: Session, config_hash: str, objectives: list[Objective]) -> dict[str, float] | None:
-    """Stored values of every objective for this configuration, or None if any is missing."""
+def cached_values(session: Session, team_id: int, config_hash: str,
+                  objectives: list[Objective]) -> dict[str, float] | None:
+    """``team_id``'s stored values of every objective for this configuration, or None if any is missing."""
     known = dict(session.execute(
-        select(Result.objective_hash, Result.value).where(Result.config_hash == config_hash)
+        select(Result.objective_hash, Result.value).where(Result.team_id == team_id, Result.config_hash == config_hash)
     ).all())
     if not all(o.identity() in known for o in objectives):
         return None
     return {o.key: known[o.identity()] for o in objectives}
 
 
-def _store(session: Session, config_hash: str, objectives: list[Objective], values: dict[str, float]) -> None:
-    have = {h for (h,) in session.execute(select(Result.objective_hash).where(Result.config_hash == config_hash))}
+def _store(session: Session, team_id: int, config_hash: str, objectives: list[Objective],
+           values: dict[str, float]) -> None:
+    have = set(session.scalars(select(Result.objective_hash)
+                               .where(Result.team_id == team_id, Result.config_hash == config_hash)))
     for o in objectives:
         if o.identity() not in have:
-            session.add(Result(config_hash=config_hash, objective_hash=o.identity(), value=float(values[o.key])))
+            session.add(Result(team_id=team_id, config_hash=config_hash, objective_hash=o.identity(),
+                               value=float(values[o.key])))
 
 
 def checked_values(study: Study, values: dict[str, float]) -> list[float]:
@@ -61,37 +69,120 @@ def checked_values(study: Study, values: dict[str, float]) -> list[float]:
     return ordered
 
 
-def tell_cached(session: Session, optuna: OptunaStudies, study: Study, trial: Trial, values: dict[str, float],
-                now: datetime) -> None:
-    """A new trial whose configuration the cache already answers: complete at once, never leased."""
+def _tell(session: Session, optuna: OptunaStudies, study: Study, trial: Trial, values: dict[str, float]) -> None:
     spec = spec_of(study)
     optuna_call(session, optuna.tell, study.optuna_name, spec, trial.number,
                 [values[o.key] for o in objectives_of(spec)], constraint_violations(spec, values))
+
+
+def _answered(trial: Trial, values: dict[str, float], now: datetime) -> None:
+    """The row of a trial answered without being evaluated (from the cache or its twin's result)."""
     trial.state, trial.values, trial.cached, trial.finished_at = TrialState.COMPLETE, values, True, now
+    trial.waiting_on = None
+
+
+def tell_cached(session: Session, optuna: OptunaStudies, study: Study, trial: Trial, values: dict[str, float],
+                now: datetime) -> None:
+    """A new trial whose configuration the cache already answers: complete at once, never leased."""
+    _tell(session, optuna, study, trial, values)
+    _answered(trial, values, now)
+
+
+def waiting_twin(session: Session, study: Study, config_hash: str) -> Trial | None:
+    """A pending trial of ``study``'s team evaluating ``config_hash`` on (at least) ``study``'s
+    objectives, in a running study: a new trial of that configuration waits for its result."""
+    wanted = {o.identity() for o in objectives_of(spec_of(study))}
+    candidates = session.scalars(
+        select(Trial).join(Study).where(Study.team_id == study.team_id, Study.status == StudyStatus.RUNNING,
+                                        Trial.config_hash == config_hash, Trial.state.in_(PENDING_TRIAL),
+                                        Trial.waiting_on.is_(None))
+        .order_by(Trial.id)
+    )
+    for twin in candidates:
+        if wanted <= {o.identity() for o in objectives_of(spec_of(twin.study))}:
+            return twin
+    return None
+
+
+def _waiters(session: Session, twin: Trial) -> list[Trial]:
+    return list(session.scalars(select(Trial).where(Trial.waiting_on == twin.id, Trial.state == TrialState.QUEUED)
+                                .order_by(Trial.id).with_for_update()))
+
+
+def _wait_again(session: Session, waiter: Trial) -> None:
+    """``waiter``'s twin will not answer it: it waits on another pending twin if there is one,
+    else it is queued to be evaluated itself (and its fellow waiters then wait on it)."""
+    twin = waiting_twin(session, waiter.study, waiter.config_hash)
+    waiter.waiting_on = twin.id if twin is not None else None
+    session.flush()
+
+
+def _release_waiters(session: Session, twin: Trial) -> None:
+    """``twin`` (no longer pending) will not produce a result: one of its waiters is queued to be
+    evaluated, and the others wait on that one."""
+    for waiter in _waiters(session, twin):
+        _wait_again(session, waiter)
+
+
+def _keyed(values: dict[str, float], study: Study) -> dict[str, float]:
+    return {o.key: values[o.key] for o in objectives_of(spec_of(study))}
 
 
 def complete(session: Session, optuna: OptunaStudies, trial: Trial, values: dict[str, float],
              now: datetime) -> Trial:
-    """A leased trial's objective values: told to Optuna, cached for every later study, stored."""
+    """A leased trial's objective values: told to Optuna, cached for the team's later trials,
+    stored; the trials waiting on it get the same values (told to Optuna first, then one commit)."""
     study = trial.study
     spec = spec_of(study)
     ordered = checked_values(study, values)
+    waiters = _waiters(session, trial)
     optuna_call(session, optuna.tell, study.optuna_name, spec, trial.number, ordered,
                 constraint_violations(spec, values))
-    _store(session, trial.config_hash, objectives_of(spec), values)
+    for waiter in waiters:
+        _tell(session, optuna, waiter.study, waiter, _keyed(values, waiter.study))
+    _store(session, study.team_id, trial.config_hash, objectives_of(spec), values)
     trial.state, trial.values, trial.lease_token, trial.finished_at = TrialState.COMPLETE, values, None, now
     trial.duration_s = (now - trial.started_at).total_seconds() if trial.started_at else None
-    finish_study_if_done(session, optuna, study, now)
+    trial.lease_holder_id = None
+    for waiter in waiters:
+        _answered(waiter, _keyed(values, waiter.study), now)
+    for done in {study.id: study, **{w.study_id: w.study for w in waiters}}.values():
+        finish_study_if_done(session, optuna, done, now)
     session.commit()
     return trial
 
 
 def fail(session: Session, optuna: OptunaStudies, trial: Trial, error: str, now: datetime) -> Trial:
-    """The trial cannot be evaluated (bad merge, NaN score, cancelled study): no retry."""
+    """The trial cannot be evaluated (bad merge, NaN score, cancelled study): no retry. Trials
+    waiting on it are queued to be evaluated themselves."""
     optuna_call(session, optuna.fail, trial.study.optuna_name, spec_of(trial.study), trial.number)
     trial.state, trial.error, trial.lease_token, trial.finished_at = TrialState.FAILED, error, None, now
+    trial.lease_holder_id = trial.waiting_on = None
+    _release_waiters(session, trial)
     finish_study_if_done(session, optuna, trial.study, now)
     return trial
+
+
+def settle_waiters(session: Session, optuna: OptunaStudies, now: datetime) -> None:
+    """Waiters whose twin is no longer pending although it did not settle them (it completed or
+    failed on another server while they were being proposed, its study was deleted or cancelled):
+    answered from the team's cache when it has their values, else as ``_wait_again``."""
+    twin = aliased(Trial)
+    stuck = session.scalars(
+        select(Trial).outerjoin(twin, twin.id == Trial.waiting_on)
+        .where(Trial.state == TrialState.QUEUED, Trial.waiting_on.is_not(None),
+               or_(twin.id.is_(None), twin.state.not_in(PENDING_TRIAL), twin.waiting_on.is_not(None)))
+        .order_by(Trial.id).with_for_update(of=Trial, skip_locked=True)
+    ).all()
+    for waiter in stuck:
+        study = waiter.study
+        values = cached_values(session, study.team_id, waiter.config_hash, objectives_of(spec_of(study)))
+        if values is None:
+            _wait_again(session, waiter)
+            continue
+        _tell(session, optuna, study, waiter, values)
+        _answered(waiter, values, now)
+        finish_study_if_done(session, optuna, study, now)
 
 
 def fail_study(session: Session, optuna: OptunaStudies, study: Study, reason: str, now: datetime) -> None:
@@ -102,6 +193,8 @@ def fail_study(session: Session, optuna: OptunaStudies, study: Study, reason: st
     for trial in [t for t in study.trials if t.state in PENDING_TRIAL]:
         optuna_call(session, optuna.fail, study.optuna_name, spec_of(study), trial.number)
         trial.state, trial.error, trial.lease_token, trial.finished_at = TrialState.FAILED, reason, None, now
+        trial.lease_holder_id = trial.waiting_on = None
+        _release_waiters(session, trial)
     study.status, study.error, study.finished_at = StudyStatus.FAILED, reason, now
     fail_orphans(session, optuna, study, older_than_s=0.0)
 

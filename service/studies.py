@@ -65,7 +65,7 @@ def _seed_from_history(session: Session, optuna: OptunaStudies, study: Study, sp
             if not all(dists[k]._contains(dists[k].to_internal_repr(v)) for k, v in t.params.items()):
                 continue
             config = space.merge_config(t.params)
-            values = cached_values(session, config.fingerprint(), objectives)
+            values = cached_values(session, study.team_id, config.fingerprint(), objectives)
             if values is None or config.fingerprint() in seen:
                 continue
             seen.add(config.fingerprint())

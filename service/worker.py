@@ -32,17 +32,25 @@ class _Heartbeat:
     """Renews a lease until stopped. A refused renewal (lease lost, study stopped) sets ``lost``:
     the work is abandoned at its next check and no result is posted."""
 
-    def __init__(self, source: LeaseSource, token: str, every: float) -> None:
+    def __init__(self, source: LeaseSource, token: str, every: float, lease_seconds: float) -> None:
         self.lost = threading.Event()
+        self.lease_seconds = lease_seconds
+        self.renewed_at = time.monotonic()  # granted just now: good for lease_seconds from here
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, args=(source, token, every), name="heartbeat",
                                         daemon=True)
         self._thread.start()
 
+    def expires_in(self) -> float:
+        """Seconds the lease is still held for, as far as this worker knows (its last renewal)."""
+        return self.renewed_at + self.lease_seconds - time.monotonic()
+
     def _beat(self, source: LeaseSource, token: str, every: float) -> None:
         while not self._stop.wait(every):
             try:
+                sent = time.monotonic()
                 source.heartbeat(token)
+                self.renewed_at = sent
             except LeaseLost as exc:
                 log.warning("lease lost: %s", exc)
                 self.lost.set()
@@ -86,20 +94,26 @@ class Worker:
     worker's trials cost the merge and the evaluation, not the server's ask/tell latency. Leave it
     off where the server shares the worker's CPU cores (the in-process demo and ``study run``):
     there the server's work slows the evaluation more than the overlap saves.
+
+    ``retry_seconds`` is the first wait before posting a result again after the server could not
+    take it (unreachable, or a 5xx); each wait doubles, up to ``max_retry_seconds``.
     """
 
     def __init__(self, source: LeaseSource, runner: TrialRunner, name: str, poll_seconds: float = 1.0,
-                 prefetch: bool = True, on_outcome: Callable[[Outcome], None] | None = None) -> None:
+                 prefetch: bool = True, on_outcome: Callable[[Outcome], None] | None = None,
+                 retry_seconds: float = 0.5, max_retry_seconds: float = 30.0) -> None:
         self.source, self.runner, self.name = source, runner, name
         self.poll_seconds = poll_seconds
         self.prefetch = prefetch
         self.on_outcome = on_outcome
+        self.retry_seconds, self.max_retry_seconds = retry_seconds, max_retry_seconds
 
     def _lease(self) -> _Held | None:
         lease = self.source.lease(self.name)
         if lease is None:
             return None
-        return _Held(lease, _Heartbeat(self.source, lease.token, max(lease.lease_seconds / 3, 0.1)))
+        every = max(lease.lease_seconds / 3, 0.1)
+        return _Held(lease, _Heartbeat(self.source, lease.token, every, lease.lease_seconds))
 
     def _execute(self, held: _Held) -> Outcome:
         lease = held.lease
@@ -147,26 +161,36 @@ class Worker:
             self.source.fail(lease.token, outcome.error or "unknown error", fatal=outcome.fatal)
 
     def _post(self, pending: _Pending) -> None:
-        """Report the outcome; while the server is unreachable (a restart), keep trying for as long
-        as the lease could still be valid, since a result is worth the wait."""
-        outcome = pending.outcome
-        deadline = time.monotonic() + max(outcome.lease.lease_seconds, 10.0)
+        """Report the outcome. While the server cannot take it (unreachable, or a 5xx while it
+        restarts behind a proxy), keep trying with growing waits for as long as the lease may
+        still be held (its last renewal plus its lease time), since a result is worth the wait.
+        Only a lost lease (409, 404: the trial went to another worker) or a refusal (a malformed
+        result) ends it sooner."""
+        outcome, heartbeat = pending.outcome, pending.held.heartbeat
+        wait = self.retry_seconds
         try:
             while True:
                 try:
                     self._report(outcome)
                     break
-                except (LeaseLost, Refused) as exc:  # a stale lease: the trial went to another worker
+                except LeaseLost as exc:
+                    log.warning("result of trial %s refused, its lease was lost: %s", outcome.lease.trial_number, exc)
+                    break
+                except Refused as exc:
                     log.warning("result of trial %s refused: %s", outcome.lease.trial_number, exc)
                     break
                 except OSError as exc:
-                    if time.monotonic() > deadline:
-                        log.warning("result of trial %s lost, server unreachable: %s", outcome.lease.trial_number,
-                                    exc)
+                    left = heartbeat.expires_in()
+                    if left <= 0 or heartbeat.lost.is_set():
+                        log.warning("result of trial %s lost: the server did not take it before its lease ran "
+                                    "out: %s", outcome.lease.trial_number, exc)
                         break
-                    time.sleep(min(self.poll_seconds, 1.0))
+                    log.warning("result of trial %s not taken (%s); trying again in %.1f s",
+                                outcome.lease.trial_number, exc, min(wait, left))
+                    time.sleep(min(wait, left))
+                    wait = min(2 * wait, self.max_retry_seconds)
         finally:
-            pending.held.heartbeat.stop()
+            heartbeat.stop()
         if self.on_outcome:
             self.on_outcome(outcome)
 

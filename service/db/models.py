@@ -97,6 +97,12 @@ class Trial(Base):
     state: Mapped[str] = mapped_column(String(20), default="queued", index=True)
     lease_token: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # The ApiToken id whose caller holds the lease (None: the in-process ``mmmo study run``); only
+    # that caller may renew, report or release it.
+    lease_holder_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # A queued trial whose configuration a pending trial of the team (this id) is evaluating: it is
+    # not leased, and is answered from that trial's result (or queued for real if that one fails).
+    waiting_on: Mapped[int | None] = mapped_column(Integer, nullable=True)
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     values: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)
@@ -110,13 +116,15 @@ class Trial(Base):
 
 
 class Result(Base):
-    """The results cache: one objective's value for one merge configuration, across all studies."""
+    """The results cache: one objective's value for one merge configuration, across a team's
+    studies (a team sees only the values its own workers posted)."""
 
     __tablename__ = "mmmo_results"
-    __table_args__ = (UniqueConstraint("config_hash", "objective_hash"),)
+    __table_args__ = (UniqueConstraint("team_id", "config_hash", "objective_hash"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    config_hash: Mapped[str] = mapped_column(String(64), index=True)
+    team_id: Mapped[int] = mapped_column(ForeignKey("mmmo_teams.id", ondelete="CASCADE"))
+    config_hash: Mapped[str] = mapped_column(String(64))
     objective_hash: Mapped[str] = mapped_column(String(64))
     value: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
@@ -137,6 +145,7 @@ class Job(Base):
     state: Mapped[str] = mapped_column(String(20), default="queued", index=True)
     lease_token: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    lease_holder_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # as Trial's
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     artifact: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -150,12 +159,16 @@ class Job(Base):
 
 
 class WorkerSeen(Base):
-    """A worker as the server last saw it (any lease, heartbeat or result call), for the workers page."""
+    """A worker as the server last saw it (any lease or heartbeat call), for the workers page. A
+    worker is its name under the token it calls with: another token's worker of the same name
+    is another worker."""
 
     __tablename__ = "mmmo_workers"
+    __table_args__ = (UniqueConstraint("token_id", "name"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
+    token_id: Mapped[int] = mapped_column(ForeignKey("mmmo_tokens.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
     team_id: Mapped[int | None] = mapped_column(ForeignKey("mmmo_teams.id", ondelete="CASCADE"), nullable=True)
     first_seen_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
