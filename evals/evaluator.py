@@ -21,10 +21,13 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
 from evals.objective import Objective
+from evals.taskdirs import BUNDLED_TASKS_DIR, install_guards
 from evals.texts import read_calibration_texts
 
-BUNDLED_TASKS_DIR = Path(__file__).parent / "tasks"
 log = logging.getLogger(__name__)
+# Whatever loads tasks imports this module first: lm-eval runs `!function` modules from trusted
+# task directories only, and renders templates in a Jinja sandbox (see evals/taskdirs.py).
+install_guards()
 
 
 class EvaluationError(RuntimeError):

@@ -6,26 +6,55 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evals.objective import objective_key
 
 SPEC_VERSION = 1
+# Bounds on a spec, so that no spec costs the server more than a few seconds to check and ask:
+MAX_SPEC_BYTES = 256 * 1024  # a YAML or JSON spec document
+MAX_SPEC_DEPTH = 16  # nesting of a YAML spec document
+MAX_EXPERTS = 32
+MAX_OBJECTIVES = 16
+MAX_LAYERS = 1024  # search_space.num_layers (the largest models have ~130)
+MAX_DIMENSIONS = 1024  # searched parameters: experts x parameters x groups + method choices (~1 s an ask)
+PATH_MAX_BYTES, NAME_MAX_BYTES = 4096, 255  # Linux's PATH_MAX and NAME_MAX
+
+
+def _path_like(value: str) -> str:
+    """A model, data or task reference the OS can be asked about: no NUL, within PATH_MAX and
+    NAME_MAX (a longer one would be an OS error, not an answer)."""
+    if "\x00" in value:
+        raise ValueError("a path may not contain a NUL character")
+    if len(value.encode()) > PATH_MAX_BYTES:
+        raise ValueError(f"a path may be at most {PATH_MAX_BYTES} bytes long")
+    long = next((part for part in value.split("/") if len(part.encode()) > NAME_MAX_BYTES), None)
+    if long is not None:
+        raise ValueError(f"a path's components may be at most {NAME_MAX_BYTES} bytes long ('{long[:40]}...' is "
+                         f"{len(long.encode())})")
+    return value
+
+
+PathLike = Annotated[str, Field(min_length=1, max_length=PATH_MAX_BYTES), AfterValidator(_path_like)]
+Word = Annotated[str, Field(min_length=1, max_length=200)]
+Scalar = bool | int | float | Annotated[str, Field(max_length=1000)] | None
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan: NaN or Infinity anywhere in a spec is a 422 (the database could not store it).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ExpertSpec(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
-    path: str = Field(min_length=1, description="HF model directory (or hub id where reachable)")
-    calibration: str | None = Field(default=None, description="OBIM calibration texts: jsonl or text file")
+    path: PathLike = Field(description="HF model directory (or hub id where reachable)")
+    calibration: PathLike | None = Field(default=None, description="OBIM calibration texts: jsonl or text file, "
+                                         "or task:NAME")
 
 
 class Range(_Strict):
-    low: float
-    high: float
+    low: float = Field(ge=-1e6, le=1e6)
+    high: float = Field(ge=-1e6, le=1e6)
     log: bool = False
 
     @model_validator(mode="after")
@@ -42,13 +71,24 @@ class SearchSpaceSpec(_Strict):
 
     weight: Range = Range(low=0.0, high=1.5)
     density: Range | None = Range(low=0.1, high=1.0)  # None: density is not searched
-    method_choices: dict[str, list[str | float | bool]] = Field(
-        default_factory=dict, description="global merge parameters searched as categoricals, e.g. OBIM's order")
-    layer_groups: int | None = Field(default=None, ge=1, le=10_000,
+    method_choices: dict[Word, Annotated[list[Annotated[str, Field(max_length=200)] | float | bool],
+                                         Field(min_length=1, max_length=64)]] = Field(
+        default_factory=dict, max_length=16,
+        description="global merge parameters searched as categoricals, e.g. OBIM's order")
+    layer_groups: int | None = Field(default=None, ge=1, le=MAX_LAYERS,
                                      description="consecutive layers sharing one parameter set")
-    filters: list[str] = Field(default_factory=list, description="tensor-name substrings with their own parameters")
-    num_layers: int | None = Field(default=None, ge=1, le=10_000,
-                                   description="filled from the base's config when unset")
+    filters: list[Word] = Field(default_factory=list, max_length=16,
+                                description="tensor-name substrings with their own parameters")
+    num_layers: int | None = Field(default=None, ge=1, le=MAX_LAYERS,
+                                   description="filled from the base's config when unset; must match it")
+
+    def groups(self) -> int:
+        """Parameter sets per expert (merging.config.Grouping's groups); layer groups with the layer
+        count unknown count as one set of layers and the rest."""
+        layer_parts = 1
+        if self.layer_groups:
+            layer_parts = -(-(self.num_layers or 1) // self.layer_groups) + 1  # the layers' groups + "rest"
+        return layer_parts * (len(self.filters) + 1 if self.filters else 1)
 
     @field_validator("density")
     @classmethod
@@ -62,16 +102,16 @@ class ObjectiveSpec(_Strict):
     """``lm_eval`` (a task's metric), ``sparsity`` (L1 of the merged delta) or ``perplexity`` on ``data``."""
 
     kind: Literal["lm_eval", "sparsity", "perplexity"] = "lm_eval"
-    task: str | None = Field(default=None, min_length=1)
-    metric: str = "exact_match"
-    filter: str = "none"
+    task: Word | None = None
+    metric: Word = "exact_match"
+    filter: Word = "none"
     direction: Literal["maximize", "minimize"] | None = Field(
         default=None, description="default: lm-eval's higher_is_better; minimize for sparsity and perplexity")
     samples: int | None = Field(default=100, ge=1, le=10_000_000)
     subset_seed: int = Field(default=0, ge=0, le=2**32 - 1,
                              description="picks the fixed document subset; independent of the "
                              "study seed so that studies score (and cache) the same documents")
-    data: str | None = Field(default=None, description="text for a perplexity objective: jsonl or text file")
+    data: PathLike | None = Field(default=None, description="text for a perplexity objective: jsonl or text file")
 
     @property
     def key(self) -> str:
@@ -113,7 +153,7 @@ class BudgetSpec(_Strict):
 class ConstraintSpec(_Strict):
     """A bound on one objective (by its key, e.g. ``sparsity``); trials outside it are infeasible."""
 
-    objective: str = Field(min_length=1)
+    objective: Word
     max: float | None = None
     min: float | None = None
 
@@ -132,7 +172,7 @@ class SelectionSpec(_Strict):
     """How the final trial is picked from the front: ``knee``, ``weights`` or ``best:<objective key>``."""
 
     policy: str = Field(default="knee", pattern=r"^(knee|weights|best:.+)$")
-    weights: dict[str, float] | None = None
+    weights: dict[Word, float] | None = Field(default=None, max_length=64)
 
     @model_validator(mode="after")
     def _weights_for_weights(self) -> SelectionSpec:
@@ -144,23 +184,39 @@ class SelectionSpec(_Strict):
 class StudySpec(_Strict):
     version: Literal[1] = SPEC_VERSION
     name: str = Field(default="study", min_length=1, max_length=200)
-    base: str = Field(min_length=1, description="base model directory")
-    experts: list[ExpertSpec] = Field(min_length=1)
-    method: str = "obim"
-    method_params: dict[str, Any] = Field(default_factory=dict, description="global merge parameters")
+    base: PathLike = Field(description="base model directory (or hub id)")
+    experts: list[ExpertSpec] = Field(min_length=1, max_length=MAX_EXPERTS)
+    method: Word = "obim"
+    method_params: dict[Word, Scalar] = Field(default_factory=dict, max_length=32,
+                                              description="global merge parameters")
     search_space: SearchSpaceSpec = SearchSpaceSpec()
-    objectives: list[ObjectiveSpec] = Field(min_length=1)
-    task_paths: list[str] = Field(default_factory=list, description="directories of your own lm-eval task YAML")
+    objectives: list[ObjectiveSpec] = Field(min_length=1, max_length=MAX_OBJECTIVES)
+    task_paths: list[PathLike] = Field(default_factory=list, max_length=16,
+                                       description="directories of your own lm-eval task YAML")
     sampler: SamplerSpec = SamplerSpec()
     budget: BudgetSpec = BudgetSpec()
-    constraints: list[ConstraintSpec] = Field(default_factory=list)
+    constraints: list[ConstraintSpec] = Field(default_factory=list, max_length=64)
     selection: SelectionSpec = SelectionSpec()
-    reference_point: dict[str, float] | None = Field(
-        default=None, description="hypervolume reference per objective key; derived from the trials if unset")
+    reference_point: dict[Word, float] | None = Field(
+        default=None, max_length=64,
+        description="hypervolume reference per objective key; derived from the trials if unset")
     warm_start: list[Annotated[int, Field(ge=1, le=2**31 - 1)]] = Field(
         default_factory=list, max_length=100, description="earlier studies (same base, experts and "
                                   "method) whose evaluated trials seed this one without being re-evaluated")
     seed: int = Field(default=0, ge=0, le=2**31 - 1)  # samplers seed numpy: 32 bits
+
+    def dimensions(self) -> int:
+        """How many parameters the search space has (``SearchSpace(spec).distributions()``'s length)."""
+        ss = self.search_space
+        per_expert = 1 + (ss.density is not None)
+        return len(self.experts) * per_expert * ss.groups() + len(ss.method_choices)
+
+    @model_validator(mode="after")
+    def _bounded_space(self) -> StudySpec:
+        if self.dimensions() > MAX_DIMENSIONS:
+            raise ValueError(f"the search space has {self.dimensions()} parameters, more than the {MAX_DIMENSIONS} "
+                             "allowed: fewer experts, fewer filters or larger layer_groups")
+        return self
 
     def reference(self) -> list[float] | None:
         """The hypervolume reference point in objective order, when the spec gives all of it."""
@@ -188,6 +244,42 @@ class StudySpec(_Strict):
         return v
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases (``*name`` repeats a node: 350 bytes of them expand to
+    gigabytes) and with bounded nesting."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not accepted in a spec",
+                                              self.peek_event().start_mark)
+        self.depth += 1
+        if self.depth > MAX_SPEC_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"a spec is nested at most {MAX_SPEC_DEPTH} levels deep",
+                                              self.peek_event().start_mark)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def parse_spec_text(text: str | bytes) -> Any:
+    """A YAML (or JSON) spec document's data, at most MAX_SPEC_BYTES, without aliases: a
+    ValueError otherwise."""
+    if len(text.encode() if isinstance(text, str) else text) > MAX_SPEC_BYTES:
+        raise ValueError(f"a spec document may be at most {MAX_SPEC_BYTES} bytes")
+    loader = _SpecLoader(text)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise ValueError(f"not YAML: {exc}") from None
+    finally:
+        loader.dispose()
+
+
 def load_spec(path: Path) -> StudySpec:
     """Read a spec from YAML or JSON (YAML is a superset, so one loader serves both)."""
-    return StudySpec.model_validate(yaml.safe_load(Path(path).read_text()))
+    with open(path, "rb") as fh:
+        text = fh.read(MAX_SPEC_BYTES + 1)
+    return StudySpec.model_validate(parse_spec_text(text))

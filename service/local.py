@@ -18,6 +18,7 @@ from service.leases import StaleLease
 from service.runner import TrialRunner
 from service.services import Services
 from service.states import FINISHED_TRIAL, TrialOrigin
+from service.validation import SpecPolicy
 from service.worker import Outcome, Worker
 
 LOCAL_WORKER = "study-run"
@@ -66,7 +67,8 @@ def create(services: Services, spec: StudySpec) -> int:
     with services.sessions() as session, services.lock:
         team = auth.local_team(session)
         return studies.create_study(session, services.optuna, services.catalog, spec, team_id=team.id,
-                                    created_by=LOCAL_WORKER, now=services.clock()).id
+                                    created_by=LOCAL_WORKER, now=services.clock(),
+                                    policy=SpecPolicy.from_settings(services.settings)).id
 
 
 def run(services: Services, study_id: int, runner: TrialRunner,

@@ -18,6 +18,7 @@ import torch
 
 from evals.evaluator import Evaluator
 from evals.objective import Objective
+from evals.taskdirs import check_task_dir, trusting
 from merging.config import MergeConfig
 from merging.io import locate
 from merging.resident import Merger, expert_dirs
@@ -49,7 +50,12 @@ class TrialRunner:
     """
 
     def __init__(self, device: str = "cpu", batch_size: int | str = 64, cache_dir: Path | None = None,
-                 max_resident_bytes: int | None = None) -> None:
+                 max_resident_bytes: int | None = None, trusted_task_paths: list[Path] | None = None) -> None:
+        if trusted_task_paths is None:  # the worker's own settings: it cannot trust that the server checked
+            from service.settings import Settings
+
+            trusted_task_paths = Settings().trusted_task_paths
+        self.trusted_task_paths = tuple(trusted_task_paths)
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.cache_dir = cache_dir
@@ -77,12 +83,17 @@ class TrialRunner:
             return self._sets[key]
         if self.max_resident_bytes is None:
             self._sets.clear()  # free the previous set before loading the next
+        # A task directory the operator has not trusted runs no Python here, whatever the server checked
+        # (its files may have changed since): refused up front, and lm-eval's own guard backs it up.
+        for path in task_paths:
+            check_task_dir(path, trusted=self.trusted_task_paths)
         log.info("loading base %s and %d experts", config.base, len(config.experts))
-        base_dir, merger = self._merger(config)
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(self.device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        evaluator = Evaluator(model, tokenizer, objectives, batch_size=self.batch_size,
-                              include_paths=[Path(p) for p in task_paths])
+        with trusting(self.trusted_task_paths):
+            base_dir, merger = self._merger(config)
+            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(self.device).eval()
+            tokenizer = AutoTokenizer.from_pretrained(base_dir)
+            evaluator = Evaluator(model, tokenizer, objectives, batch_size=self.batch_size,
+                                  include_paths=[Path(p) for p in task_paths])
         resident = _Resident(key, merger, model, evaluator)
         self.loads += 1
         if self.max_resident_bytes is not None:

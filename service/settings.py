@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
           "tb": 10**12, "b": 1}
@@ -34,6 +36,15 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "mmmo",
                             description="demo zoo and other rebuildable files")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite in home if unset")
+    data_roots: Annotated[list[Path] | None, NoDecode] = Field(
+        default=None, description="directories specs may name files under (models, calibration and perplexity "
+        "data, task directories), `:`-separated or a JSON list; unset: the home and cache directories for the "
+        "embedded single user, none (Hugging Face ids only) for a team deployment")
+    trusted_task_paths: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="lm-eval task directories whose YAML may run Python (`!function`), "
+        "`:`-separated or a JSON list; the bundled tasks always may. Server and workers")
+    max_data_file_bytes: int = Field(default=2**30, gt=0, description="largest calibration or perplexity file "
+                                     "a spec may name")
     server_url: str = Field(default="http://127.0.0.1:8765", description="the API, for CLI commands that call it")
     lease_seconds: float = Field(default=120.0, gt=0, description="a lease not renewed in time is re-leased")
     max_attempts: int = Field(default=3, ge=1, description="leases per trial before it is failed")
@@ -46,8 +57,6 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=2**20, gt=0, description="largest JSON request body")
     offline: bool = Field(default=False, description="no Hugging Face hub calls: models from paths or the local "
                           "hub cache only (`mmmo demo` and the tests always run offline)")
-    secure_cookies: bool = Field(default=False, description="the dashboard's cookies are marked Secure (sent over "
-                                 "HTTPS only): set it when clients reach the service through TLS")
 
     # `mmmo serve`
     host: str = Field(default="127.0.0.1", description="address `mmmo serve` binds")
@@ -63,6 +72,26 @@ class Settings(BaseSettings):
                                     "(default: host name and pid)")
     prefetch: bool = Field(default=True, description="lease the next trial while the current one runs")
     poll_seconds: float = Field(default=1.0, gt=0, description="how often an idle worker asks for work")
+
+    @field_validator("data_roots", "trusted_task_paths", mode="before")
+    @classmethod
+    def _path_list(cls, value: object) -> object:
+        """``/a:/b`` (os.pathsep) or a JSON list; an empty string is no paths."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [p for p in text.split(os.pathsep) if p.strip()]
+        return value
+
+    def resolved_data_roots(self) -> list[Path]:
+        """Where files named by specs may lie: the configured roots, else (embedded) the home and
+        cache directories, else none."""
+        if self.data_roots is not None:
+            return list(self.data_roots)
+        if self.is_embedded():
+            return [Path.home(), self.cache_dir]
+        return []
 
     @field_validator("max_memory", mode="before")
     @classmethod

@@ -22,7 +22,14 @@ from service.results import cached_values, optuna_call
 from service.schemas import HypervolumePoint, ObjectivePublic, ParetoPublic, StudyDetail, StudyPublic, TrialPublic
 from service.specs import objectives_of, spec_of
 from service.states import StudyStatus, TrialOrigin, TrialState
-from service.validation import SpecProblem, resolve_directions, resolve_layers, spec_problems
+from service.validation import (
+    SpecPolicy,
+    SpecProblem,
+    resolve_directions,
+    resolve_layers,
+    space_problems,
+    spec_problems,
+)
 
 
 class InvalidSpec(ValueError):
@@ -80,15 +87,18 @@ def _seed_from_history(session: Session, optuna: OptunaStudies, study: Study, sp
 
 
 def create_study(session: Session, optuna: OptunaStudies, catalog: TaskCatalog, spec: StudySpec, *,
-                 team_id: int, created_by: str | None = None, now: datetime) -> Study:
-    problems = spec_problems(spec, catalog) + _warm_start_problems(session, spec, team_id)
+                 team_id: int, created_by: str | None = None, now: datetime, policy: SpecPolicy) -> Study:
+    """Check ``spec`` against the world as ``policy`` lets the server see it, then store it."""
+    problems = spec_problems(spec, catalog, policy) + _warm_start_problems(session, spec, team_id)
     if problems:
         raise InvalidSpec(problems)
-    spec = resolve_directions(spec, catalog)
     try:
         spec = resolve_layers(spec)
     except (OSError, ValueError) as exc:
         raise InvalidSpec([SpecProblem(("search_space", "num_layers"), str(exc))]) from None
+    if space_problems(spec):
+        raise InvalidSpec(space_problems(spec))
+    spec = resolve_directions(spec, catalog, policy)
     study = Study(team_id=team_id, created_by=created_by, name=spec.name, spec=spec.model_dump(mode="json"),
                   budget=spec.budget.trials, created_at=now,
                   optuna_name=f"mmmo-{uuid.uuid4().hex}", status=StudyStatus.RUNNING)

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from evals.catalog import TaskCatalog
-from evals.texts import calibration_texts
+from evals.taskdirs import UnsafeTaskDir, always_trusted, check_task_dir, is_trusted, trusting
+from evals.texts import DEFAULT_LIMIT, TASK_PREFIX, calibration_texts, read_calibration_texts
 from merging.errors import IncompatibleCheckpoints, MergeError
-from search.spec import StudySpec
+from search.spec import MAX_DIMENSIONS, MAX_LAYERS, StudySpec
+from service.settings import Settings
 from service.specs import objectives_of
+
+MAX_CONFIG_BYTES = 4 * 2**20  # a model's config.json
 
 
 @dataclass(frozen=True)
@@ -19,73 +26,211 @@ class SpecProblem:
     msg: str
 
 
-def resolve_layers(spec: StudySpec) -> StudySpec:
-    """With layer groups and no ``num_layers``, read it from the base's config."""
-    ss = spec.search_space
-    if not ss.layer_groups or ss.num_layers:
-        return spec
-    from merging.io import ModelNotFound, locate  # torch: at the first spec checked, not at start-up
+@dataclass(frozen=True)
+class SpecPolicy:
+    """What a spec may make the server read: files under ``data_roots`` only (models, calibration
+    and perplexity data, task directories), Python from ``trusted_task_paths`` only."""
 
+    data_roots: tuple[Path, ...] = ()
+    trusted_task_paths: tuple[Path, ...] = ()
+    max_data_file_bytes: int = 2**30
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SpecPolicy:
+        return cls(tuple(settings.resolved_data_roots()), tuple(settings.trusted_task_paths),
+                   settings.max_data_file_bytes)
+
+    def readable_roots(self) -> list[Path]:
+        """Where data files may lie: the data roots and the trusted task directories (the bundled
+        tasks' data included)."""
+        return [*self.data_roots, *self.trusted_task_paths, *always_trusted()]
+
+
+def _within(path: Path, roots: Sequence[Path]) -> bool:
+    real = Path(os.path.realpath(path))
+    return any(real.is_relative_to(os.path.realpath(r)) for r in roots)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+
+
+def _model_ref(ref: str, policy: SpecPolicy) -> str:
+    """``local``: a directory under the data roots; ``hub``: a Hugging Face id (looked up in the
+    server's hub cache only); ``unseen``: shaped like one but naming a local path outside the
+    roots, so not looked at, answered as an id not cached; ``refused``: anything else, missing
+    or not allowed alike. No answer tells whether a path outside the roots exists."""
     try:
-        base = locate(spec.base, download=False)
-    except ModelNotFound:
-        raise ValueError(f"the server cannot read the base '{spec.base}' to count its layers: "
-                         "set search_space.num_layers") from None
-    config = json.loads((base / "config.json").read_text())
+        path = Path(ref)
+        exists = path.exists()
+        if exists and _within(path, policy.data_roots) and path.is_dir():
+            return "local"
+        if _HUB_ID.match(ref) and ".." not in ref:
+            return "unseen" if exists else "hub"
+    except (OSError, ValueError):
+        pass
+    return "refused"
+
+
+def _read_config(model_dir: Path) -> dict:
+    with open(model_dir / "config.json", "rb") as fh:
+        raw = fh.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(f"config.json is larger than {MAX_CONFIG_BYTES} bytes")
+    config = json.loads(raw)
+    if not isinstance(config, dict):
+        raise ValueError("config.json is not an object")
+    return config
+
+
+def _layer_count(config: dict) -> int | None:
     layers = config.get("num_hidden_layers") or config.get("n_layer")
-    if not layers:
-        raise ValueError("the base's config.json names no num_hidden_layers: set search_space.num_layers")
-    return spec.model_copy(update={"search_space": ss.model_copy(update={"num_layers": int(layers)})})
+    return layers if isinstance(layers, int) and not isinstance(layers, bool) and layers > 0 else None
 
 
-def resolve_directions(spec: StudySpec, catalog: TaskCatalog) -> StudySpec:
+def resolve_layers(spec: StudySpec) -> StudySpec:
+    """With layer groups and no ``num_layers``, read it from the base's config; a ``num_layers``
+    given must match the base's where the server can read it (else a ValueError)."""
+    ss = spec.search_space
+    if ss.layer_groups or ss.num_layers:
+        from merging.io import ModelNotFound, locate  # torch: at the first spec checked, not at start-up
+
+        try:
+            layers = _layer_count(_read_config(locate(spec.base, download=False)))
+        except (ModelNotFound, OSError, ValueError):
+            layers = None
+        if ss.num_layers and layers and ss.num_layers != layers:
+            raise ValueError(f"search_space.num_layers is {ss.num_layers}, the base has {layers} layers")
+        if ss.layer_groups and not ss.num_layers:
+            if layers is None:
+                raise ValueError(f"the server cannot read the layer count of the base '{spec.base}': "
+                                 "set search_space.num_layers")
+            if layers > MAX_LAYERS:
+                raise ValueError(f"the base has {layers} layers, more than a search space may group")
+            spec = spec.model_copy(update={"search_space": ss.model_copy(update={"num_layers": layers})})
+    return spec
+
+
+def space_problems(spec: StudySpec) -> list[SpecProblem]:
+    """The search space's size, once the layer count is known (the spec's own check could not count
+    layer groups without it)."""
+    if spec.dimensions() <= MAX_DIMENSIONS:
+        return []
+    return [SpecProblem(("search_space",), f"the search space has {spec.dimensions()} parameters, more than the "
+                                           f"{MAX_DIMENSIONS} allowed: fewer experts, fewer filters or larger "
+                                           "layer_groups")]
+
+
+def resolve_directions(spec: StudySpec, catalog: TaskCatalog, policy: SpecPolicy) -> StudySpec:
     """The spec with every objective's direction set (lm-eval's higher_is_better where unset)."""
     objectives = []
-    for spec_obj, obj in zip(spec.objectives, objectives_of(spec), strict=True):
-        direction = spec_obj.direction
-        if direction is None:
-            direction = "maximize" if catalog.higher_is_better(obj, spec.task_paths) else "minimize"
-        objectives.append(spec_obj.model_copy(update={"direction": direction}))
+    with trusting(policy.trusted_task_paths):
+        for spec_obj, obj in zip(spec.objectives, objectives_of(spec), strict=True):
+            direction = spec_obj.direction
+            if direction is None:
+                direction = "maximize" if catalog.higher_is_better(obj, spec.task_paths) else "minimize"
+            objectives.append(spec_obj.model_copy(update={"direction": direction}))
     return spec.model_copy(update={"objectives": objectives})
 
 
-def _model_problems(spec: StudySpec) -> list[SpecProblem]:
-    """Each model is a checkpoint; where the server sees them all, the experts merge onto the base
-    (same tensors and shapes, descended from it), else a worker finds out at its first load."""
+def _architecture(config: dict) -> tuple:
+    return config.get("model_type"), tuple(config.get("architectures") or ())
+
+
+def _model_problems(spec: StudySpec, policy: SpecPolicy) -> list[SpecProblem]:
+    """Each model is a checkpoint under the data roots (or a hub id); where the server sees them all,
+    the experts merge onto the base (same architecture, tensors and shapes, descended from it), else a
+    worker finds out at its first load."""
     # Checkpoint reading needs torch: imported at the first spec checked, not at the server's start.
     from merging.checks import check_dirs
-    from merging.io import ModelNotFound, check_checkpoint, is_hub_id
+    from merging.io import ModelNotFound, check_checkpoint, locate
 
     problems: list[SpecProblem] = []
     readable = True
-    for loc, path in [(("base",), spec.base)] + [(("experts", i, "path"), e.path) for i, e in enumerate(spec.experts)]:
+    models = [(("base",), spec.base)] + [(("experts", i, "path"), e.path) for i, e in enumerate(spec.experts)]
+    for loc, path in models:
+        kind = _model_ref(path, policy)
+        if kind == "refused":
+            problems.append(SpecProblem(loc, f"'{path}' is not a model directory under the server's data roots, "
+                                             "nor a Hugging Face id (org/name)"))
+            continue
+        if kind == "unseen":
+            readable = False
+            continue
         try:
             check_checkpoint(path, download=False)
         except ModelNotFound:
-            readable = False
-            if not is_hub_id(path):  # a hub id the server has not cached: each worker resolves it
-                problems.append(SpecProblem(loc, f"'{path}' is not a directory the server can see, nor a "
-                                                 "Hugging Face id (org/name)"))
+            readable = False  # a hub id the server has not cached: each worker resolves it
         except MergeError as exc:
             problems.append(SpecProblem(loc, str(exc)))
+        except OSError as exc:
+            problems.append(SpecProblem(loc, f"'{path}' cannot be read: {exc.strerror}"))
     if problems or not readable:
         return problems
+    try:
+        base = _architecture(_read_config(locate(spec.base, download=False)))
+    except (OSError, ValueError) as exc:
+        return [SpecProblem(("base",), f"the base's config.json cannot be read: {exc}")]
     for i, e in enumerate(spec.experts):
         try:
+            arch = _architecture(_read_config(locate(e.path, download=False)))
+        except (OSError, ValueError) as exc:
+            problems.append(SpecProblem(("experts", i, "path"), f"model '{e.name}': config.json cannot be read: {exc}"))
+            continue
+        if arch != base:
+            problems.append(SpecProblem(("experts", i, "path"), f"model '{e.name}' is a {arch[0]} model "
+                                        f"({', '.join(arch[1]) or 'no architectures'}), the base a {base[0]} "
+                                        f"({', '.join(base[1]) or 'no architectures'})"))
+            continue
+        try:
             check_dirs(spec.base, {e.name: e.path}, ancestry=spec.method != "linear")
-        except IncompatibleCheckpoints as exc:
+        except (IncompatibleCheckpoints, MergeError) as exc:
             problems.append(SpecProblem(("experts", i, "path"), str(exc)))
     return problems
 
 
-def spec_problems(spec: StudySpec, catalog: TaskCatalog) -> list[SpecProblem]:
-    problems = _model_problems(spec)
+def _text_problem(source: str, policy: SpecPolicy) -> str | None:
+    """Why calibration or perplexity texts cannot be read (the texts a worker would read, checked)."""
+    try:
+        if source.startswith(TASK_PREFIX):
+            calibration_texts(source, limit=DEFAULT_LIMIT)
+        else:
+            read_calibration_texts(source, limit=DEFAULT_LIMIT, max_bytes=policy.max_data_file_bytes,
+                                   roots=policy.readable_roots())
+    except OSError as exc:
+        return f"'{source}' cannot be read: {exc.strerror}"
+    except (ValueError, KeyError) as exc:
+        return str(exc)
+    return None
+
+
+def _task_path_problem(path: str, policy: SpecPolicy) -> str | None:
+    """A task directory: trusted by the operator, or under the data roots and running no Python."""
+    try:
+        directory = Path(path)
+        if is_trusted(directory, policy.trusted_task_paths):
+            return None if directory.is_dir() else f"'{path}' is not a directory"
+        if not (_within(directory, policy.data_roots) and directory.is_dir()):
+            return f"'{path}' is not a directory under the server's data roots"
+        check_task_dir(directory, trusted=policy.trusted_task_paths, roots=policy.readable_roots())
+    except UnsafeTaskDir as exc:
+        return str(exc)
+    except (OSError, ValueError):
+        return f"'{path}' is not a directory under the server's data roots"
+    return None
+
+
+def spec_problems(spec: StudySpec, catalog: TaskCatalog, policy: SpecPolicy) -> list[SpecProblem]:
+    with trusting(policy.trusted_task_paths):
+        return _spec_problems(spec, catalog, policy)
+
+
+def _spec_problems(spec: StudySpec, catalog: TaskCatalog, policy: SpecPolicy) -> list[SpecProblem]:
+    problems = _model_problems(spec, policy)
     for i, e in enumerate(spec.experts):
         if e.calibration is not None:
-            try:
-                calibration_texts(e.calibration, limit=1)
-            except (OSError, ValueError, KeyError) as exc:
-                problems.append(SpecProblem(("experts", i, "calibration"), f"cannot read calibration data: {exc}"))
+            found = _text_problem(e.calibration, policy)
+            if found:
+                problems.append(SpecProblem(("experts", i, "calibration"), f"cannot read calibration data: {found}"))
     from merging.methods import get_method  # torch: at the first spec checked, not at start-up
 
     try:
@@ -95,12 +240,17 @@ def spec_problems(spec: StudySpec, catalog: TaskCatalog) -> list[SpecProblem]:
     else:
         problems += _method_problems(spec, method)
     for i, path in enumerate(spec.task_paths):
-        if not Path(path).is_dir():
-            problems.append(SpecProblem(("task_paths", i), f"'{path}' is not a directory"))
+        found = _task_path_problem(path, policy)
+        if found:
+            problems.append(SpecProblem(("task_paths", i), found))
     if problems and any(p.loc[0] == "task_paths" for p in problems):
         return problems
     for i, objective in enumerate(objectives_of(spec)):
-        found = catalog.problem(objective, spec.task_paths)
+        if objective.kind == "perplexity":
+            text = _text_problem(objective.data, policy)
+            found = ("data", f"cannot read perplexity data: {text}") if text else None
+        else:
+            found = catalog.problem(objective, spec.task_paths)
         if found:
             problems.append(SpecProblem(("objectives", i, found[0]), found[1]))
     keys = [o.key for o in objectives_of(spec)]

@@ -22,6 +22,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MMMO_TEST_CACHE_DIR", Path.home() / ".cache" / "mmmo"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_roots(tmp_path_factory, cache_dir) -> list[Path]:
+    """Specs may name files under the data roots only: the tests' models and data live under pytest's
+    temporary directory and the cache. Set for every Settings (and server subprocess) of the run."""
+    roots = [tmp_path_factory.getbasetemp(), cache_dir]
+    previous = os.environ.get("MMMO_DATA_ROOTS")
+    os.environ["MMMO_DATA_ROOTS"] = os.pathsep.join(map(str, roots))
+    yield roots
+    if previous is None:
+        os.environ.pop("MMMO_DATA_ROOTS", None)
+    else:
+        os.environ["MMMO_DATA_ROOTS"] = previous
+
+
 @pytest.fixture(scope="session")
 def zoo(cache_dir):
     from evals.zoo import ensure_zoo
@@ -63,10 +77,11 @@ def database_url(request, tmp_path) -> str:
 
 
 @pytest.fixture
-def settings(tmp_path, database_url, cache_dir):
+def settings(tmp_path, database_url, cache_dir, data_roots):
     from service.settings import Settings
 
-    return Settings(home=tmp_path / "home", cache_dir=cache_dir, database_url=database_url, lease_seconds=30)
+    return Settings(home=tmp_path / "home", cache_dir=cache_dir, database_url=database_url, lease_seconds=30,
+                    data_roots=data_roots)
 
 
 def zoo_spec(zoo, *, trials: int = 6, samples: int = 20, experts: tuple[str, ...] = ("add", "reverse"),

@@ -10,11 +10,11 @@ from starlette.concurrency import run_in_threadpool
 from merging.config import MergeConfig
 from merging.errors import MergeError
 from merging.mergekit_yaml import to_mergekit
-from search.spec import StudySpec
+from search.spec import StudySpec, parse_spec_text
 from service import jobs, studies
 from service.auth import Principal
 from service.db.models import Study, Trial
-from service.deps import MemberDep, QueryText, ServicesDep, SessionDep, StudyId, TrialNumber
+from service.deps import MemberDep, ServicesDep, SessionDep, StudyId, TrialNumber
 from service.schemas import (
     HypervolumePoint,
     JobPublic,
@@ -25,6 +25,7 @@ from service.schemas import (
     TrialPublic,
 )
 from service.specs import spec_of
+from service.validation import SpecPolicy
 
 router = APIRouter(prefix="/studies", tags=["studies"])
 
@@ -48,26 +49,29 @@ def _trial(study: Study, number: int) -> Trial:
 def create_study(spec: StudySpec, who: MemberDep, services: ServicesDep, session: SessionDep) -> StudyPublic:
     with services.lock:
         study = studies.create_study(session, services.optuna, services.catalog, spec,
-                                     team_id=who.team_id, created_by=who.user, now=services.clock())
+                                     team_id=who.team_id, created_by=who.user, now=services.clock(),
+                                     policy=SpecPolicy.from_settings(services.settings))
     return studies.study_public(study)
 
 
 @router.post("/yaml", status_code=status.HTTP_201_CREATED, openapi_extra={
     "requestBody": {"required": True, "content": {"application/yaml": {"schema": {"type": "string"}}}}})
 async def create_study_from_yaml(request: Request, who: MemberDep, services: ServicesDep) -> StudyPublic:
-    """The same as ``POST /studies`` with the spec as YAML (or JSON) text, as the dashboard's form sends it."""
-    try:
-        data = yaml.safe_load((await request.body()).decode())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"not YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "the spec must be a mapping of fields")
-    try:
-        spec = StudySpec.model_validate(data)
-    except ValidationError as exc:
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+    """The same as ``POST /studies`` with the spec as YAML (or JSON) text, as the dashboard's form sends it.
+    No YAML aliases (``*name``), at most ``search.spec.MAX_SPEC_BYTES``."""
+    body = await request.body()
 
     def create() -> StudyPublic:
+        try:
+            data = parse_spec_text(body.decode())
+        except ValueError as exc:  # bad YAML, too large, aliases; UnicodeDecodeError is one too
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        if not isinstance(data, dict):
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "the spec must be a mapping of fields")
+        try:
+            spec = StudySpec.model_validate(data)
+        except ValidationError as exc:
+            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
         with services.sessions() as session:
             return create_study(spec, who, services, session)
 
@@ -75,8 +79,8 @@ async def create_study_from_yaml(request: Request, who: MemberDep, services: Ser
 
 
 @router.get("")
-def list_studies(who: MemberDep, session: SessionDep, status: QueryText = None, method: QueryText = None,
-                 model: QueryText = None, q: QueryText = None) -> list[StudyPublic]:
+def list_studies(who: MemberDep, session: SessionDep, status: str | None = None, method: str | None = None,
+                 model: str | None = None, q: str | None = None) -> list[StudyPublic]:
     """The team's study history; filter by status, method, a model path fragment, or free text."""
     found = studies.list_studies(session, who.team_id, status=status, method=method, model=model, text=q)
     counts = studies.state_counts(session, [s.id for s in found])
@@ -133,13 +137,7 @@ def get_hypervolume_history(study_id: StudyId, who: MemberDep, services: Service
     return services.derived.get_or_compute(key, lambda: studies.hypervolume_history(study))
 
 
-class YamlResponse(PlainTextResponse):
-    media_type = "application/yaml"
-
-
-@router.get("/{study_id}/trials/{number}/export", response_class=YamlResponse, responses={200: {
-    "description": "a YAML mapping: mergekit's config (`format=mergekit`) or our merge config (`format=spec`)",
-    "content": {"application/yaml": {"schema": {"type": "object"}}}}})
+@router.get("/{study_id}/trials/{number}/export")
 def export_trial(study_id: StudyId, number: TrialNumber, who: MemberDep, session: SessionDep,
                  format: Literal["spec", "mergekit"] = "mergekit") -> PlainTextResponse:
     """A trial as mergekit YAML (methods mergekit has; OBIM is written for mmmo) or as our merge config."""
@@ -148,8 +146,8 @@ def export_trial(study_id: StudyId, number: TrialNumber, who: MemberDep, session
         return PlainTextResponse(yaml.safe_dump(config.to_dict(), sort_keys=False), media_type="application/yaml")
     try:
         return PlainTextResponse(to_mergekit(config), media_type="application/yaml")
-    except MergeError as exc:  # this trial has no mergekit form: the format asked for is the problem
-        raise RequestValidationError([{"loc": ("query", "format"), "msg": str(exc), "type": "value_error"}]) from None
+    except MergeError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
 
 
 @router.post("/{study_id}/trials/{number}/materialize", status_code=status.HTTP_202_ACCEPTED)

@@ -111,3 +111,102 @@ def test_constraint_violations_follow_optunas_sign_and_decide_feasibility():
     assert not is_feasible(spec, values)
     assert is_feasible(spec, values | {"mmmo_add:exact_match": 0.2})
     assert is_feasible(StudySpec.model_validate(BASE), values)
+
+
+# Issue #15: bounded, finite specs; YAML without aliases.
+
+ALIAS_BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},"
+    f"*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)}]\n" for i in range(8))
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
+    from search.spec import parse_spec_text
+
+    assert len(ALIAS_BOMB) < 400  # 9**9 strings once expanded
+    with pytest.raises(ValueError, match="aliases"):
+        parse_spec_text(ALIAS_BOMB)
+    path = tmp_path / "bomb.yaml"
+    path.write_text(ALIAS_BOMB)
+    with pytest.raises(ValueError, match="aliases"):
+        load_spec(path)
+
+
+def test_spec_documents_are_bounded_in_size_and_depth(tmp_path):
+    from search.spec import MAX_SPEC_BYTES, parse_spec_text
+
+    with pytest.raises(ValueError, match="at most"):
+        parse_spec_text("#" * (MAX_SPEC_BYTES + 1))
+    path = tmp_path / "big.yaml"
+    path.write_text("name: x\n" + "#" * MAX_SPEC_BYTES)
+    with pytest.raises(ValueError, match="at most"):
+        load_spec(path)
+    with pytest.raises(ValueError, match="nested"):
+        parse_spec_text("[" * 5000 + "]" * 5000)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("place", [
+    lambda v: {"search_space": {"weight": {"low": v, "high": 1.0}}},
+    lambda v: {"search_space": {"weight": {"low": 0.0, "high": v}}},
+    lambda v: {"reference_point": {"mmmo_add:exact_match": v}},
+    lambda v: {"constraints": [{"objective": "mmmo_add:exact_match", "max": v}]},
+    lambda v: {"constraints": [{"objective": "mmmo_add:exact_match", "min": v}]},
+    lambda v: {"selection": {"policy": "weights", "weights": {"mmmo_add:exact_match": v}}},
+    lambda v: {"budget": {"seconds": v}},
+    lambda v: {"method_params": {"lambda": v}},
+    lambda v: {"search_space": {"method_choices": {"lambda": [1.0, v]}}},
+])
+def test_non_finite_numbers_are_refused_everywhere(place, bad):
+    with pytest.raises(ValidationError, match="finite|valid"):
+        StudySpec.model_validate(BASE | place(bad))
+
+
+def test_yaml_nan_and_infinity_are_refused():
+    from search.spec import parse_spec_text
+
+    for text in (".nan", ".inf", "-.inf"):
+        data = parse_spec_text(f"base: /b\nexperts: [{{name: a, path: /a}}]\nobjectives: [{{task: t}}]\n"
+                               f"reference_point: {{'t:exact_match': {text}}}\n")
+        with pytest.raises(ValidationError, match="finite"):
+            StudySpec.model_validate(data)
+
+
+@pytest.mark.parametrize("search_space", [
+    {},
+    {"density": None},
+    {"layer_groups": 2, "num_layers": 4},
+    {"layer_groups": 3, "num_layers": 32, "filters": ["self_attn", "mlp"]},
+    {"filters": ["mlp"], "method_choices": {"normalize": [True, False]}},
+])
+def test_dimensions_count_the_search_spaces_parameters(search_space):
+    spec = StudySpec.model_validate(BASE | {"search_space": search_space})
+    assert spec.dimensions() == len(SearchSpace(spec).distributions())
+
+
+def test_search_space_size_and_layer_count_are_bounded():
+    from search.spec import MAX_DIMENSIONS, MAX_LAYERS
+
+    with pytest.raises(ValidationError) as info:
+        StudySpec.model_validate(BASE | {"search_space": {"num_layers": 10_000, "layer_groups": 1}})
+    assert ("search_space", "num_layers") in _locs(info.value)
+    # 2 experts x 2 parameters x (1024 layers + rest) x 1: over the bound, whatever the base
+    with pytest.raises(ValidationError, match=f"more than the {MAX_DIMENSIONS}"):
+        StudySpec.model_validate(BASE | {"search_space": {"num_layers": MAX_LAYERS, "layer_groups": 1}})
+    with pytest.raises(ValidationError, match=f"more than the {MAX_DIMENSIONS}"):
+        StudySpec.model_validate(BASE | {"search_space": {"num_layers": 200, "layer_groups": 1,
+                                                          "filters": ["q", "k", "v"]}})
+    ok = StudySpec.model_validate(BASE | {"search_space": {"num_layers": 80, "layer_groups": 1}})
+    assert ok.dimensions() == 2 * 2 * 81 <= MAX_DIMENSIONS
+    with pytest.raises(ValidationError):
+        StudySpec.model_validate(BASE | {"experts": [{"name": f"e{i}", "path": "/a"} for i in range(33)]})
+
+
+def test_paths_beyond_the_os_limits_are_a_validation_error_not_an_os_error():
+    for path, message in (("/m/" + "x" * 300, "components may be at most 255 bytes"),
+                          ("/m" * 2100, "4096"), ("/m/a\x00b", "NUL")):
+        for place in ({"base": path}, {"experts": [{"name": "a", "path": path}]},
+                      {"experts": [{"name": "a", "path": "/a", "calibration": path}]},
+                      {"objectives": [{"kind": "perplexity", "data": path}]}, {"task_paths": [path]}):
+            with pytest.raises(ValidationError, match=message):
+                StudySpec.model_validate(BASE | place)
