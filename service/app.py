@@ -6,9 +6,10 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, status
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.leases import StaleLease
 from service.limits import BodySizeLimit, bounded_errors
@@ -24,8 +25,21 @@ async def _stale_lease(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_409_CONFLICT)
 
 
-async def _bad_result(_request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+def _unprocessable(message: str) -> RequestValidationError:
+    """A 422 in the one shape the schema gives every 422 (``HTTPValidationError``): a list of problems."""
+    return RequestValidationError([{"loc": ("body",), "msg": message, "type": "value_error"}])
+
+
+async def _bad_result(request: Request, exc: Exception) -> JSONResponse:
+    return await request_validation_exception_handler(request, _unprocessable(str(exc)))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """``HTTPException(422, "message")`` answers like a validation error; other statuses as FastAPI does."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == status.HTTP_422_UNPROCESSABLE_CONTENT and isinstance(exc.detail, str):
+        return await request_validation_exception_handler(request, _unprocessable(exc.detail))
+    return await http_exception_handler(request, exc)
 
 
 async def _request_invalid(request: Request, exc: Exception) -> JSONResponse:
@@ -53,6 +67,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                   description="Multi-objective search for LLM merges: studies, trials, leases, Pareto fronts.")
     app.state.services = services
     app.add_middleware(BodySizeLimit, max_bytes=services.settings.max_body_bytes)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(StaleLease, _stale_lease)
     app.add_exception_handler(BadResult, _bad_result)
     app.add_exception_handler(InvalidSpec, _invalid_spec)

@@ -8,17 +8,18 @@ trials, of every team. Studies of other teams are invisible: the routes answer 4
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, joinedload
 
-from service.db.models import ApiToken, Team, User, utcnow
+from service.db.models import ApiToken, Team, User, WebSession, utcnow
 
 TOKEN_PREFIX = "mmmo_"
 LOCAL_TEAM = "local"
@@ -138,14 +139,64 @@ def authenticate(session: Session, secret: str | None) -> Principal | None:
         return None
     row = session.scalar(select(ApiToken).options(joinedload(ApiToken.team), joinedload(ApiToken.user))
                          .where(ApiToken.digest == digest(secret)))
-    if row is None or row.revoked_at is not None:
-        return None
+    return None if row is None or row.revoked_at is not None else _principal(session, row)
+
+
+def _principal(session: Session, row: ApiToken) -> Principal:
     now = utcnow()
     if row.last_used_at is None or now - row.last_used_at > _TOUCH_EVERY:
         row.last_used_at = now
         session.commit()
     return Principal(token_id=row.id, team_id=row.team_id, team=row.team.name if row.team else None,
                      user=row.user.name if row.user else row.name)
+
+
+# Dashboard logins. The cookie holds a random session id (never the API token); the database keeps
+# its SHA-256. A page's CSRF token is derived from the id, so only a page of this site that was
+# served to the cookie's holder knows it, and it needs no storage of its own.
+
+def open_web_session(session: Session, principal: Principal, now: datetime, lifetime: timedelta) -> str:
+    """A new dashboard session for ``principal``'s token; returns the id for the cookie. (Expired
+    sessions, anyone's, are deleted here: logins are rare, and nothing else needs them.)"""
+    session.execute(delete(WebSession).where(WebSession.expires_at <= now))
+    secret = secrets.token_urlsafe(32)
+    session.add(WebSession(digest=digest(secret), token_id=principal.token_id, created_at=now,
+                           expires_at=now + lifetime))
+    session.commit()
+    return secret
+
+
+def _web_session(session: Session, secret: str | None) -> WebSession | None:
+    if not secret or len(secret) > 200:
+        return None
+    return session.scalar(select(WebSession).where(WebSession.digest == digest(secret)))
+
+
+def web_principal(session: Session, secret: str | None, now: datetime) -> Principal | None:
+    """The owner of a live dashboard session: not logged out, not expired, its token not revoked."""
+    row = _web_session(session, secret)
+    if row is None or row.revoked_at is not None or row.expires_at <= now:
+        return None
+    token = session.scalar(select(ApiToken).options(joinedload(ApiToken.team), joinedload(ApiToken.user))
+                           .where(ApiToken.id == row.token_id))
+    return None if token is None or token.revoked_at is not None else _principal(session, token)
+
+
+def close_web_session(session: Session, secret: str | None, now: datetime) -> None:
+    """Log out: the session's id opens nothing from now on."""
+    row = _web_session(session, secret)
+    if row is not None and row.revoked_at is None:
+        row.revoked_at = now
+        session.commit()
+
+
+def csrf_token(secret: str) -> str:
+    """The CSRF token of a dashboard session: a one-way function of its id (and not its digest)."""
+    return hashlib.sha256(f"mmmo-csrf:{secret}".encode()).hexdigest()
+
+
+def csrf_ok(secret: str, sent: str | None) -> bool:
+    return bool(sent) and hmac.compare_digest(csrf_token(secret).encode(), sent.encode())
 
 
 def ensure_local_token(session: Session, token_file: Path) -> tuple[str, bool]:

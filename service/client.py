@@ -29,8 +29,9 @@ def _message(response: httpx.Response) -> str:
         detail = response.json().get("detail", response.text)
     except ValueError:
         return response.text
-    if isinstance(detail, list):
-        return "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail)
+    if isinstance(detail, list):  # a 422's problems; a problem of the whole body has no field to name
+        named = (('.'.join(str(p) for p in d.get('loc', [])[1:]), d.get('msg')) for d in detail)
+        return "; ".join(f"{field}: {msg}" if field else str(msg) for field, msg in named)
     return str(detail)
 
 

@@ -2,10 +2,48 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator, model_validator
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# The database keeps naive UTC; the API's times say so (``...Z``), as the schema's ``date-time`` requires.
+UtcDatetime = Annotated[datetime, PlainSerializer(_utc, return_type=datetime, when_used="json")]
+
+
+# PostgreSQL's text cannot hold a NUL character: a name, message or filter with one is a 422, not a 500.
+NO_NUL = r"^[^\x00]*$"
+
+
+class ErrorMessage(BaseModel):  # an error other than a request's validation (a 422: HTTPValidationError)
+    detail: str
+
+
+_ERRORS = {
+    400: "the body cannot be read (e.g. JSON that is not UTF-8)",
+    401: "missing, invalid or revoked token (or ended dashboard session)",
+    403: "a worker-pool token outside leases; a dashboard request from another origin or without its "
+         "CSRF token",
+    404: "no such resource in the caller's team",
+    409: "the lease is no longer held (expired, re-leased, finished, its study stopped), or the job is "
+         "not done",
+    413: "request body too large",
+    415: "wrong content type",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses: JSON ``{"detail": message}`` (whatever the
+    operation's own content type), and for 422 FastAPI's ``HTTPValidationError``."""
+    message = {"application/json": {"schema": ErrorMessage.model_json_schema()}}
+    invalid = {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}}
+    return {code: {"description": "Validation Error", "content": invalid} if code == 422 else
+            {"description": _ERRORS[code], "content": message} for code in codes}
 
 
 class TrialPublic(BaseModel):
@@ -17,8 +55,8 @@ class TrialPublic(BaseModel):
     worker: str | None
     attempts: int
     cached: bool = False
-    started_at: datetime | None
-    finished_at: datetime | None
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
     duration_s: float | None
 
 
@@ -37,8 +75,8 @@ class StudyPublic(BaseModel):
     error: str | None = Field(default=None, description="why the study failed, when it cannot run at all")
     method: str
     budget: int
-    created_at: datetime
-    finished_at: datetime | None
+    created_at: UtcDatetime
+    finished_at: UtcDatetime | None
     created_by: str | None = None
     base: str
     experts: list[str]
@@ -67,7 +105,7 @@ class HypervolumePoint(BaseModel):
 class LeaseRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    worker: str = Field(min_length=1, max_length=200)
+    worker: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
 
 
 class LeasePublic(BaseModel):
@@ -81,8 +119,12 @@ class LeasePublic(BaseModel):
     merge_config: dict[str, Any]
     objectives: list[dict[str, Any]]
     task_paths: list[str] = Field(default_factory=list, description="lm-eval YAML directories of the study")
-    expires_at: datetime
+    expires_at: UtcDatetime
     lease_seconds: float
+
+
+class LeaseRenewal(BaseModel):
+    expires_at: UtcDatetime = Field(description="the lease's new expiry: heartbeat again before it")
 
 
 class JobPublic(BaseModel):
@@ -95,8 +137,8 @@ class JobPublic(BaseModel):
     size_bytes: int | None
     error: str | None
     created_by: str | None
-    created_at: datetime
-    finished_at: datetime | None
+    created_at: UtcDatetime
+    finished_at: UtcDatetime | None
     download: str | None = Field(description="where the finished model's tar archive is served")
 
 
@@ -107,26 +149,39 @@ class MaterializeRequest(BaseModel):
 
 
 class TrialResult(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [  # exactly one of values, error
+        {"required": ["values"], "properties": {"values": {"type": "object"}}},
+        {"required": ["error"], "properties": {"error": {"type": "string"}}}]})
 
     values: dict[str, float] | None = None
     error: str | None = Field(default=None, max_length=10_000)
     fatal: bool = Field(default=False, description="with an error: the study itself cannot run (e.g. its "
                         "checkpoints are incompatible); it fails with this reason and leases no more trials")
 
+    @field_validator("error")
+    @classmethod
+    def _storable(cls, error: str | None) -> str | None:  # a worker's message is kept, whatever it holds
+        return error.replace("\x00", "\ufffd") if error else error
+
+    @model_validator(mode="after")
+    def _one_outcome(self) -> TrialResult:
+        if (self.values is None) == (self.error is None):
+            raise ValueError("give exactly one of 'values' or 'error'")
+        return self
+
 
 class WorkerTask(BaseModel):
     kind: Literal["trial", "materialize"]
     study_id: int
     trial_number: int
-    since: datetime | None
-    lease_expires_at: datetime | None
+    since: UtcDatetime | None
+    lease_expires_at: UtcDatetime | None
 
 
 class WorkerPublic(BaseModel):
     name: str
     pool: bool = Field(description="a worker-pool worker (serves every team)")
     status: Literal["busy", "idle", "gone"]
-    first_seen_at: datetime
-    last_seen_at: datetime = Field(description="last lease request, heartbeat or result")
+    first_seen_at: UtcDatetime
+    last_seen_at: UtcDatetime = Field(description="last lease request, heartbeat or result")
     running: list[WorkerTask]

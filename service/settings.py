@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=2**20, gt=0, description="largest JSON request body")
     offline: bool = Field(default=False, description="no Hugging Face hub calls: models from paths or the local "
                           "hub cache only (`mmmo demo` and the tests always run offline)")
+    secure_cookies: bool = Field(default=False, description="the dashboard's cookies are marked Secure (sent over "
+                                 "HTTPS only): set it when clients reach the service through TLS")
 
     # `mmmo serve`
     host: str = Field(default="127.0.0.1", description="address `mmmo serve` binds")

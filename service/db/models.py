@@ -172,3 +172,19 @@ class WorkerSeen(Base):
     team_id: Mapped[int | None] = mapped_column(ForeignKey("mmmo_teams.id", ondelete="CASCADE"), nullable=True)
     first_seen_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class WebSession(Base):
+    """A dashboard login. The cookie holds a random id, this row its SHA-256 and the API token it was
+    opened with: logging out revokes the row, and revoking the token ends every session it opened."""
+
+    __tablename__ = "mmmo_web_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    token_id: Mapped[int] = mapped_column(ForeignKey("mmmo_tokens.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+    token: Mapped[ApiToken] = relationship()

@@ -64,7 +64,29 @@ async def _stream(services: Services, study_id: int, team_id: int, poll: float) 
             yield ": keep-alive\n\n"
 
 
-@router.get("/{study_id}/events")
+class EventStream(StreamingResponse):
+    media_type = "text/event-stream"
+
+
+def _event_schema(kind: str, data: dict) -> dict:
+    return {"type": "object", "required": ["event", "data"], "properties": {
+        "event": {"const": kind},
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data}}}
+
+
+# One event of the stream (OpenAPI before 3.2 has the schema of an event stream describe each event).
+EVENT_SCHEMA = {"type": "object", "oneOf": [
+    _event_schema("trial", {"$ref": "#/components/schemas/TrialPublic"}),
+    _event_schema("study", {"type": "object", "required": ["study", "status"],
+                            "properties": {"study": {"type": "integer"}, "status": {"type": "string"}}}),
+    _event_schema("deleted", {"type": "object", "required": ["study"], "properties": {"study": {"type": "integer"}}}),
+]}
+
+
+@router.get("/{study_id}/events", response_class=EventStream, responses={200: {
+    "description": "server-sent events: `trial` (a trial, as `GET .../trials/{number}` shows it) when a trial "
+                   "changes state, `study` (`{study, status}`) when the study does, `deleted`; the stream ends "
+                   "when the study stops running", "content": {"text/event-stream": {"schema": EVENT_SCHEMA}}}})
 async def study_events(study_id: StudyId, who: MemberDep, services: ServicesDep) -> StreamingResponse:
     """``trial`` events (a trial's state changed), ``study`` events (status); ends when the study does."""
     if await run_in_threadpool(_snapshot, services, study_id, who.team_id) is None:

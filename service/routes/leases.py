@@ -19,7 +19,7 @@ from service import dispatch, jobs, presence
 from service.auth import Principal
 from service.db.models import Job
 from service.deps import CallerDep, ServicesDep, SessionDep
-from service.schemas import JobPublic, LeasePublic, LeaseRequest, TrialPublic, TrialResult
+from service.schemas import JobPublic, LeasePublic, LeaseRenewal, LeaseRequest, TrialPublic, TrialResult
 from service.services import Services
 from service.studies import trial_public
 
@@ -43,12 +43,12 @@ def lease(body: LeaseRequest, who: CallerDep, services: ServicesDep, session: Se
     return leased or Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-def _heartbeat(token: str, who: Principal, services: Services, session) -> dict:
+def _heartbeat(token: str, who: Principal, services: Services, session) -> LeaseRenewal:
     with services.lock:
         held = dispatch.heartbeat(session, services.optuna, services.policy, token, who.token_id, services.clock())
     expires, name = held.lease_expires_at, held.worker
     presence.seen(session, name, who.token_id, who.team_id)
-    return {"expires_at": expires}
+    return LeaseRenewal(expires_at=expires)
 
 
 def _release(token: str, who: Principal, services: Services, session) -> TrialPublic | JobPublic:
@@ -108,7 +108,7 @@ async def _upload(token: str, request: Request, who: Principal, services: Servic
 # The header routes come before the deprecated path routes: "current" is not a lease token.
 
 @router.post("/current/heartbeat")
-def heartbeat(token: LeaseToken, who: CallerDep, services: ServicesDep, session: SessionDep) -> dict:
+def heartbeat(token: LeaseToken, who: CallerDep, services: ServicesDep, session: SessionDep) -> LeaseRenewal:
     """Extend the lease; 409 when it is no longer held (or not by this API token), or its study
     was cancelled: stop the work."""
     return _heartbeat(token, who, services, session)
@@ -134,7 +134,7 @@ async def upload_artifact(token: LeaseToken, request: Request, who: CallerDep, s
 
 
 @router.post("/{token}/heartbeat", deprecated=True, description=_DEPRECATED.format("POST /leases/current/heartbeat"))
-def heartbeat_by_path(token: str, who: CallerDep, services: ServicesDep, session: SessionDep) -> dict:
+def heartbeat_by_path(token: str, who: CallerDep, services: ServicesDep, session: SessionDep) -> LeaseRenewal:
     return _heartbeat(token, who, services, session)
 
 

@@ -14,7 +14,7 @@ from search.spec import StudySpec, parse_spec_text
 from service import jobs, studies
 from service.auth import Principal
 from service.db.models import Study, Trial
-from service.deps import MemberDep, ServicesDep, SessionDep, StudyId, TrialNumber
+from service.deps import MemberDep, QueryText, ServicesDep, SessionDep, StudyId, TrialNumber
 from service.schemas import (
     HypervolumePoint,
     JobPublic,
@@ -79,8 +79,8 @@ async def create_study_from_yaml(request: Request, who: MemberDep, services: Ser
 
 
 @router.get("")
-def list_studies(who: MemberDep, session: SessionDep, status: str | None = None, method: str | None = None,
-                 model: str | None = None, q: str | None = None) -> list[StudyPublic]:
+def list_studies(who: MemberDep, session: SessionDep, status: QueryText = None, method: QueryText = None,
+                 model: QueryText = None, q: QueryText = None) -> list[StudyPublic]:
     """The team's study history; filter by status, method, a model path fragment, or free text."""
     found = studies.list_studies(session, who.team_id, status=status, method=method, model=model, text=q)
     counts = studies.state_counts(session, [s.id for s in found])
@@ -137,7 +137,13 @@ def get_hypervolume_history(study_id: StudyId, who: MemberDep, services: Service
     return services.derived.get_or_compute(key, lambda: studies.hypervolume_history(study))
 
 
-@router.get("/{study_id}/trials/{number}/export")
+class YamlResponse(PlainTextResponse):
+    media_type = "application/yaml"
+
+
+@router.get("/{study_id}/trials/{number}/export", response_class=YamlResponse, responses={200: {
+    "description": "a YAML mapping: mergekit's config (`format=mergekit`) or our merge config (`format=spec`)",
+    "content": {"application/yaml": {"schema": {"type": "object"}}}}})
 def export_trial(study_id: StudyId, number: TrialNumber, who: MemberDep, session: SessionDep,
                  format: Literal["spec", "mergekit"] = "mergekit") -> PlainTextResponse:
     """A trial as mergekit YAML (methods mergekit has; OBIM is written for mmmo) or as our merge config."""
@@ -146,8 +152,8 @@ def export_trial(study_id: StudyId, number: TrialNumber, who: MemberDep, session
         return PlainTextResponse(yaml.safe_dump(config.to_dict(), sort_keys=False), media_type="application/yaml")
     try:
         return PlainTextResponse(to_mergekit(config), media_type="application/yaml")
-    except MergeError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    except MergeError as exc:  # this trial has no mergekit form: the format asked for is the problem
+        raise RequestValidationError([{"loc": ("query", "format"), "msg": str(exc), "type": "value_error"}]) from None
 
 
 @router.post("/{study_id}/trials/{number}/materialize", status_code=status.HTTP_202_ACCEPTED)

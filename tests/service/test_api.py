@@ -61,7 +61,7 @@ def test_lease_complete_and_stale_results(client, tiny_zoo):
     token = lease["token"]
 
     bad = client.post(f"/api/v1/leases/{token}/result", json={"values": {"nope": 1.0}})
-    assert bad.status_code == 422 and "keys" in bad.json()["detail"]
+    assert bad.status_code == 422 and "keys" in bad.json()["detail"][0]["msg"]
 
     assert client.post(f"/api/v1/leases/{token}/heartbeat").status_code == 200
     values = dict(zip(objective_keys(spec), [0.5, 0.25], strict=True))
@@ -266,7 +266,8 @@ def test_layer_groups_read_the_layer_count_from_the_base(client, tiny_zoo):
     groups = lease["merge_config"]["experts"][0]["group_params"]
     assert sorted(groups) == ["L0-1/mlp", "L0-1/other", "L2-3/mlp", "L2-3/other", "rest/mlp", "rest/other"]
     r = client.get(f"/api/v1/studies/{study['id']}/trials/{lease['trial_number']}/export")
-    assert r.status_code == 422 and "mergekit" in r.json()["detail"]
+    assert r.status_code == 422 and "mergekit" in r.json()["detail"][0]["msg"]
+    assert r.json()["detail"][0]["loc"] == ["query", "format"]
 
 
 def test_warm_start_seeds_evaluated_trials_outside_the_budget(client, settings, tiny_zoo):

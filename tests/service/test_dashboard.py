@@ -165,3 +165,93 @@ def test_a_study_that_cannot_run_shows_why(browser, server, tiny_zoo):
     shown.wait_for(state="visible")
     assert "model 'add': does not look fine-tuned" in shown.text_content()
     assert page.locator("#cancel").is_hidden()
+
+
+ATTACK_PAGE = """<!doctype html><html><body>
+<iframe name="sink"></iframe>
+<form id="forged" method="post" target="sink" action="{api}/api/v1/studies/{sid}/cancel"></form>
+<script>
+window.attack = (async () => {{
+  const send = (path, init) => fetch('{api}' + path,
+    {{method: 'POST', credentials: 'include', mode: 'no-cors', ...init}}).catch(() => null);
+  await send('/api/v1/studies/{sid}/cancel', {{}});
+  await send('/api/v1/studies/yaml', {{headers: {{'Content-Type': 'text/plain'}}, body: {spec}}});
+  await send('/api/v1/studies/{sid}/cancel', {{headers: {{'Content-Type': 'text/plain'}}, body: 'x'}});
+  await new Promise(done => {{
+    document.querySelector('iframe').onload = done;
+    document.getElementById('forged').submit();
+  }});
+  return 'sent';
+}})();
+</script></body></html>"""
+
+
+@pytest.fixture
+def other_origin():
+    """A page server on another port of 127.0.0.1: the same site as the API, another origin."""
+    import http.server
+    import threading
+
+    pages: dict[str, str] = {}
+
+    class Pages(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            body = pages.get(self.path, "").encode()
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Pages)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", pages
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=10)
+
+
+def test_a_page_of_another_origin_cannot_use_the_session_but_the_dashboard_can(browser, server, tiny_zoo,
+                                                                               other_origin):
+    """Issue #15: a page on another port of the same host (same site, so SameSite=Strict does not
+    help) posted to the API with the victim's cookie and cancelled and created studies."""
+    import json
+
+    running, client = server
+    study = client.create_study(zoo_spec(tiny_zoo, trials=4))
+    attacker, pages = other_origin
+    pages["/"] = ATTACK_PAGE.format(api=running.url, sid=study["id"],
+                                    spec=json.dumps(json.dumps(zoo_spec(tiny_zoo) | {"name": "forged"})))
+    context = browser.new_context()
+    page = context.new_page()
+    _log_in(page, running.url, running.token, f"/studies/{study['id']}")
+    session_id = next(c["value"] for c in context.cookies() if c["name"] == "mmmo_session")
+    assert running.token not in session_id
+
+    evil = context.new_page()
+    evil.goto(f"{attacker}/")
+    assert evil.evaluate("() => window.attack") == "sent"
+    assert client.study(study["id"])["status"] == "running", "another origin's page cancelled the study"
+    assert [s["name"] for s in client.list_studies()] == ["test study"], "another origin's page created a study"
+    evil.close()
+
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.locator("#cancel").wait_for(state="visible")
+    page.click("#cancel")
+    page.wait_for_function("() => document.getElementById('summary').textContent.startsWith('cancelled')")
+    assert client.study(study["id"])["status"] == "cancelled"
+
+    page.click("header .logout button")
+    page.wait_for_url(f"{running.url}/login")
+    replay = browser.new_context()
+    replay.add_cookies([{"name": "mmmo_session", "value": session_id, "url": running.url}])
+    again = replay.new_page()
+    again.goto(f"{running.url}/studies/{study['id']}")
+    assert "/login" in again.url, "the session ended at logout: its old cookie opens nothing"
+    assert again.request.get(f"{running.url}/api/v1/studies").status == 401
+    replay.close()
+    context.close()

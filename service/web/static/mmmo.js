@@ -3,13 +3,21 @@
 
 class ApiError extends Error {
   constructor(status, detail) {
-    super(typeof detail === 'string' ? detail : JSON.stringify(detail));
+    super(typeof detail === 'string' ? detail
+      : Array.isArray(detail) ? detail.map(d => d && d.msg !== undefined ? d.msg : JSON.stringify(d)).join('; ')
+      : JSON.stringify(detail));
     this.status = status; this.detail = detail;
   }
 }
 
+// The page's CSRF token (the server writes it into <meta name="mmmo-csrf">): the API refuses a
+// cookie-authenticated POST, PUT, PATCH or DELETE without it, and from any other origin.
+const csrfToken = () => document.querySelector('meta[name="mmmo-csrf"]')?.content || '';
+
 async function api(path, options = {}) {
-  const response = await fetch(path, {credentials: 'same-origin', ...options});
+  const headers = new Headers(options.headers || {});
+  if (!['GET', 'HEAD', 'OPTIONS'].includes((options.method || 'GET').toUpperCase())) headers.set('X-CSRF-Token', csrfToken());
+  const response = await fetch(path, {credentials: 'same-origin', ...options, headers});
   if (response.status === 401) {
     location.href = `/login?next=${encodeURIComponent(location.pathname)}`;
     throw new ApiError(401, 'logged out');
@@ -22,10 +30,12 @@ async function api(path, options = {}) {
 
 const esc = s => String(s ?? '').replace(/[&<>"']/g, c => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;'}[c]));
 const fmt = v => typeof v === 'number' ? (Number.isInteger(v) ? String(v) : v.toFixed(3)) : String(v ?? '');
-const when = iso => iso ? new Date(iso + (iso.endsWith('Z') ? '' : 'Z')).toLocaleString() : '';
+// The API's times carry their offset (UTC); one without is read as UTC too.
+const instant = iso => new Date(/(Z|[+-]\d\d:?\d\d)$/i.test(iso) ? iso : iso + 'Z');
+const when = iso => iso ? instant(iso).toLocaleString() : '';
 const ago = iso => {
   if (!iso) return '';
-  const s = Math.max(0, (Date.now() - new Date(iso + (iso.endsWith('Z') ? '' : 'Z'))) / 1000);
+  const s = Math.max(0, (Date.now() - instant(iso)) / 1000);
   return s < 60 ? `${s.toFixed(0)} s ago` : s < 3600 ? `${(s / 60).toFixed(0)} min ago` : `${(s / 3600).toFixed(1)} h ago`;
 };
 
@@ -34,5 +44,6 @@ function header(active) {
     .map(([href, label]) => `<a href="${href}" class="${active === href ? 'active' : ''}">${label}</a>`).join('');
   document.querySelector('header').innerHTML =
     `<a class="brand" href="/">mmmo</a><nav>${links}</nav>` +
-    `<form method="post" action="/logout" class="logout"><button type="submit">Log out</button></form>`;
+    `<form method="post" action="/logout" class="logout"><input type="hidden" name="csrf" value="${esc(csrfToken())}">` +
+    '<button type="submit">Log out</button></form>';
 }
