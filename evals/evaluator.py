@@ -25,9 +25,6 @@ from evals.taskdirs import BUNDLED_TASKS_DIR, install_guards
 from evals.texts import read_calibration_texts
 
 log = logging.getLogger(__name__)
-# Whatever loads tasks imports this module first: lm-eval runs `!function` modules from trusted
-# task directories only, and renders templates in a Jinja sandbox (see evals/taskdirs.py).
-install_guards()
 
 
 class EvaluationError(RuntimeError):
@@ -65,7 +62,12 @@ class Perplexity:
 
 def task_manager(include_paths: Sequence[Path] = (), defaults: bool = False) -> TaskManager:
     """Bundled tasks plus the caller's YAML dirs; lm-eval's ~14,700 built-in tasks (about 10 s to
-    index) only with ``defaults``, and then indexed once per process and set of directories."""
+    index) only with ``defaults``, and then indexed once per process and set of directories.
+
+    Every task mmmo loads comes through here, so this is where lm-eval is made to run ``!function``
+    modules from trusted task directories only and to render templates in a Jinja sandbox
+    (``evals/taskdirs.py``), before any task is indexed."""
+    install_guards()
     paths = (str(BUNDLED_TASKS_DIR), *map(str, include_paths))
     if defaults:
         return _with_defaults(paths)
