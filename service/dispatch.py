@@ -9,6 +9,7 @@ reported or released by the holder it was granted to (``leases.held``).
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from datetime import datetime
 
 from sqlalchemy import select
@@ -96,14 +97,23 @@ def next_work(session: Session, optuna: OptunaStudies, policy: LeasePolicy, work
 
 
 def heartbeat(session: Session, optuna: OptunaStudies, policy: LeasePolicy, token: str, holder: int | None,
-              now: datetime) -> Trial | Job:
+              now: datetime, *, lock: AbstractContextManager) -> Trial | Job:
     """Extend the lease. A trial of a study that stopped (cancelled, failed) fails here: its
-    worker should stop."""
+    worker should stop.
+
+    A renewal touches its own row only, so it needs no process ``lock``: an ask that holds that
+    lock for seconds must not let other workers' leases run out. Failing the trial tells Optuna,
+    which is done under ``lock`` like every other Optuna call.
+    """
     row = leases.held(session, token, holder)
     if isinstance(row, Trial) and row.lease_expires_at >= now and row.study.status != StudyStatus.RUNNING:
-        results.fail(session, optuna, row, f"study {row.study.status}", now)
-        session.commit()
-        raise StaleLease(f"the study was {row.study.status}: stop this trial")
+        session.rollback()  # no row lock held while waiting for the process lock
+        with lock:
+            row = leases.held(session, token, holder)
+            status = row.study.status
+            results.fail(session, optuna, row, f"study {status}", now)
+            session.commit()
+        raise StaleLease(f"the study was {status}: stop this trial")
     leases.renew(row, policy, now)
     session.commit()
     return row

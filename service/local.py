@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 from search.spec import StudySpec
@@ -48,7 +49,7 @@ class LocalLeaseSource:
 
     def heartbeat(self, token: str) -> None:
         s = self.services
-        self._call(dispatch.heartbeat, s.optuna, s.policy, token, None, s.clock())
+        self._call(dispatch.heartbeat, s.optuna, s.policy, token, None, s.clock(), lock=nullcontext())  # _call holds the lock
 
     def complete(self, token: str, values: dict[str, float]) -> None:
         self._call(dispatch.complete, self.services.optuna, token, None, values, self.services.clock())

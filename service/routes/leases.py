@@ -44,8 +44,9 @@ def lease(body: LeaseRequest, who: CallerDep, services: ServicesDep, session: Se
 
 
 def _heartbeat(token: str, who: Principal, services: Services, session) -> LeaseRenewal:
-    with services.lock:
-        held = dispatch.heartbeat(session, services.optuna, services.policy, token, who.token_id, services.clock())
+    # No process lock around a renewal: it must not wait behind a long ask (see dispatch.heartbeat).
+    held = dispatch.heartbeat(session, services.optuna, services.policy, token, who.token_id, services.clock(),
+                              lock=services.lock)
     expires, name = held.lease_expires_at, held.worker
     presence.seen(session, name, who.token_id, who.team_id)
     return LeaseRenewal(expires_at=expires)

@@ -251,3 +251,19 @@ def test_out_of_range_numbers_in_a_spec_are_422(client, tiny_zoo, field, value):
     r = client.post("/api/v1/studies", json=zoo_spec(tiny_zoo) | {field: value})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][:2] == ["body", field]
     assert client.get("/api/v1/studies").json() == []
+
+
+def test_a_heartbeat_does_not_wait_behind_a_long_ask(client, tiny_zoo):
+    """An ask holds the process lock while the sampler thinks (seconds on real searches); renewals
+    must still get through, or every other worker's lease runs out meanwhile."""
+    import threading
+
+    client.post("/api/v1/studies", json=zoo_spec(tiny_zoo, trials=2))
+    lease = client.post("/api/v1/leases", json={"worker": "w"}).json()
+    answers: list[int] = []
+    beat = threading.Thread(target=lambda: answers.append(
+        client.post("/api/v1/leases/current/heartbeat", headers={"X-Lease-Token": lease["token"]}).status_code))
+    with client.app.state.services.lock:  # as a long ask would
+        beat.start()
+        beat.join(timeout=60)
+        assert not beat.is_alive() and answers == [200]
