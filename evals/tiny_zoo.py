@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from evals.synthetic import DATA_DIR
 from evals.tokenizer import build_char_tokenizer
 from evals.zoo import ZOO_FORMAT, Zoo, build_staged
 
@@ -67,7 +66,7 @@ def _build_into(staging: Path, final: Path, seed: int) -> None:
                 p.copy_(b + EXPERT_RELATIVE_DELTA * rms * torch.randn(b.shape, generator=gen))
         _save(model, tok, staging / f"expert-{task}")
         experts.append({"name": task, "path": str(final / f"expert-{task}"), "tasks": [f"mmmo_{task}"],
-                        "calibration": str(DATA_DIR / task / "train.jsonl")})
+                        "calibration": f"{task}/train.jsonl"})
 
     meta = {"format": ZOO_FORMAT, "recipe": {"tiny": True, "seed": seed, "hidden_size": TINY_HIDDEN,
                                              "num_layers": TINY_LAYERS}, "base": str(final / "base"),

@@ -76,8 +76,15 @@ class Zoo:
             base=Path(meta["base"]),
             experts={e["name"]: Path(e["path"]) for e in meta["experts"]},
             expert_tasks={e["name"]: e["tasks"] for e in meta["experts"]},
-            calibration={e["name"]: Path(e["calibration"]) for e in meta["experts"]},
+            calibration={e["name"]: _bundled(e["calibration"]) for e in meta["experts"]},
         )
+
+
+def _bundled(recorded: str) -> Path:
+    """An expert's calibration texts: its task's bundled train split in this installation. The zoo
+    cache is shared by every checkout on a machine, so a path another checkout recorded is read as
+    ``TASK/train.jsonl`` under this one's data."""
+    return DATA_DIR / Path(recorded).parent.name / Path(recorded).name
 
 
 def _encode_examples(
@@ -209,7 +216,7 @@ def _build_into(staging: Path, final: Path, recipe: ZooRecipe, note: Callable[[s
         _train(base, [pools[i]], [1.0], recipe.expert_steps, _expert_lr(recipe), recipe, tok.pad_token_id, rng)
         _save(base, tok, staging / f"expert-{task}")
         experts.append({"name": task, "path": str(final / f"expert-{task}"), "tasks": [f"mmmo_{task}"],
-                        "calibration": str(DATA_DIR / task / "train.jsonl")})
+                        "calibration": f"{task}/train.jsonl"})
 
     meta = {"format": ZOO_FORMAT, "recipe": asdict(recipe), "base": str(final / "base"), "experts": experts}
     (staging / "zoo.json").write_text(json.dumps(meta, indent=2))
