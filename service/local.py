@@ -49,7 +49,8 @@ class LocalLeaseSource:
 
     def heartbeat(self, token: str) -> None:
         s = self.services
-        self._call(dispatch.heartbeat, s.optuna, s.policy, token, None, s.clock(), lock=nullcontext())  # _call holds the lock
+        # ``_call`` holds the process lock already.
+        self._call(dispatch.heartbeat, s.optuna, s.policy, token, None, s.clock(), lock=nullcontext())
 
     def complete(self, token: str, values: dict[str, float]) -> None:
         self._call(dispatch.complete, self.services.optuna, token, None, values, self.services.clock())

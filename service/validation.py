@@ -150,8 +150,8 @@ def _model_problems(spec: StudySpec, policy: SpecPolicy) -> list[SpecProblem]:
     for loc, path in models:
         kind = _model_ref(path, policy)
         if kind == "refused":
-            problems.append(SpecProblem(loc, f"'{path}' is not a model directory under the server's data roots, "
-                                             "nor a Hugging Face id (org/name)"))
+            problems.append(SpecProblem(loc, f"'{path}' is not a model directory under the server's data roots "
+                                             "(MMMO_DATA_ROOTS), nor a Hugging Face id (org/name)"))
             continue
         if kind == "unseen":
             readable = False
