@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from evals.objective import Objective
 from evals.texts import read_calibration_texts
+
+log = logging.getLogger(__name__)
 
 
 class TaskCatalog:
@@ -56,7 +59,11 @@ class TaskCatalog:
         try:
             task = self._task(objective.task, paths)
         except Exception as exc:  # a broken YAML or missing data file: report it, don't crash the server
-            return "task", f"task '{objective.task}' cannot be loaded: {exc}"
+            # The exception can quote the task's data (a template error names the value it met), and a
+            # task may point at any file it can: say what failed, not what it read.
+            log.warning("task '%s' cannot be loaded: %s", objective.task, exc)
+            return "task", (f"task '{objective.task}' cannot be loaded ({type(exc).__name__}; the server's log "
+                            "has the details)")
         metrics = [m["metric"] for m in task.config.metric_list or []]
         if objective.metric not in metrics:
             return "metric", f"task '{objective.task}' has no metric '{objective.metric}' (it has {metrics})"

@@ -154,8 +154,36 @@ def _packaged_builders() -> set[str]:
     return set(_PACKAGED_DATASETS_MODULES)
 
 
+def _metric_problems(config: object) -> list[str]:
+    """Metrics that are not lm-eval's own: an unknown name (or ``hf_evaluate``) makes lm-eval load
+    a Hugging Face ``evaluate`` metric, whose Python runs wherever the task loads."""
+    problems: list[str] = []
+    stack = [config]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+            for metric in item.get("metric_list") or [] if isinstance(item.get("metric_list"), list) else []:
+                name = metric.get("metric") if isinstance(metric, dict) else None
+                if not isinstance(name, str) or name not in registered_metrics() or "hf_evaluate" in metric:
+                    problems.append(f"metric {name!r} is not one of lm-eval's registered metrics "
+                                    f"({sorted(registered_metrics())}): others load Python")
+    return problems
+
+
+def registered_metrics() -> set[str]:
+    import lm_eval.api.metrics  # noqa: F401 - fills the registry
+    from lm_eval.api.registry import METRIC_REGISTRY
+
+    return set(METRIC_REGISTRY)
+
+
 def _local_data_problem(value: str, roots: Sequence[Path], relative_ok: bool) -> str | None:
     """Why a data file named by a task may not be read, or None."""
+    if "://" in value or "::" in value:
+        return "URLs are not accepted in the data files of an untrusted task"
     if _GLOB & set(value):
         return "wildcards are not accepted in the data files of an untrusted task; name the files"
     path = Path(value)
@@ -211,6 +239,9 @@ def _check_file(path: Path, roots: Sequence[Path] | None, trusted: Sequence[Path
     if roots is not None and not _within(real, roots):  # e.g. a link to a file elsewhere
         raise UnsafeTaskDir(f"task file '{path}' is not a file under the server's data roots", path)
     config = _load_checked(path)
+    problems = _metric_problems(config)
+    if problems:
+        raise UnsafeTaskDir(f"task file '{path}': {problems[0]}", path)
     if roots is not None:
         problems = _data_problems(config, roots)
         if problems:
@@ -221,7 +252,9 @@ def _check_file(path: Path, roots: Sequence[Path] | None, trusted: Sequence[Path
             raise UnsafeTaskDir(f"task file '{path}': 'include' must name files", path)
         target = Path(inc) if Path(inc).is_absolute() else path.parent / inc
         if is_trusted(target.parent, trusted):
-            continue  # a trusted file: its Python is the operator's
+            # Its Python would run with the settings of the file including it (dataset_kwargs, metadata).
+            raise UnsafeTaskDir(f"task file '{path}' includes '{inc}', a file of a trusted task directory: an "
+                                "untrusted task may not run trusted Python with its own settings", path)
         if roots is not None and not _within(target, roots):
             raise UnsafeTaskDir(f"task file '{path}' includes '{inc}', not a file under the server's data roots",
                                 path)
@@ -257,6 +290,17 @@ def _guarded_import(original):
     return import_func_in_yml
 
 
+def _registered_only(original):
+    def get_metric(name: str, hf_evaluate_metric: bool = False):
+        if hf_evaluate_metric or name not in registered_metrics():
+            raise UnsafeTaskDir(f"metric '{name}' is not one of lm-eval's registered metrics: Hugging Face "
+                                "evaluate metrics run Python, and mmmo loads none")
+        return original(name, hf_evaluate_metric)
+
+    get_metric.mmmo_guard = True
+    return get_metric
+
+
 def install_guards() -> None:
     """Make this process's lm-eval import ``!function`` modules from trusted directories only and
     render its templates in a Jinja sandbox. Idempotent; raises if lm-eval's internals moved (the
@@ -271,6 +315,12 @@ def install_guards() -> None:
         raise RuntimeError("lm-eval's task loader changed: mmmo's task-code guard cannot be installed")
     if not getattr(original, "mmmo_guard", False):
         _yaml_loader._import_func_in_yml = _guarded_import(original)
+    import lm_eval.api.task as task_module
+
+    if not hasattr(task_module, "get_metric"):
+        raise RuntimeError("lm-eval's metric lookup changed: mmmo's metric guard cannot be installed")
+    if not getattr(task_module.get_metric, "mmmo_guard", False):
+        task_module.get_metric = _registered_only(task_module.get_metric)
     if not isinstance(lm_eval.utils.env, ImmutableSandboxedEnvironment):
         env = ImmutableSandboxedEnvironment(loader=BaseLoader, undefined=StrictUndefined, keep_trailing_newline=True)
         env.filters["regex_replace"] = lm_eval.utils.regex_replace

@@ -183,8 +183,8 @@ def test_task_templates_cannot_reach_python(api, tiny_zoo, tmp_path):
             TrialRunner(cache_dir=tmp_path / "cache", trusted_task_paths=[]).run(
                 MergeConfig.from_dict(lease["merge_config"]), [Objective(**o) for o in lease["objectives"]],
                 tuple(lease["task_paths"]))
-    else:
-        assert "unsafe" in response.text, response.text
+    else:  # the sandbox refused it (its message stays in the server's log: it may quote data)
+        assert "SecurityError" in response.text, response.text
     assert not marker.exists(), "a template ran Python in a worker"
 
 
@@ -437,3 +437,60 @@ def test_an_expert_of_another_shape_or_architecture_is_a_422_naming_it(api, tiny
     problem = _only_problem(api.post("/api/v1/studies", json=spec))
     assert problem["loc"] == ["body", "experts", 1, "path"] and "model 'odd'" in problem["msg"], problem
     assert api.get("/api/v1/studies").json() == []
+
+
+def test_a_task_metric_outside_lm_evals_registry_is_refused_and_never_loads(api, tiny_zoo, tmp_path):
+    """An unknown metric name makes lm-eval import a Hugging Face `evaluate` module by that name:
+    a directory of the spec's own Python."""
+    marker = tmp_path / "marker"
+    metric = tmp_path / "tasks" / "m"
+    metric.mkdir(parents=True)
+    (metric / "m.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+    data = DATA_DIR / "add" / "test.jsonl"
+    yaml_text = (f"dataset_path: json\ndataset_kwargs: {{data_files: {{test: {data}}}}}\n"
+                 + TASK_YAML.format(name="evil_metric", doc_to_text="{{{{prompt}}}}")
+                 .replace("metric: exact_match", f"metric: {metric}"))
+    (tmp_path / "tasks" / "x.yaml").write_text(yaml_text)
+    response = api.post("/api/v1/studies", json=_task_spec(tiny_zoo, tmp_path / "tasks", "evil_metric"))
+    assert response.status_code == 422
+    assert "x.yaml" in response.text and "registered metrics" in response.text
+    assert not marker.exists(), "a task's metric ran Python in the server"
+
+
+def test_an_untrusted_task_may_not_include_a_trusted_one(api, tiny_zoo, tmp_path):
+    """A bundled task's Python would run with the including file's settings (here: read any directory)."""
+    from evals.taskdirs import BUNDLED_TASKS_DIR
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "x.yaml").write_text(f"include: {BUNDLED_TASKS_DIR / '_gen_template.yaml'}\ntask: sneaky\n"
+                                  f"dataset_kwargs: {{task_name: {tmp_path}}}\n")
+    response = api.post("/api/v1/studies", json=_task_spec(tiny_zoo, tasks, "sneaky"))
+    assert response.status_code == 422
+    assert "x.yaml" in response.text and "trusted task directory" in response.text
+
+
+def test_the_bundled_loader_reads_bundled_task_data_only():
+    from evals.tasks.utils import load
+
+    with pytest.raises(ValueError, match="no bundled task data"):
+        load("../../../../etc")
+    with pytest.raises(ValueError, match="no bundled task data"):
+        load("/tmp")
+
+
+def test_a_task_that_fails_to_load_is_named_without_quoting_what_it_read(tmp_path):
+    """lm-eval's errors quote the values they met (a template's missing key is the document's text)."""
+    from evals.catalog import TaskCatalog
+    from evals.objective import Objective
+
+    secret = "mmmo_SECRET_VALUE"
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"prompt": secret, "target": "x"}) + "\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "x.yaml").write_text(f"dataset_path: json\ndataset_kwargs: {{data_files: {{test: {data}}}}}\n"
+                                  + TASK_YAML.format(name="leaky", doc_to_text="{{{{ {{}}[prompt] }}}}"))
+    problem = TaskCatalog().problem(Objective(task="leaky"), [str(tasks)])
+    assert problem is not None and problem[0] == "task" and "leaky" in problem[1]
+    assert secret not in problem[1]
