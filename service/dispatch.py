@@ -60,7 +60,8 @@ def _next_trial(session: Session, optuna: OptunaStudies, policy: LeasePolicy, wo
             select(Trial).where(Trial.study_id == study.id, Trial.state == TrialState.QUEUED,
                                 Trial.waiting_on.is_(None))
             .order_by(Trial.id).limit(1).with_for_update(skip_locked=True)
-        ).first() or proposals.propose(session, optuna, study, now, orphan_grace_s=grace)
+        ).first() or proposals.propose(session, optuna, study, now, orphan_grace_s=grace,
+                                       twins_in_study_only=study_id is not None)
         if trial is not None:
             leases.grant(trial, worker, holder, policy, now)
             trial.started_at = study.last_leased_at = now
@@ -119,10 +120,14 @@ def heartbeat(session: Session, optuna: OptunaStudies, policy: LeasePolicy, toke
     return row
 
 
-def release(session: Session, token: str, holder: int | None) -> Trial | Job:
-    """The worker will not run this lease: queued again, the attempt not counted."""
+def release(session: Session, optuna: OptunaStudies, token: str, holder: int | None, now: datetime) -> Trial | Job:
+    """The worker will not run this lease: queued again, the attempt not counted; a trial of a
+    study that stopped meanwhile fails instead (nothing would ever lease it again)."""
     row = leases.held(session, token, holder)
-    leases.release(row)
+    if isinstance(row, Trial) and row.study.status != StudyStatus.RUNNING:
+        results.fail(session, optuna, row, f"study {row.study.status}", now)
+    else:
+        leases.release(row)
     session.commit()
     return row
 

@@ -59,7 +59,7 @@ class LocalLeaseSource:
         self._call(dispatch.fail, self.services.optuna, token, None, error, self.services.clock(), fatal=fatal)
 
     def release(self, token: str) -> None:
-        self._call(dispatch.release, token, None)
+        self._call(dispatch.release, self.services.optuna, token, None, self.services.clock())
 
     def upload(self, token: str, archive: Path) -> None:
         raise Refused("`mmmo study run` runs no materialise jobs")

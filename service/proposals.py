@@ -47,7 +47,7 @@ def ask_lock(session: Session, study_id: int) -> Iterator[bool]:
 
 
 def propose(session: Session, optuna: OptunaStudies, study: Study, now: datetime,
-            orphan_grace_s: float = 300.0) -> Trial | None:
+            orphan_grace_s: float = 300.0, twins_in_study_only: bool = False) -> Trial | None:
     """A new queued trial of ``study``, or None if its budget is spent (or another server is asking).
 
     A configuration the team already evaluated on the same objectives (in any of its studies) is
@@ -56,6 +56,8 @@ def propose(session: Session, optuna: OptunaStudies, study: Study, now: datetime
     that a pending trial of the team is evaluating now (its twin) waits for the twin's result
     (``results.complete`` answers it; if the twin fails it is queued to be evaluated), and the
     next proposal is asked for too. Both count against the budget like any proposal.
+    ``twins_in_study_only``: a worker that runs this study alone (``mmmo study run``) would
+    never lease a twin in another study, so only this study's trials are waited on.
     """
     if results.out_of_time(study, now):
         results.finish_study_if_done(session, optuna, study, now)
@@ -75,7 +77,8 @@ def propose(session: Session, optuna: OptunaStudies, study: Study, now: datetime
             values = results.cached_values(session, study.team_id, trial.config_hash, objectives)
             if values is not None:  # told before the row exists: no other server can lease it meanwhile
                 results.tell_cached(session, optuna, study, trial, values, now)
-            elif (twin := results.waiting_twin(session, study, trial.config_hash)) is not None:
+            elif (twin := results.waiting_twin(session, study, trial.config_hash,
+                                               in_study_only=twins_in_study_only)) is not None:
                 trial.waiting_on = twin.id  # in the row from the start: never leased
             session.add(trial)
             session.flush()

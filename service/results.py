@@ -88,16 +88,17 @@ def tell_cached(session: Session, optuna: OptunaStudies, study: Study, trial: Tr
     _answered(trial, values, now)
 
 
-def waiting_twin(session: Session, study: Study, config_hash: str) -> Trial | None:
-    """A pending trial of ``study``'s team evaluating ``config_hash`` on (at least) ``study``'s
-    objectives, in a running study: a new trial of that configuration waits for its result."""
+def waiting_twin(session: Session, study: Study, config_hash: str, *, in_study_only: bool = False) -> Trial | None:
+    """A pending trial of ``study``'s team (of ``study`` itself, with ``in_study_only``) evaluating
+    ``config_hash`` on (at least) ``study``'s objectives, in a running study: a new trial of that
+    configuration waits for its result."""
     wanted = {o.identity() for o in objectives_of(spec_of(study))}
-    candidates = session.scalars(
-        select(Trial).join(Study).where(Study.team_id == study.team_id, Study.status == StudyStatus.RUNNING,
-                                        Trial.config_hash == config_hash, Trial.state.in_(PENDING_TRIAL),
-                                        Trial.waiting_on.is_(None))
-        .order_by(Trial.id)
-    )
+    query = select(Trial).join(Study).where(Study.team_id == study.team_id, Study.status == StudyStatus.RUNNING,
+                                            Trial.config_hash == config_hash, Trial.state.in_(PENDING_TRIAL),
+                                            Trial.waiting_on.is_(None))
+    if in_study_only:
+        query = query.where(Trial.study_id == study.id)
+    candidates = session.scalars(query.order_by(Trial.id))
     for twin in candidates:
         if wanted <= {o.identity() for o in objectives_of(spec_of(twin.study))}:
             return twin

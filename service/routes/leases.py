@@ -54,7 +54,7 @@ def _heartbeat(token: str, who: Principal, services: Services, session) -> Lease
 
 def _release(token: str, who: Principal, services: Services, session) -> TrialPublic | JobPublic:
     with services.lock:
-        row = dispatch.release(session, token, who.token_id)
+        row = dispatch.release(session, services.optuna, token, who.token_id, services.clock())
     return jobs.public(row) if isinstance(row, Job) else trial_public(row)
 
 

@@ -214,7 +214,7 @@ def test_a_non_finite_result_is_422_and_leaves_the_trial_leased(client, settings
     assert ok.status_code == 200 and ok.json()["state"] == "complete"
 
 
-def test_migration_0004_keeps_a_cached_value_only_for_the_team_that_evaluated_it(database_url):
+def test_migration_0004_gives_no_team_a_cached_value_it_may_not_have_evaluated(database_url):
     upgrade(database_url, "0003")
     engine = sa.create_engine(database_url)
     with engine.begin() as conn:
@@ -242,5 +242,5 @@ def test_migration_0004_keeps_a_cached_value_only_for_the_team_that_evaluated_it
         workers = conn.execute(sa.text("SELECT count(*) FROM mmmo_workers")).scalar()
         holders = conn.execute(sa.text("SELECT lease_holder_id, waiting_on FROM mmmo_trials")).all()
     engine.dispose()
-    assert [tuple(r) for r in rows] == [(1, "x", "o", 0.5)]
+    assert rows == []  # none can be attributed safely: the cache is rebuilt as teams evaluate
     assert workers == 0 and set(holders) == {(None, None)}

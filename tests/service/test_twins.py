@@ -131,3 +131,34 @@ def test_waiting_trials_whose_twin_completed_without_them_are_answered_from_the_
     assert [(t["state"], t["cached"], t["values"]) for t in trials] == [
         ("complete", False, values), ("complete", True, values), ("complete", True, values)]
     assert client.get(f"/api/v1/studies/{study['id']}").json()["status"] == "done"
+
+
+def test_a_lease_released_after_its_study_was_cancelled_fails_instead_of_waiting_forever(client, tiny_zoo):
+    study = client.post("/api/v1/studies", json=zoo_spec(tiny_zoo, trials=2)).json()
+    lease = client.post("/api/v1/leases", json={"worker": "w"}).json()
+    client.post(f"/api/v1/studies/{study['id']}/cancel")
+    released = client.post("/api/v1/leases/current/release", headers={"X-Lease-Token": lease["token"]})
+    assert released.status_code == 200
+    assert released.json()["state"] == "failed" and released.json()["error"] == "study cancelled"
+
+
+def test_study_run_never_waits_on_a_twin_in_another_study(settings, tiny_zoo, tmp_path):
+    """`mmmo study run` leases its own study only: a twin elsewhere would never be evaluated."""
+    from search.spec import StudySpec
+    from service import dispatch, local
+    from service.runner import TrialRunner
+    from service.services import Services
+
+    spec = StudySpec.model_validate(zoo_spec(tiny_zoo, trials=2, samples=5))
+    services = Services.start(settings)
+    try:
+        other = local.create(services, spec)
+        with services.sessions() as session:  # a run of `other` that died holding its first trial
+            held = dispatch.next_work(session, services.optuna, services.policy, "dead", services.clock(),
+                                      holder=None, study_id=other)
+        assert held is not None
+        final = local.run(services, local.create(services, spec), TrialRunner(cache_dir=tmp_path / "cache"))
+    finally:
+        services.close()
+    assert final["status"] == "done"
+    assert all(t["state"] == "complete" for t in final["trials"])

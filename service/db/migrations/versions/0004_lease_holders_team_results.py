@@ -8,10 +8,11 @@ Create Date: 2026-12-02 00:10:00
   lease. Leases held while upgrading have none, so their workers' next call is refused (409)
   and the trial is leased again once the lease expires.
 - ``mmmo_trials.waiting_on``: a queued trial waiting on a pending twin of the same configuration.
-- ``mmmo_results.team_id``: a team sees only its own cached values. Existing values are kept
-  for the one team whose workers evaluated that configuration (a complete trial of one of its
-  studies that was not itself answered from the cache); a value no team or several teams
-  evaluated cannot be attributed and is dropped (it is only evaluated again when asked for).
+- ``mmmo_results.team_id``: a team sees only its own cached values. Existing values are
+  dropped: a value cannot be attributed to a team safely (the study that produced it may have
+  been deleted, and a configuration one team evaluated on one objective may have been evaluated
+  by another team on another), and the cache only saves work: a configuration asked for again
+  is evaluated again.
 - ``mmmo_workers`` is keyed by (token, name): the rows, a day of "last seen" times with no
   token, are dropped and refill as workers call.
 """
@@ -82,25 +83,9 @@ def upgrade() -> None:
     with op.batch_alter_table("mmmo_jobs") as batch:
         batch.add_column(sa.Column("lease_holder_id", sa.Integer(), nullable=True))
 
-    conn = op.get_bind()
-    evaluated: dict[str, set[int]] = {}
-    for config_hash, team_id in conn.execute(
-        sa.select(_trials.c.config_hash, _studies.c.team_id).distinct()
-        .select_from(_trials.join(_studies, _studies.c.id == _trials.c.study_id))
-        .where(_trials.c.state == "complete", _trials.c.cached == sa.false())
-    ):
-        evaluated.setdefault(config_hash, set()).add(team_id)
-    kept = []
-    for row in conn.execute(sa.select(_results.c.config_hash, _results.c.objective_hash, _results.c.value,
-                                      _results.c.created_at)).mappings():
-        teams = evaluated.get(row["config_hash"], set())
-        if len(teams) == 1:
-            kept.append({**row, "team_id": next(iter(teams))})
     op.drop_index("ix_mmmo_results_config_hash", table_name="mmmo_results")
     op.drop_table("mmmo_results")
     _create_results(team_scoped=True)
-    if kept:
-        op.bulk_insert(_results, kept)
 
     op.drop_table("mmmo_workers")
     _create_workers(by_token=True)
