@@ -182,6 +182,7 @@ def _all_checks() -> list:
     return CHECKS.get_all()
 
 
+@pytest.mark.slow  # about 20 s a database: `make test` runs it, `make test-fast` does not
 def test_openapi_schema_fuzzed_with_all_checks(settings, tiny_zoo):
     """Every check schemathesis has: no 5xx; statuses, content types, headers and bodies as the schema
     says; schema-valid input accepted, invalid refused; tokens enforced. First on real answers (a
