@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from evals.texts import within_roots
+
 BUNDLED_TASKS_DIR = Path(__file__).parent / "tasks"
 MAX_YAML_FILES = 1000  # YAML files under one task directory
 MAX_YAML_BYTES = 2**20  # one task YAML file
@@ -49,11 +51,6 @@ def _real(path: str | Path) -> Path:
     return Path(os.path.realpath(os.fspath(path)))
 
 
-def _within(path: Path, roots: Sequence[Path]) -> bool:
-    real = _real(path)
-    return any(real == r or real.is_relative_to(r) for r in map(_real, roots))
-
-
 def always_trusted() -> tuple[Path, ...]:
     """The bundled tasks and lm-eval's own (their YAML names their modules: ``!function utils.x``)."""
     import lm_eval.tasks
@@ -63,7 +60,7 @@ def always_trusted() -> tuple[Path, ...]:
 
 def is_trusted(path: str | Path, trusted: Sequence[Path] = ()) -> bool:
     """Whether Python named by task YAML under ``path`` may run: it lies in a trusted directory."""
-    return _within(Path(path), [*always_trusted(), *trusted])
+    return within_roots(Path(path), [*always_trusted(), *trusted])
 
 
 @contextmanager
@@ -190,7 +187,7 @@ def _local_data_problem(value: str, roots: Sequence[Path], relative_ok: bool) ->
     if ".." in path.parts:
         return "'..' is not accepted in the data files of an untrusted task"
     if path.is_absolute() or value.startswith("~"):
-        return None if _within(path.expanduser(), roots) else "not a file under the server's data roots"
+        return None if within_roots(path.expanduser(), roots) else "not a file under the server's data roots"
     return None if relative_ok else "relative data files are read from the server's working directory: give " \
                                     "an absolute path under the data roots"
 
@@ -212,7 +209,7 @@ def _data_problems(config: object, roots: Sequence[Path]) -> list[str]:
         if isinstance(dataset, str) and dataset not in builders:
             local = Path(dataset)
             if local.is_absolute() or dataset.startswith(("~", ".")) or ".." in local.parts or local.exists():
-                if ".." in local.parts or not _within(local.expanduser(), roots):
+                if ".." in local.parts or not within_roots(local.expanduser(), roots):
                     problems.append(f"dataset_path '{dataset}': not a directory under the server's data roots")
         kwargs = item.get("dataset_kwargs")
         if isinstance(kwargs, dict):
@@ -236,7 +233,7 @@ def _check_file(path: Path, roots: Sequence[Path] | None, trusted: Sequence[Path
     if real in seen:
         return
     seen.add(real)
-    if roots is not None and not _within(real, roots):  # e.g. a link to a file elsewhere
+    if roots is not None and not within_roots(real, roots):  # e.g. a link to a file elsewhere
         raise UnsafeTaskDir(f"task file '{path}' is not a file under the server's data roots", path)
     config = _load_checked(path)
     problems = _metric_problems(config)
@@ -255,7 +252,7 @@ def _check_file(path: Path, roots: Sequence[Path] | None, trusted: Sequence[Path
             # Its Python would run with the settings of the file including it (dataset_kwargs, metadata).
             raise UnsafeTaskDir(f"task file '{path}' includes '{inc}', a file of a trusted task directory: an "
                                 "untrusted task may not run trusted Python with its own settings", path)
-        if roots is not None and not _within(target, roots):
+        if roots is not None and not within_roots(target, roots):
             raise UnsafeTaskDir(f"task file '{path}' includes '{inc}', not a file under the server's data roots",
                                 path)
         _check_file(target, roots, trusted, seen)

@@ -15,7 +15,8 @@ MAX_FILE_BYTES = 2**30  # a calibration or perplexity file larger than this is r
 MAX_LINE_BYTES = 2**20  # one text (one line) longer than this is refused
 
 
-def _within(path: str | Path, roots: Sequence[Path]) -> bool:
+def within_roots(path: str | Path, roots: Sequence[str | Path]) -> bool:
+    """Whether ``path``, links followed, lies in (or is) one of ``roots`` (links followed too)."""
     real = Path(os.path.realpath(path))
     return any(real.is_relative_to(os.path.realpath(r)) for r in roots)
 
@@ -36,7 +37,7 @@ def _open_regular(path: Path, max_bytes: int, roots: Sequence[Path] | None = Non
     outside = ValueError(f"'{path}' is not a file under the server's data roots")
     if roots is not None:
         try:
-            if not _within(path, roots):
+            if not within_roots(path, roots):
                 raise outside
         except (OSError, ValueError):
             raise outside from None
@@ -47,7 +48,7 @@ def _open_regular(path: Path, max_bytes: int, roots: Sequence[Path] | None = Non
             raise outside from None
         raise
     try:
-        if roots is not None and not _within(_opened_path(fd, path), roots):
+        if roots is not None and not within_roots(_opened_path(fd, path), roots):
             raise outside
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from evals.catalog import TaskCatalog
 from evals.taskdirs import UnsafeTaskDir, always_trusted, check_task_dir, is_trusted, trusting
-from evals.texts import DEFAULT_LIMIT, TASK_PREFIX, calibration_texts, read_calibration_texts
+from evals.texts import DEFAULT_LIMIT, TASK_PREFIX, calibration_texts, read_calibration_texts, within_roots
 from merging.errors import IncompatibleCheckpoints, MergeError
 from search.spec import MAX_DIMENSIONS, MAX_LAYERS, StudySpec
 from service.settings import Settings
@@ -46,11 +44,6 @@ class SpecPolicy:
         return [*self.data_roots, *self.trusted_task_paths, *always_trusted()]
 
 
-def _within(path: Path, roots: Sequence[Path]) -> bool:
-    real = Path(os.path.realpath(path))
-    return any(real.is_relative_to(os.path.realpath(r)) for r in roots)
-
-
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 
 
@@ -62,7 +55,7 @@ def _model_ref(ref: str, policy: SpecPolicy) -> str:
     try:
         path = Path(ref)
         exists = path.exists()
-        if exists and _within(path, policy.data_roots) and path.is_dir():
+        if exists and within_roots(path, policy.data_roots) and path.is_dir():
             return "local"
         if _HUB_ID.match(ref) and ".." not in ref:
             return "unseen" if exists else "hub"
@@ -209,7 +202,7 @@ def _task_path_problem(path: str, policy: SpecPolicy) -> str | None:
         directory = Path(path)
         if is_trusted(directory, policy.trusted_task_paths):
             return None if directory.is_dir() else f"'{path}' is not a directory"
-        if not (_within(directory, policy.data_roots) and directory.is_dir()):
+        if not (within_roots(directory, policy.data_roots) and directory.is_dir()):
             return f"'{path}' is not a directory under the server's data roots"
         check_task_dir(directory, trusted=policy.trusted_task_paths, roots=policy.readable_roots())
     except UnsafeTaskDir as exc:
