@@ -20,11 +20,19 @@ from evals.evaluator import Evaluator
 from evals.objective import Objective
 from evals.taskdirs import check_task_dir, trusting
 from merging.config import MergeConfig
+from merging.errors import IncompatibleCheckpoints
 from merging.io import locate
 from merging.resident import Merger, expert_dirs
 from service.materialize import obim_stats
 
 log = logging.getLogger(__name__)
+
+
+class SetLoadError(Exception):
+    """A resident set (base, experts, live model, evaluator) could not be loaded on this worker.
+
+    The trial fails with this reason; the server fails the study after a few identical ones, as
+    every later trial of it would load the same doomed set."""
 
 
 @dataclass
@@ -64,6 +72,8 @@ class TrialRunner:
         self.loads = 0  # sets loaded so far (a reload after eviction counts again)
         self.last_timing: dict[str, float] = {}  # seconds of the last trial: load, merge, evaluate
         self.on_timing: Callable[[dict[str, float]], None] | None = None  # e.g. a benchmark's recorder
+        self.last_model: Any = None  # the live model of the last trial run (tests compare it with file merges)
+        self.placement_summary: str | None = None  # the memory plan of the last set loaded, for the workers page
 
     def _merger(self, config: MergeConfig) -> tuple[Path, Merger]:
         stats = obim_stats(config, self.cache_dir, str(self.device))
@@ -75,8 +85,6 @@ class TrialRunner:
         return base_dir, merger
 
     def _load(self, config: MergeConfig, objectives: list[Objective], task_paths: tuple[str, ...]) -> _Resident:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         key = (config.base, config.method == "obim", tuple(config.experts_identity()), tuple(objectives), task_paths)
         if key in self._sets:
             self._sets.move_to_end(key)
@@ -88,13 +96,12 @@ class TrialRunner:
         for path in task_paths:
             check_task_dir(path, trusted=self.trusted_task_paths)
         log.info("loading base %s and %d experts", config.base, len(config.experts))
-        with trusting(self.trusted_task_paths):
-            base_dir, merger = self._merger(config)
-            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(self.device).eval()
-            tokenizer = AutoTokenizer.from_pretrained(base_dir)
-            evaluator = Evaluator(model, tokenizer, objectives, batch_size=self.batch_size,
-                                  include_paths=[Path(p) for p in task_paths])
-        resident = _Resident(key, merger, model, evaluator)
+        try:
+            resident = self._load_set(key, config, objectives, task_paths)
+        except IncompatibleCheckpoints:
+            raise  # the study itself cannot run: it fails at once
+        except Exception as exc:
+            raise SetLoadError(f"loading the models failed: {type(exc).__name__}: {exc}") from exc
         self.loads += 1
         if self.max_resident_bytes is not None:
             while self._sets and sum(r.nbytes for r in self._sets.values()) + resident.nbytes > self.max_resident_bytes:
@@ -102,6 +109,18 @@ class TrialRunner:
                 log.info("evicting the resident models of %s", evicted.key[0])
         self._sets[key] = resident
         return resident
+
+    def _load_set(self, key: tuple, config: MergeConfig, objectives: list[Objective],
+                  task_paths: tuple[str, ...]) -> _Resident:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        with trusting(self.trusted_task_paths):
+            base_dir, merger = self._merger(config)
+            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(self.device).eval()
+            tokenizer = AutoTokenizer.from_pretrained(base_dir)
+            evaluator = Evaluator(model, tokenizer, objectives, batch_size=self.batch_size,
+                                  include_paths=[Path(p) for p in task_paths])
+        return _Resident(key, merger, model, evaluator)
 
     @property
     def resident_keys(self) -> list[tuple]:
@@ -116,6 +135,7 @@ class TrialRunner:
         check()
         t1 = time.perf_counter()
         resident.merger.apply(resident.model, config)
+        self.last_model = resident.model
         check()
         t2 = time.perf_counter()
         scores = resident.evaluator.score()
