@@ -121,7 +121,8 @@ def bench_resident(base: Path, experts: list[Path], methods: list[str], repeats:
     names = [f"e{i}" for i in range(len(experts))]
     merger = Merger.from_checkpoints(str(base), dict(zip(names, map(str, experts), strict=True)))
     live = {n: torch.empty_like(t) for n, t in merger.base.items()}
-    inputs = [merger.base] + [{n: d[i] for n, d in merger.deltas.items()} for i in range(len(experts))]
+    deltas = {n: merger.deltas_of(n) for n in merger.base}
+    inputs = [merger.base] + [{n: d[i] for n, d in deltas.items()} for i in range(len(experts))]
     t = time.perf_counter()
     for _ in range(repeats):
         for source in inputs:  # read base + K deltas, write as many: the bytes any merge must move

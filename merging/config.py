@@ -65,9 +65,13 @@ class MergeConfig:
     params: dict[str, Any] = field(default_factory=dict)
     seed: int = 0  # seeds DARE/DELLA's random masks, per tensor
     grouping: Grouping | None = None
+    dtype: str | None = None  # what the model is held and written in; None: the checkpoint's own
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["dtype"] is None:  # configs from before the option keep their fingerprints (results cache keys)
+            del data["dtype"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MergeConfig:
@@ -77,7 +81,8 @@ class MergeConfig:
             grouping = Grouping(grouping.get("layer_groups"), grouping.get("num_layers"),
                                 tuple(grouping.get("filters") or ()))
         return cls(method=data["method"], base=data["base"], experts=experts,
-                   params=dict(data.get("params", {})), seed=int(data.get("seed", 0)), grouping=grouping)
+                   params=dict(data.get("params", {})), seed=int(data.get("seed", 0)), grouping=grouping,
+                   dtype=data.get("dtype"))
 
     def experts_identity(self) -> list[tuple[str, str, str | None]]:
         """What determines the resident state (not the per-trial parameters)."""

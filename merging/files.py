@@ -114,6 +114,7 @@ def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise MergeError(f"output directory '{out_dir}' exists and is not empty")
+    dtype = dtype if dtype is not None else config.dtype
     out_dtype = parse_dtype(dtype)
     plan_params = MergePlan(config)
     names_k = plan_params.names

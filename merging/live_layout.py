@@ -11,7 +11,7 @@ grouping below follows ``transformers.core_model_loading.convert_and_load_state_
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -90,24 +90,20 @@ class LiveLayout:
         out = target.transform.convert(target.first_param, model=self.model, config=getattr(self.model, "config", None))
         return {name: value[0] if isinstance(value, list) else value for name, value in out.items()}
 
-    def write(self, source: Callable[[str], Tensor], *, on_tensor: Callable[[str, Tensor], None] | None = None) -> None:
-        """Write every target of the model from ``source(file_key)`` (called once per key, in
-        order), converted as ``from_pretrained`` converts; ``on_tensor`` sees each file tensor."""
+    def write(self, merged: Iterable[tuple[str, Tensor]]) -> None:
+        """Write every target of the model from ``merged``: (file key, tensor) in ``file_keys()``
+        order, converted as ``from_pretrained`` converts."""
         params = self.model.state_dict(keep_vars=True)
+        stream = iter(merged)
         with torch.no_grad():
             for target in self.targets.values():
                 tensors = {}
                 for _, key, _ in target.sources:
-                    tensors[key] = source(key)
-                    if on_tensor is not None:
-                        on_tensor(key, tensors[key])
+                    got, tensors[key] = next(stream)
+                    if got != key:
+                        raise MergeError(f"internal: tensor '{got}' came where '{key}' was expected")
                 for name, value in self.convert(target, tensors).items():
-                    live = params[name]
-                    if tuple(live.shape) != tuple(value.shape):
-                        raise MergeError(f"checkpoint tensor(s) {[k for _, k, _ in target.sources][:3]} give "
-                                         f"'{name}' the shape {tuple(value.shape)}; the live model has "
-                                         f"{tuple(live.shape)}")
-                    live.data.copy_(value)
+                    params[name].data.copy_(value)
 
     def check(self) -> None:
         """Every live parameter is written with its own shape by some target (or shares storage

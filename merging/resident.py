@@ -1,12 +1,18 @@
-"""The resident Merger: base and expert deltas held in memory, merged into a live model in place.
+"""The resident Merger: a base and K experts held per a memory plan, merged into a live model in place.
 
-This is what a worker uses for trials: no disk, no new model per trial. Deltas are computed
-once when the experts are loaded.
+This is what a worker uses for trials: no disk writes, no new model per trial. Tensors are held
+in the checkpoint's dtype (or the one asked for); each tensor's merge is computed in float32
+from ``expert - base``, exactly as the file path computes it, and cast back. Where the experts
+live is the set's memory plan (``merging.placement``): on the device, in host memory streamed
+to the device, or read from their files each trial. The merge runs per checkpoint tensor and
+lands in the live model through transformers' own conversions (``merging.live_layout``), so a
+trial's model equals the file merge of the same config loaded by ``from_pretrained``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import Tensor, nn
@@ -14,66 +20,203 @@ from torch import Tensor, nn
 from merging.checks import check_compatible
 from merging.config import MergeConfig
 from merging.errors import MergeError
-from merging.io import StateDictReader, load_state_dict
+from merging.io import CheckpointReader, StateDictReader, TensorReader
+from merging.live_layout import LiveLayout
+from merging.placement import PlanKind
 from merging.plan import MergePlan
 from merging.step import merge_tensor
 
 
-class Merger:
-    """Holds a base and K expert deltas; ``apply`` writes a merge into a model's parameters.
+def _reader(source: TensorReader | Mapping[str, Tensor]) -> TensorReader:
+    return StateDictReader(source) if isinstance(source, Mapping) else source
 
-    The experts are checked against the base first (``merging.checks``): same tensors and shapes,
-    and with ``check_ancestry`` (pass ``method != "linear"``) a base that is their ancestor.
+
+def _hold(t: Tensor, device: torch.device, dtype: torch.dtype | None) -> Tensor:
+    """``t`` on ``device``, cast to ``dtype`` if it is a float tensor (a no-op copy-wise when both match)."""
+    return t.to(device, dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
+
+def _nbytes(tensors: Iterable[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class _ExpertStore:
+    """Each expert's tensors, handed out on the merge's device one checkpoint tensor at a time."""
+
+    device_bytes = 0
+    host_bytes = 0
+
+    def stream(self, keys: Sequence[str]) -> Iterator[tuple[str, list[Tensor]]]:
+        raise NotImplementedError
+
+
+class _OnDevice(_ExpertStore):
+    def __init__(self, readers: Sequence[TensorReader], keys: Sequence[str], device: torch.device,
+                 dtype: torch.dtype | None) -> None:
+        self.tensors = {k: [_hold(r.get(k), device, dtype) for r in readers] for k in keys}
+        self.device_bytes = _nbytes(t for ts in self.tensors.values() for t in ts)
+
+    def stream(self, keys: Sequence[str]) -> Iterator[tuple[str, list[Tensor]]]:
+        for k in keys:
+            yield k, self.tensors[k]
+
+
+class _InHost(_ExpertStore):
+    """Host memory (pinned on CUDA); the copy of the next tensor runs on a side stream while this
+    one merges. On a CPU device the host is the device: nothing to copy."""
+
+    def __init__(self, readers: Sequence[TensorReader], keys: Sequence[str], device: torch.device,
+                 dtype: torch.dtype | None) -> None:
+        self.device = device
+        cpu = torch.device("cpu")
+        pin = device.type == "cuda"
+        self.tensors = {k: [(_hold(r.get(k), cpu, dtype).pin_memory() if pin else _hold(r.get(k), cpu, dtype))
+                            for r in readers] for k in keys}
+        nbytes = _nbytes(t for ts in self.tensors.values() for t in ts)
+        if pin:
+            self.host_bytes = nbytes
+        else:
+            self.device_bytes = nbytes
+
+    def stream(self, keys: Sequence[str]) -> Iterator[tuple[str, list[Tensor]]]:
+        if self.device.type != "cuda":
+            for k in keys:
+                yield k, self.tensors[k]
+            return
+        side = torch.cuda.Stream(self.device)
+
+        def issue(k: str) -> tuple[list[Tensor], torch.cuda.Event]:
+            with torch.cuda.stream(side):
+                moved = [t.to(self.device, non_blocking=True) for t in self.tensors[k]]
+                return moved, side.record_event()
+
+        ahead = issue(keys[0]) if keys else None
+        for i, k in enumerate(keys):
+            moved, ready = ahead
+            ahead = issue(keys[i + 1]) if i + 1 < len(keys) else None
+            now = torch.cuda.current_stream(self.device)
+            now.wait_event(ready)
+            for t in moved:
+                t.record_stream(now)  # allocated on the side stream, used on this one
+            yield k, moved
+
+
+class _FromFiles(_ExpertStore):
+    """Read from the experts' files each trial, the next tensor's read overlapping this one's merge."""
+
+    def __init__(self, readers: Sequence[TensorReader], device: torch.device, dtype: torch.dtype | None) -> None:
+        self.readers, self.device, self.dtype = list(readers), device, dtype
+
+    def _read(self, k: str) -> list[Tensor]:
+        return [_hold(r.get(k), self.device, self.dtype) for r in self.readers]
+
+    def stream(self, keys: Sequence[str]) -> Iterator[tuple[str, list[Tensor]]]:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-read") as pool:
+            ahead: Future | None = pool.submit(self._read, keys[0]) if keys else None
+            for i, k in enumerate(keys):
+                tensors = ahead.result()
+                ahead = pool.submit(self._read, keys[i + 1]) if i + 1 < len(keys) else None
+                yield k, tensors
+
+
+class Merger:
+    """Holds a base and K experts; ``apply`` writes a merge into a live model's parameters.
+
+    ``base`` and ``experts``: checkpoint readers (``merging.io``) or state dicts. The experts are
+    checked against the base first (``merging.checks``): same tensors and shapes, and with
+    ``check_ancestry`` (pass ``method != "linear"``) a base that is their ancestor. ``dtype``:
+    what the tensors are held in (None: each tensor's own). ``plan``: where the experts live.
     """
 
-    def __init__(self, base: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]],
-                 dtype: torch.dtype = torch.float32,
-                 stats: Mapping[str, Mapping[str, Tensor]] | None = None, device: str | torch.device = "cpu",
-                 *, check_ancestry: bool = True) -> None:
+    def __init__(self, base: TensorReader | Mapping[str, Tensor],
+                 experts: Mapping[str, TensorReader | Mapping[str, Tensor]], *,
+                 dtype: torch.dtype | None = None, stats: Mapping[str, Mapping[str, Tensor]] | None = None,
+                 device: str | torch.device = "cpu", plan: PlanKind | str = PlanKind.RESIDENT,
+                 check_ancestry: bool = True) -> None:
         if not experts:
             raise MergeError("a merge needs at least one expert")
-        check_compatible(StateDictReader(base), {e: StateDictReader(sd) for e, sd in experts.items()},
-                         ancestry=check_ancestry)
+        base_reader = _reader(base)
+        readers = {e: _reader(r) for e, r in experts.items()}
+        self.names = check_compatible(base_reader, readers, ancestry=check_ancestry)
         self.device = torch.device(device)
+        self.dtype = dtype
+        self.plan = PlanKind(plan)
         self.expert_names = list(experts)
-        self.base = {k: v.to(self.device, dtype) for k, v in base.items()}
-        # Per tensor, each expert's ``W_k - W_base``.
-        self.deltas = {name: [experts[e][name].to(self.device, dtype) - b for e in self.expert_names]
-                       for name, b in self.base.items()}
+        self.base = {n: _hold(base_reader.get(n), self.device, dtype) for n in self.names}
+        ordered = [readers[e] for e in self.expert_names]
+        if self.plan == PlanKind.RESIDENT:
+            self.store: _ExpertStore = _OnDevice(ordered, self.names, self.device, dtype)
+        elif self.plan == PlanKind.HOST:
+            self.store = _InHost(ordered, self.names, self.device, dtype)
+        else:
+            self.store = _FromFiles(ordered, self.device, dtype)
         self.stats = {name: {k: v.to(self.device) for k, v in (stats or {}).get(name, {}).items()}
                       for name in self.expert_names}
+        self._layouts: dict[int, LiveLayout] = {}
 
     @classmethod
-    def from_checkpoints(cls, base_dir: str, expert_dirs: Mapping[str, str],
-                         stats: Mapping[str, Mapping[str, Tensor]] | None = None,
-                         device: str | torch.device = "cpu", *, check_ancestry: bool = True) -> Merger:
-        return cls(load_state_dict(base_dir), {name: load_state_dict(p) for name, p in expert_dirs.items()},
-                   stats=stats, device=device, check_ancestry=check_ancestry)
+    def from_checkpoints(cls, base_dir: str, expert_dirs: Mapping[str, str], **kwargs) -> Merger:
+        return cls(CheckpointReader(base_dir), {name: CheckpointReader(p) for name, p in expert_dirs.items()},
+                   **kwargs)
 
-    def merged_tensors(self, config: MergeConfig):
-        """Yield (name, merged tensor) for every tensor of the base."""
+    @property
+    def device_bytes(self) -> int:
+        """What the base and the experts take on the merge's device (on CPU: in memory)."""
+        return _nbytes(self.base.values()) + self.store.device_bytes
+
+    @property
+    def host_bytes(self) -> int:
+        return self.store.host_bytes
+
+    def deltas_of(self, name: str) -> list[Tensor]:
+        """Each expert's ``W_k - W_base`` of tensor ``name``, in float32 (for tests and benchmarks)."""
+        (_, experts), = self.store.stream([name])
+        b32 = self.base[name].float()
+        return [e - b32 for e in experts]
+
+    def _merged(self, config: MergeConfig, keys: Sequence[str]) -> Iterator[tuple[str, Tensor]]:
         names = [e.name for e in config.experts]
         if names != self.expert_names:
             raise MergeError(f"merge config names experts {names}, the merger holds {self.expert_names}")
         plan = MergePlan(config)
-        for name, base in self.base.items():
-            yield name, merge_tensor(plan, name, base, self.deltas[name], [self.stats[e].get(name) for e in names])
+        for name, experts in self.store.stream(keys):
+            base = self.base[name]
+            b32 = base.float()
+            # Promotion makes each delta a new float32 tensor, exactly ``e.float() - b32``: the method may overwrite it.
+            deltas = [torch.sub(e, b32) if e.dtype == torch.float32 else e - b32 for e in experts]
+            merged = merge_tensor(plan, name, b32, deltas, [self.stats[e].get(name) for e in names], owned=True)
+            yield name, merged.to(self.dtype or base.dtype)
 
-    def apply(self, model: nn.Module, config: MergeConfig) -> None:
-        """Write the merge of ``config`` into ``model``'s parameters in place."""
-        targets = dict(model.state_dict(keep_vars=True))
-        missing = sorted(set(self.base) - set(targets))
-        if missing:
-            raise MergeError(f"the live model has no tensor(s) {missing[:5]}")
-        with torch.no_grad():
-            for name, merged in self.merged_tensors(config):
-                targets[name].data.copy_(merged)
+    def merged_tensors(self, config: MergeConfig) -> Iterator[tuple[str, Tensor]]:
+        """Yield (checkpoint tensor name, merged tensor) for every tensor of the base, in the
+        dtype the file path writes (the held dtype)."""
+        yield from self._merged(config, self.names)
 
-    def sparsity_l1(self, model: nn.Module) -> float:
-        """MM-MO's sparsity objective: ``sum |theta_merged - theta_base|`` over the merged tensors."""
-        state = model.state_dict()
-        with torch.no_grad():
-            return float(sum((state[n].to(b.dtype) - b).abs().sum() for n, b in self.base.items()))
+    def layout(self, model: nn.Module) -> LiveLayout:
+        """How this checkpoint loads into ``model``, checked once per model."""
+        layout = self._layouts.get(id(model))
+        if layout is None:
+            layout = LiveLayout(model, {n: tuple(t.shape) for n, t in self.base.items()})
+            layout.check()
+            self._layouts = {id(model): layout}  # one live model per set
+        return layout
+
+    def apply(self, model: nn.Module, config: MergeConfig) -> float:
+        """Write the merge of ``config`` into ``model``'s parameters in place. Returns MM-MO's
+        sparsity objective, ``sum |theta_merged - theta_base|`` over the merged tensors, measured
+        per tensor as it is written (no whole-model float32 copy)."""
+        layout = self.layout(model)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+
+        def measured() -> Iterator[tuple[str, Tensor]]:
+            nonlocal total
+            for name, merged in self._merged(config, layout.file_keys()):
+                if merged.is_floating_point():
+                    total += (merged.float() - self.base[name].float()).abs().sum(dtype=torch.float64)
+                yield name, merged
+
+        layout.write(measured())
+        return float(total)
 
 
 def expert_dirs(config: MergeConfig) -> dict[str, str]:

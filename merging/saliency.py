@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from merging.io import locate, weight_files
 
-HOOK_VERSION = 1  # bump when what the hooks accumulate changes: old caches are then ignored
+HOOK_VERSION = 2  # bump when what the hooks accumulate changes: old caches are then ignored
 
 
 def collect_input_energy(model: nn.Module, batches: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -84,7 +84,8 @@ def calibration_stats(model_dir: Path, texts: Sequence[str], cache_dir: Path | N
         return load_file(str(path))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    # In the checkpoint's own dtype: the hooks accumulate in float32, no float32 copy of the model is needed.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -93,13 +94,25 @@ def calibration_stats(model_dir: Path, texts: Sequence[str], cache_dir: Path | N
         enc = tok(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
                   max_length=max_length)
         batches.append({k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")})
-    stats = collect_input_energy(model, batches)
+    stats = _by_file_name(model, model_dir, collect_input_energy(model, batches))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in stats.items()}, str(tmp))
         tmp.replace(path)
     return stats
+
+
+def _by_file_name(model: nn.Module, model_dir: Path, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Statistics keyed by the checkpoint's tensor names, which merges use, where transformers
+    renamed a weight on load (e.g. GPT-NeoX's output head). Fused weights have no nn.Linear: none."""
+    from merging.io import CheckpointReader
+    from merging.live_layout import LiveLayout
+
+    reader = CheckpointReader(model_dir)
+    layout = LiveLayout(model, {k: reader.shape(k) for k in reader.keys()})
+    live_to_file = {t.sources[0][0]: t.sources[0][1] for t in layout.targets.values() if t.is_plain}
+    return {live_to_file.get(name, name): value for name, value in stats.items()}
 
 
 def stats_for(config_experts, cache_dir: Path | None, device: str = "cpu", *,

@@ -7,6 +7,7 @@ same (base, experts, objectives); nothing is written to disk per trial.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -21,7 +22,9 @@ from evals.objective import Objective
 from evals.taskdirs import check_task_dir, trusting
 from merging.config import MergeConfig
 from merging.errors import IncompatibleCheckpoints
-from merging.io import locate
+from merging.files import parse_dtype
+from merging.io import CheckpointReader, locate
+from merging.placement import PLAN_CHOICES, Placement, SetSize, available_host_bytes, choose, device_budget
 from merging.resident import Merger, expert_dirs
 from service.materialize import obim_stats
 
@@ -42,11 +45,13 @@ class _Resident:
     model: Any
     evaluator: Evaluator
 
+    placement: Placement
+
     @property
     def nbytes(self) -> int:
-        tensors = [*self.merger.base.values(), *(d for ds in self.merger.deltas.values() for d in ds),
-                   *self.model.parameters()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """What the set holds: base, experts (on the device or in host memory) and the live model."""
+        model = sum(t.numel() * t.element_size() for t in self.model.parameters())
+        return self.merger.device_bytes + self.merger.host_bytes + model
 
 
 class TrialRunner:
@@ -58,7 +63,8 @@ class TrialRunner:
     """
 
     def __init__(self, device: str = "cpu", batch_size: int | str = 64, cache_dir: Path | None = None,
-                 max_resident_bytes: int | None = None, trusted_task_paths: list[Path] | None = None) -> None:
+                 max_resident_bytes: int | None = None, trusted_task_paths: list[Path] | None = None, *,
+                 memory_plan: str = "auto", dtype: str | None = None) -> None:
         if trusted_task_paths is None:  # the worker's own settings: it cannot trust that the server checked
             from service.settings import Settings
 
@@ -68,24 +74,25 @@ class TrialRunner:
         self.batch_size = batch_size
         self.cache_dir = cache_dir
         self.max_resident_bytes = max_resident_bytes
+        if memory_plan not in PLAN_CHOICES:
+            raise ValueError(f"unknown memory plan '{memory_plan}'; known: {list(PLAN_CHOICES)}")
+        self.memory_plan = memory_plan
+        self.dtype = dtype  # held and merged-into dtype when the spec names none; None: the checkpoint's
         self._sets: OrderedDict[tuple, _Resident] = OrderedDict()
         self.loads = 0  # sets loaded so far (a reload after eviction counts again)
         self.last_timing: dict[str, float] = {}  # seconds of the last trial: load, merge, evaluate
         self.on_timing: Callable[[dict[str, float]], None] | None = None  # e.g. a benchmark's recorder
         self.last_model: Any = None  # the live model of the last trial run (tests compare it with file merges)
-        self.placement_summary: str | None = None  # the memory plan of the last set loaded, for the workers page
+        self.placement: Placement | None = None  # the memory plan of the last set loaded
 
-    def _merger(self, config: MergeConfig) -> tuple[Path, Merger]:
-        stats = obim_stats(config, self.cache_dir, str(self.device))
-        base_dir = locate(config.base)  # a clear error naming the model if this worker cannot find it
-        experts = {name: str(locate(path)) for name, path in expert_dirs(config).items()}
-        # IncompatibleCheckpoints from here fails the whole study: every worker would see the same.
-        merger = Merger.from_checkpoints(str(base_dir), experts, stats=stats, device=self.device,
-                                         check_ancestry=config.method != "linear")
-        return base_dir, merger
+    @property
+    def placement_summary(self) -> str | None:
+        """The memory plan of the last set loaded, in one line (the workers page shows it)."""
+        return self.placement.summary() if self.placement else None
 
     def _load(self, config: MergeConfig, objectives: list[Objective], task_paths: tuple[str, ...]) -> _Resident:
-        key = (config.base, config.method == "obim", tuple(config.experts_identity()), tuple(objectives), task_paths)
+        key = (config.base, config.method == "obim", tuple(config.experts_identity()), tuple(objectives), task_paths,
+               config.dtype)
         if key in self._sets:
             self._sets.move_to_end(key)
             return self._sets[key]
@@ -95,7 +102,6 @@ class TrialRunner:
         # (its files may have changed since): refused up front, and lm-eval's own guard backs it up.
         for path in task_paths:
             check_task_dir(path, trusted=self.trusted_task_paths)
-        log.info("loading base %s and %d experts", config.base, len(config.experts))
         try:
             resident = self._load_set(key, config, objectives, task_paths)
         except IncompatibleCheckpoints:
@@ -103,10 +109,6 @@ class TrialRunner:
         except Exception as exc:
             raise SetLoadError(f"loading the models failed: {type(exc).__name__}: {exc}") from exc
         self.loads += 1
-        if self.max_resident_bytes is not None:
-            while self._sets and sum(r.nbytes for r in self._sets.values()) + resident.nbytes > self.max_resident_bytes:
-                evicted = self._sets.popitem(last=False)[1]
-                log.info("evicting the resident models of %s", evicted.key[0])
         self._sets[key] = resident
         return resident
 
@@ -114,13 +116,46 @@ class TrialRunner:
                   task_paths: tuple[str, ...]) -> _Resident:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        dtype_name = config.dtype or self.dtype
+        dtype = parse_dtype(dtype_name)
+        base_dir = locate(config.base)  # a clear error naming the model if this worker cannot find it
+        base = CheckpointReader(base_dir)
+        experts = {name: CheckpointReader(locate(path)) for name, path in expert_dirs(config).items()}
+        placement = self._place(base, len(experts), dtype)
+        self._make_room(placement.device_bytes + placement.host_bytes)
+        log.info("loading base %s and %d experts: %s", config.base, len(experts), placement.summary())
         with trusting(self.trusted_task_paths):
-            base_dir, merger = self._merger(config)
-            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(self.device).eval()
+            stats = obim_stats(config, self.cache_dir, str(self.device))
+            # IncompatibleCheckpoints from here fails the whole study: every worker would see the same.
+            merger = Merger(base, experts, dtype=dtype, stats=stats, device=self.device, plan=placement.kind,
+                            check_ancestry=config.method != "linear")
+            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype or "auto").to(self.device).eval()
+            merger.layout(model)  # every parameter accounted for before the first trial
             tokenizer = AutoTokenizer.from_pretrained(base_dir)
             evaluator = Evaluator(model, tokenizer, objectives, batch_size=self.batch_size,
                                   include_paths=[Path(p) for p in task_paths])
-        return _Resident(key, merger, model, evaluator)
+        self.placement = placement
+        return _Resident(key, merger, model, evaluator, placement)
+
+    def _make_room(self, nbytes: int) -> None:
+        """Evict the least recently used sets until one of ``nbytes`` fits in ``max_resident_bytes``."""
+        if self.max_resident_bytes is None:
+            return
+        while self._sets and sum(r.nbytes for r in self._sets.values()) + nbytes > self.max_resident_bytes:
+            evicted = self._sets.popitem(last=False)[1]
+            log.info("evicting the resident models of %s", evicted.key[0])
+
+    def _place(self, base: CheckpointReader, experts: int, dtype: torch.dtype | None) -> Placement:
+        """The set's memory plan, within what this worker may use: ``max_resident_bytes`` and what is
+        free on the device, counting the sets resident now as free (they are evicted to make room)."""
+        size = SetSize(_model_bytes(base, dtype), experts)
+        held = sum(r.nbytes for r in self._sets.values())
+        free = device_budget(self.device, None)
+        budget = None if free is None else free + held
+        if self.max_resident_bytes is not None:
+            budget = self.max_resident_bytes if budget is None else min(budget, self.max_resident_bytes)
+        host = available_host_bytes() if self.device.type == "cuda" else None
+        return choose(size, self.device, budget=budget, host_budget=host, requested=self.memory_plan)
 
     @property
     def resident_keys(self) -> list[tuple]:
@@ -134,14 +169,24 @@ class TrialRunner:
         resident = self._load(config, objectives, tuple(task_paths))
         check()
         t1 = time.perf_counter()
-        resident.merger.apply(resident.model, config)
+        sparsity = resident.merger.apply(resident.model, config)
         self.last_model = resident.model
         check()
         t2 = time.perf_counter()
         scores = resident.evaluator.score()
         if any(o.kind == "sparsity" for o in objectives):
-            scores["sparsity"] = resident.merger.sparsity_l1(resident.model)
+            scores["sparsity"] = sparsity
         self.last_timing = {"load": t1 - t0, "merge": t2 - t1, "evaluate": time.perf_counter() - t2}
         if self.on_timing:
             self.on_timing(self.last_timing)
         return scores
+
+
+def _model_bytes(reader: CheckpointReader, dtype: torch.dtype | None) -> int:
+    """One copy of the checkpoint in ``dtype`` (None: as stored), from its headers alone."""
+    total = 0
+    for name in reader.keys():
+        stored = reader.dtype(name)
+        held = dtype if dtype is not None and stored.is_floating_point else stored
+        total += math.prod(reader.shape(name)) * held.itemsize
+    return total

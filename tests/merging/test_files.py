@@ -144,7 +144,7 @@ def test_ties_on_the_zoo_equals_the_mergekit_formulas(tiny_zoo):
     merger = Merger.from_checkpoints(str(tiny_zoo.base), {e: str(tiny_zoo.experts[e]) for e in names})
     p = config.experts[0].params
     for tensor, merged in merger.merged_tensors(config):
-        trimmed = [_ref_magnitude(d, p["density"]) for d in merger.deltas[tensor]]
+        trimmed = [_ref_magnitude(d, p["density"]) for d in merger.deltas_of(tensor)]
         ref = _ref_gta(merger.base[tensor], trimmed, [p["weight"]] * len(names), consensus=True, normalize=True,
                        lam=1.2)
         torch.testing.assert_close(merged, ref, rtol=1e-6, atol=1e-6, msg=tensor)

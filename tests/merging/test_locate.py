@@ -48,7 +48,7 @@ def test_hub_ids_resolve_from_the_cache_and_name_what_is_missing(hub_cache, tiny
 def test_a_worker_merges_and_scores_models_named_by_hub_id(hub_cache, tiny_zoo):
     from evals.objective import Objective
     from merging.config import ExpertRef, MergeConfig
-    from service.runner import TrialRunner
+    from service.runner import SetLoadError, TrialRunner
 
     _cache_repo(hub_cache, "acme/tiny-base", tiny_zoo.base)
     _cache_repo(hub_cache, "acme/tiny-add", tiny_zoo.experts["add"])
@@ -60,7 +60,7 @@ def test_a_worker_merges_and_scores_models_named_by_hub_id(hub_cache, tiny_zoo):
     by_id = TrialRunner().run(config("acme/tiny-base", "acme/tiny-add"), objectives)
     by_path = TrialRunner().run(config(str(tiny_zoo.base), str(tiny_zoo.experts["add"])), objectives)
     assert by_id == by_path
-    with pytest.raises(ModelNotFound, match="acme/not-here"):
+    with pytest.raises(SetLoadError, match="ModelNotFound: model 'acme/not-here'"):
         TrialRunner().run(config("acme/tiny-base", "acme/not-here"), objectives)
 
 
