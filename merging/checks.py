@@ -19,7 +19,9 @@ def check_compatible(base: TensorReader, experts: Mapping[str, TensorReader], *,
     (and, with ``ancestry``, looks fine-tuned from the base); otherwise an IncompatibleCheckpoints
     (a MergeError) naming the expert."""
     names = base.keys()
+    _check_dtypes("the base", base)
     for expert, reader in experts.items():
+        _check_dtypes(f"model '{expert}'", reader)
         missing = sorted(set(names) - set(reader.keys()))
         extra = sorted(set(reader.keys()) - set(names))
         if missing or extra:
@@ -32,6 +34,39 @@ def check_compatible(base: TensorReader, experts: Mapping[str, TensorReader], *,
     if ancestry:
         _check_ancestry(base, experts, names)
     return names
+
+
+def _check_dtypes(who: str, reader: TensorReader) -> None:
+    """Floating-point weights only, read from the headers: a quantized checkpoint (int8 or packed
+    int32 weights, fp8) has no deltas to merge."""
+    for n in reader.keys():
+        dtype = reader.dtype(n)  # an unknown dtype code (e.g. F8_E4M3) raises here, naming the tensor
+        if not dtype.is_floating_point and n.endswith("weight"):
+            raise IncompatibleCheckpoints(f"{who}: tensor '{n}' is {str(dtype).removeprefix('torch.')}: a quantized "
+                                          "checkpoint cannot be merged; use its unquantized weights")
+
+
+def check_loadable(model_dir: str | Path, reader: TensorReader | None = None) -> None:
+    """The checkpoint's tensors load into the model its config.json describes, by transformers'
+    own renames and fusions: every parameter written, with its shape. Builds the model on the
+    meta device and reads only headers."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from merging.live_layout import LiveLayout
+
+    model_dir = Path(model_dir)
+    reader = reader or CheckpointReader(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # an unknown architecture, a malformed config
+        raise IncompatibleCheckpoints(f"transformers cannot build a causal LM from its config.json: {exc}") from exc
+    try:
+        LiveLayout(model, {n: reader.shape(n) for n in reader.keys()}).check()
+    except MergeError as exc:
+        raise IncompatibleCheckpoints(str(exc)) from exc
 
 
 def _check_ancestry(base: TensorReader, experts: Mapping[str, TensorReader], names: list[str]) -> None:
@@ -52,17 +87,22 @@ def _check_ancestry(base: TensorReader, experts: Mapping[str, TensorReader], nam
 
 
 def check_dirs(base_dir: str | Path, expert_dirs: Mapping[str, str | Path], *, ancestry: bool,
-               download: bool = False) -> None:
+               download: bool = False, loadable: bool = False) -> None:
     """``check_compatible`` on checkpoints named by directory or hub id, reading only their headers
     and, with ``ancestry``, a few matrices: cheap enough for a submit-time check.
 
     A model that cannot be opened raises its error prefixed with ``base: `` or ``expert '<name>': ``
     (a model not found stays a :class:`merging.io.ModelNotFound`); hub ids are downloaded only
-    with ``download``.
+    with ``download``. ``loadable``: also ``check_loadable`` on the base (the experts match it).
     """
     base = _open("base", base_dir, download)
     experts = {name: _open(f"expert '{name}'", path, download) for name, path in expert_dirs.items()}
     check_compatible(base, experts, ancestry=ancestry)
+    if loadable:
+        try:
+            check_loadable(base.dir, base)
+        except IncompatibleCheckpoints as exc:
+            raise IncompatibleCheckpoints(f"base: {exc}") from exc
 
 
 def _open(role: str, ref: str | Path, download: bool) -> CheckpointReader:
@@ -72,4 +112,4 @@ def _open(role: str, ref: str | Path, download: bool) -> CheckpointReader:
         raise type(exc)(f"{role}: {exc}") from exc
 
 
-__all__ = ["ANCESTOR_MAX_RELATIVE_DELTA", "check_compatible", "check_dirs"]
+__all__ = ["ANCESTOR_MAX_RELATIVE_DELTA", "check_compatible", "check_dirs", "check_loadable"]

@@ -39,6 +39,10 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
         raise MergeError(f"unknown dtype '{name}'; known: {sorted(DTYPES)}") from None
 
 
+def _held(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
 def _model_card(config: MergeConfig, dtype: str | None) -> str:
     return ("---\nlibrary_name: transformers\ntags: [merge, mmmo]\n---\n"
             f"# Merged with mmmo ({config.method})\n\nBase: `{config.base}`\n\n"
@@ -114,6 +118,9 @@ def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise MergeError(f"output directory '{out_dir}' exists and is not empty")
+    # The config's dtype is what the inputs are held in, as a worker holds them (mergekit's `dtype`);
+    # ``dtype`` (mergekit's `out_dtype`) what is written, by default the held one.
+    held = parse_dtype(config.dtype)
     dtype = dtype if dtype is not None else config.dtype
     out_dtype = parse_dtype(dtype)
     plan_params = MergePlan(config)
@@ -127,14 +134,15 @@ def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        plan = [(n, out_dtype or base.dtype(n), base.shape(n)) for n in names]
+        plan = [(n, out_dtype or (held if held and base.dtype(n).is_floating_point else base.dtype(n)),
+                 base.shape(n)) for n in names]
         writer = _ShardWriter(staging, plan, max_shard_bytes)
         for i, name in enumerate(names):
-            b = base.get(name)
+            b = _held(base.get(name), held)
             target = out_dtype or b.dtype
             b32 = b.to(dev, torch.float32)
             # Each expert tensor becomes its delta in place: one buffer per expert, no temporaries.
-            deltas = [readers[e].get(name).to(dev, torch.float32).sub_(b32) for e in names_k]
+            deltas = [_held(readers[e].get(name), held).to(dev, torch.float32).sub_(b32) for e in names_k]
             tensor_stats = [stats.get(e, {}).get(name) for e in names_k]
             merged = merge_tensor(plan_params, name, b32, deltas, tensor_stats, owned=True)
             writer.add(name, merged.to(target).cpu())

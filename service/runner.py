@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,9 @@ from merging.io import CheckpointReader, locate
 from merging.placement import PLAN_CHOICES, Placement, SetSize, available_host_bytes, choose, device_budget
 from merging.resident import Merger, expert_dirs
 from service.materialize import obim_stats
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,13 @@ class TrialRunner:
     def placement_summary(self) -> str | None:
         """The memory plan of the last set loaded, in one line (the workers page shows it)."""
         return self.placement.summary() if self.placement else None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TrialRunner:
+        """A worker's runner as configured (``mmmo worker``, ``mmmo study run``)."""
+        return cls(device=settings.resolved_device(), batch_size=settings.batch_size, cache_dir=settings.cache_dir,
+                   max_resident_bytes=settings.max_memory, trusted_task_paths=settings.trusted_task_paths,
+                   memory_plan=settings.memory_plan, dtype=settings.dtype)
 
     def _load(self, config: MergeConfig, objectives: list[Objective], task_paths: tuple[str, ...]) -> _Resident:
         key = (config.base, config.method == "obim", tuple(config.experts_identity()), tuple(objectives), task_paths,

@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     batch_size: int | Literal["auto"] = Field(default=64, description="lm-eval batch size, or 'auto'")
     max_memory: int | None = Field(default=None, gt=0, description="keep several model sets resident up to "
                                    "this many bytes (`40GB` is read too); unset: only the last set used")
+    memory_plan: Literal["auto", "resident", "host", "files"] = Field(
+        default="auto", description="where a set's experts live: on the device (resident), in host memory streamed "
+        "to it (host), or read from their files each trial (files); auto: the fastest that fits the budget")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        default=None, description="what models are held and merged into when a spec names no dtype; unset: each "
+        "checkpoint's own")
     worker_name: str | None = Field(default=None, max_length=200, description="recorded with each trial "
                                     "(default: host name and pid)")
     prefetch: bool = Field(default=True, description="lease the next trial while the current one runs")

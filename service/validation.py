@@ -175,7 +175,8 @@ def _model_problems(spec: StudySpec, policy: SpecPolicy) -> list[SpecProblem]:
                                         f"({', '.join(base[1]) or 'no architectures'})"))
             continue
         try:
-            check_dirs(spec.base, {e.name: e.path}, ancestry=spec.method != "linear")
+            # The base's own layout once (with the first expert): the others are checked against the base.
+            check_dirs(spec.base, {e.name: e.path}, ancestry=spec.method != "linear", loadable=i == 0)
         except (IncompatibleCheckpoints, MergeError) as exc:
             problems.append(SpecProblem(("experts", i, "path"), str(exc)))
     return problems

@@ -61,3 +61,51 @@ def test_check_dirs_reads_headers_and_a_few_probe_tensors(models, monkeypatch):
         check_dirs(models["base"], {"tuned": models["tuned"], "wide": models["wide"]}, ancestry=True)
     with pytest.raises(ModelNotFound, match=r"expert 'gone': model '.*/gone': no such directory"):
         check_dirs(models["base"], {"gone": models["base"] + "/gone"}, ancestry=True)
+
+
+def test_a_quantized_or_unknown_dtype_tensor_is_refused_from_the_headers(models, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from merging.io.safetensors_stream import SafetensorsReader
+
+    quantized = tmp_path / "quantized"
+    shutil.copytree(models["tuned"], quantized)
+    state = load_file(str(quantized / "model.safetensors"))
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"].to(torch.int8)
+    save_file(state, str(quantized / "model.safetensors"))
+    with pytest.raises(MergeError, match=r"model 'q': tensor 'model.layers.0.mlp.up_proj.weight' is int8: a quantized"):
+        check_dirs(models["base"], {"q": quantized}, ancestry=True)
+    # fp8 has no torch dtype the reader maps: refused naming the tensor, from the header alone
+    reader = SafetensorsReader(quantized / "model.safetensors")
+    reader.entries["model.norm.weight"]["dtype"] = "F8_E4M3"
+    with pytest.raises(MergeError, match=r"tensor 'model.norm.weight' has unsupported dtype F8_E4M3"):
+        reader.dtype("model.norm.weight")
+
+
+def test_checkpoint_tensors_that_do_not_fit_the_config_are_refused_naming_the_tensor(models, tmp_path):
+    import json
+    import shutil
+
+    wrong = tmp_path / "wrong-config"
+    shutil.copytree(models["base"], wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    config["intermediate_size"] = 48  # the files' MLP matrices are 32 wide
+    (wrong / "config.json").write_text(json.dumps(config))
+    check_dirs(wrong, {"tuned": models["tuned"]}, ancestry=True)  # names and shapes agree with each other
+    with pytest.raises(MergeError, match=r"base: checkpoint tensor\(s\) \['model.layers.0.mlp.down_proj.weight'\] "
+                                         r"give 'model.layers.0.mlp.down_proj.weight' the shape \(16, 32\); the "
+                                         r"model's config makes it \(16, 48\)"):
+        check_dirs(wrong, {"tuned": models["tuned"]}, ancestry=True, loadable=True)
+    missing = tmp_path / "missing-tensor"
+    shutil.copytree(models["base"], missing)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(missing / "model.safetensors"))
+    del state["model.norm.weight"]
+    save_file(state, str(missing / "model.safetensors"))
+    with pytest.raises(MergeError, match=r"base: the checkpoint has no tensor\(s\) for the model's parameter\(s\) "
+                                         r"\['model.norm.weight'\]"):
+        check_dirs(missing, {}, ancestry=False, loadable=True)
+    check_dirs(models["base"], {"tuned": models["tuned"]}, ancestry=True, loadable=True)

@@ -49,3 +49,19 @@ def _spec(zoo, trials: int):
     from search.spec import StudySpec
 
     return StudySpec.model_validate(zoo_spec(zoo, trials=trials))
+
+
+def test_models_whose_tensors_do_not_fit_the_config_are_a_422_naming_the_tensor(client, tmp_path):
+    import json
+
+    zoo = build_tiny_zoo(tmp_path / "zoo")
+    for model in (zoo.base, *zoo.experts.values()):  # all alike, so only the config check can see it
+        config = json.loads((model / "config.json").read_text())
+        config["intermediate_size"] *= 2
+        (model / "config.json").write_text(json.dumps(config))
+    response = client.post("/api/v1/studies", json=zoo_spec(zoo))
+    assert response.status_code == 422
+    problem = response.json()["detail"][0]
+    assert "base: checkpoint tensor(s) ['model.layers.0.mlp.down_proj.weight']" in problem["msg"]
+    assert "the model's config makes it" in problem["msg"]
+    assert client.get("/api/v1/studies").json() == []
