@@ -20,6 +20,7 @@ import torch
 from evals.evaluator import Evaluator
 from evals.objective import Objective
 from evals.taskdirs import check_task_dir, trusting
+from merging.checks import check_compatible
 from merging.config import MergeConfig
 from merging.errors import IncompatibleCheckpoints
 from merging.files import parse_dtype
@@ -135,11 +136,14 @@ class TrialRunner:
         self._make_room(placement.device_bytes + placement.host_bytes)
         log.info("loading base %s and %d experts: %s", config.base, len(experts), placement.summary())
         with trusting(self.trusted_task_paths):
-            stats = obim_stats(config, self.cache_dir, str(self.device))
             # IncompatibleCheckpoints from here fails the whole study: every worker would see the same.
-            merger = Merger(base, experts, dtype=dtype, stats=stats, device=self.device, plan=placement.kind,
-                            check_ancestry=config.method != "linear")
+            check_compatible(base, experts, ancestry=config.method != "linear")
+            stats = obim_stats(config, self.cache_dir, str(self.device))
+            # The live model first: while transformers reads the files (memory-mapped, counted as resident)
+            # nothing else of the set is in memory yet, so the load's peak stays under the set's size.
             model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype or "auto").to(self.device).eval()
+            merger = Merger(base, experts, dtype=dtype, stats=stats, device=self.device, plan=placement.kind,
+                            check_ancestry=False)  # checked above
             merger.layout(model)  # every parameter accounted for before the first trial
             tokenizer = AutoTokenizer.from_pretrained(base_dir)
             evaluator = Evaluator(model, tokenizer, objectives, batch_size=self.batch_size,
