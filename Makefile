@@ -6,8 +6,13 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmmo-installed
+# mergekit 0.1.5 for the parity tests, in its own environment (it pins its own dependencies),
+# cached between runs; the tests find it here (or at MMMO_MERGEKIT_VENV) and skip, saying why,
+# when it could not be installed.
+MERGEKIT_VENV ?= $(HOME)/.cache/mmmo/mergekit-venv
+MERGEKIT_STAMP := $(MERGEKIT_VENV)/.mergekit-0.1.5
 
-.PHONY: demo test test-fast lint clean
+.PHONY: demo test test-fast lint clean mergekit
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +26,19 @@ $(STAMP): pyproject.toml | $(PY)
 demo: $(STAMP)
 	$(VENV)/bin/mmmo demo $(ARGS)
 
+$(MERGEKIT_STAMP):
+	python3 -m venv $(MERGEKIT_VENV)
+	$(MERGEKIT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MERGEKIT_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(MERGEKIT_VENV)/bin/python -m pip install -q "mergekit==0.1.5"
+	touch $(MERGEKIT_STAMP)
+
+mergekit: $(MERGEKIT_STAMP)
+
+# The parity tests skip (with the reason) if mergekit cannot be installed here: `-` goes on.
 test: $(STAMP)
-	$(VENV)/bin/pytest -ra $(PYTEST_ARGS)
+	-$(MAKE) --no-print-directory mergekit
+	MMMO_MERGEKIT_VENV=$(MERGEKIT_VENV) $(VENV)/bin/pytest -ra $(PYTEST_ARGS)
 
 # Skips the slow end-to-end tests (CI runs everything).
 test-fast: $(STAMP)
