@@ -278,14 +278,24 @@ def _run_local(args: argparse.Namespace, study_id: int | None) -> int:
                     raise ValueError(f"no study {study_id} in {settings.resolved_database_url()}")
         console.print(f"study {study_id} (database {settings.resolved_database_url()})")
         runner = TrialRunner(device=settings.resolved_device(), cache_dir=settings.cache_dir)
-        final = local.run(services, study_id, runner,
-                          on_trial=lambda n, done, v: console.print(f"trial {n} done ({done} finished)"
-                                                                    + ("" if v else ": failed")))
+
+        def on_trial(number: int, done: int, values: dict | None, error: str | None) -> None:
+            if values is not None:
+                console.print(f"trial {number} done ({done} finished)")
+            elif error is not None:  # the reason, where a script or a log collector sees it
+                print(f"mmmo: trial {number} failed: {error}", file=sys.stderr, flush=True)
+            else:
+                console.print(f"trial {number} abandoned: its lease was lost")
+
+        final = local.run(services, study_id, runner, on_trial=on_trial)
         with services.sessions() as session:
             console.print(pareto_table(pareto(get_study(session, study_id, None)).model_dump(mode="json")))
         console.print(f"study {study_id}: {final['status']}")
         if final["error"]:
             raise RuntimeError(f"study {study_id} failed: {final['error']}")
+        if not final["counts"].get("complete"):
+            failed = final["counts"].get("failed", 0)
+            raise RuntimeError(f"study {study_id}: no trial completed ({failed} failed; their reasons are above)")
     finally:
         services.close()
     return 0

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 
 from service.lease_source import Lease, LeaseLost, Refused, Transient
+from service.schemas import MAX_MEMORY_SUMMARY
 
 LEASE_TOKEN_HEADER = "X-Lease-Token"  # the lease routes read the lease token from it, not from the URL
 
@@ -134,11 +135,13 @@ class ApiClient:
         return self._call("PUT", "/api/v1/leases/current/artifact", content=chunks(),
                           headers={"Content-Type": "application/x-tar", LEASE_TOKEN_HEADER: token})
 
-    def lease(self, worker: str) -> dict[str, Any] | None:
-        return self._call("POST", "/api/v1/leases", json={"worker": worker})
+    def lease(self, worker: str, *, memory: str | None = None) -> dict[str, Any] | None:
+        body = {"worker": worker} | ({"memory": memory[:MAX_MEMORY_SUMMARY]} if memory else {})
+        return self._call("POST", "/api/v1/leases", json=body)
 
-    def heartbeat(self, token: str) -> dict[str, Any]:
-        return self._call("POST", "/api/v1/leases/current/heartbeat", headers={LEASE_TOKEN_HEADER: token})
+    def heartbeat(self, token: str, *, memory: str | None = None) -> dict[str, Any]:
+        body = {"memory": memory[:MAX_MEMORY_SUMMARY]} if memory else None
+        return self._call("POST", "/api/v1/leases/current/heartbeat", json=body, headers={LEASE_TOKEN_HEADER: token})
 
     def complete(self, token: str, values: dict[str, float]) -> dict[str, Any]:
         return self._call("POST", "/api/v1/leases/current/result", json={"values": values},
@@ -147,10 +150,12 @@ class ApiClient:
     def release(self, token: str) -> dict[str, Any]:
         return self._call("POST", "/api/v1/leases/current/release", headers={LEASE_TOKEN_HEADER: token})
 
-    def fail(self, token: str, error: str, *, fatal: bool = False) -> dict[str, Any]:
+    def fail(self, token: str, error: str, *, fatal: bool = False, load_failure: bool = False) -> dict[str, Any]:
         body: dict[str, Any] = {"error": error[:10_000]}
         if fatal:
             body["fatal"] = True
+        if load_failure:
+            body["load_failure"] = True
         return self._call("POST", "/api/v1/leases/current/result", json=body, headers={LEASE_TOKEN_HEADER: token})
 
 
@@ -169,18 +174,18 @@ class HttpLeaseSource:
                 raise Transient(str(exc)) from exc
             raise (LeaseLost if exc.status in (404, 409) else Refused)(str(exc)) from exc
 
-    def lease(self, worker: str) -> Lease | None:
-        data = self._call(self.client.lease, worker)
+    def lease(self, worker: str, *, memory: str | None = None) -> Lease | None:
+        data = self._call(self.client.lease, worker, memory=memory)
         return None if data is None else Lease.from_api(data)
 
-    def heartbeat(self, token: str) -> None:
-        self._call(self.client.heartbeat, token)
+    def heartbeat(self, token: str, *, memory: str | None = None) -> None:
+        self._call(self.client.heartbeat, token, memory=memory)
 
     def complete(self, token: str, values: dict[str, float]) -> None:
         self._call(self.client.complete, token, values)
 
-    def fail(self, token: str, error: str, *, fatal: bool = False) -> None:
-        self._call(self.client.fail, token, error, fatal=fatal)
+    def fail(self, token: str, error: str, *, fatal: bool = False, load_failure: bool = False) -> None:
+        self._call(self.client.fail, token, error, fatal=fatal, load_failure=load_failure)
 
     def release(self, token: str) -> None:
         self._call(self.client.release, token)

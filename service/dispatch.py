@@ -151,13 +151,15 @@ def complete(session: Session, optuna: OptunaStudies, token: str, holder: int | 
 
 
 def fail(session: Session, optuna: OptunaStudies, token: str, holder: int | None, error: str, now: datetime, *,
-         fatal: bool = False) -> Trial | Job:
+         fatal: bool = False, load_failure: bool = False) -> Trial | Job:
     """The work failed with ``error``. ``fatal``: the study itself cannot run (its checkpoints are
-    incompatible), so it fails once with that reason instead of trial after trial."""
+    incompatible), so it fails once with that reason instead of trial after trial.
+    ``load_failure``: the worker could not load the study's models; a few identical ones fail
+    the study (``results.fail``)."""
     row = leases.held(session, token, holder)
     if isinstance(row, Job):
         return jobs.fail(session, row, error, now)
-    results.fail(session, optuna, row, error, now)
+    results.fail(session, optuna, row, error, now, load_failure=load_failure)
     if fatal:
         results.fail_study(session, optuna, row.study, error, now)
     session.commit()

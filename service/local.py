@@ -41,13 +41,13 @@ class LocalLeaseSource:
             except results.BadResult as exc:
                 raise Refused(str(exc)) from exc
 
-    def lease(self, worker: str) -> Lease | None:
+    def lease(self, worker: str, *, memory: str | None = None) -> Lease | None:  # no workers page in process
         s = self.services
         leased = self._call(dispatch.next_work, s.optuna, s.policy, worker, s.clock(), holder=None,
                             study_id=self.study_id)
         return None if leased is None else Lease.from_api(leased.model_dump(mode="json"))
 
-    def heartbeat(self, token: str) -> None:
+    def heartbeat(self, token: str, *, memory: str | None = None) -> None:
         s = self.services
         # ``_call`` holds the process lock already.
         self._call(dispatch.heartbeat, s.optuna, s.policy, token, None, s.clock(), lock=nullcontext())
@@ -55,8 +55,9 @@ class LocalLeaseSource:
     def complete(self, token: str, values: dict[str, float]) -> None:
         self._call(dispatch.complete, self.services.optuna, token, None, values, self.services.clock())
 
-    def fail(self, token: str, error: str, *, fatal: bool = False) -> None:
-        self._call(dispatch.fail, self.services.optuna, token, None, error, self.services.clock(), fatal=fatal)
+    def fail(self, token: str, error: str, *, fatal: bool = False, load_failure: bool = False) -> None:
+        self._call(dispatch.fail, self.services.optuna, token, None, error, self.services.clock(), fatal=fatal,
+                   load_failure=load_failure)
 
     def release(self, token: str) -> None:
         self._call(dispatch.release, self.services.optuna, token, None, self.services.clock())
@@ -74,8 +75,12 @@ def create(services: Services, spec: StudySpec) -> int:
 
 
 def run(services: Services, study_id: int, runner: TrialRunner,
-        on_trial: Callable[[int, int, dict | None], None] | None = None) -> dict:
-    """Run the study's remaining trials; returns its final state as the API shows it."""
+        on_trial: Callable[[int, int, dict | None, str | None], None] | None = None) -> dict:
+    """Run the study's remaining trials; returns its final state as the API shows it.
+
+    ``on_trial(number, finished, values, error)`` after each trial is reported: ``finished``
+    trials of the study so far; ``values`` None when it failed (with ``error``, its reason) or
+    was abandoned (no error: its lease was lost)."""
     with services.sessions() as session, services.lock:
         # A previous run of ours died: its leases go back to the queue at once, and what it had
         # asked Optuna for but not yet recorded is failed there (nothing else runs this study).
@@ -88,7 +93,7 @@ def run(services: Services, study_id: int, runner: TrialRunner,
         with services.sessions() as session:
             study = studies.get_study(session, study_id, None)
             done = sum(t.state in FINISHED_TRIAL and t.origin == TrialOrigin.SAMPLER for t in study.trials)
-        on_trial(outcome.lease.trial_number, done, outcome.values)
+        on_trial(outcome.lease.trial_number, done, outcome.values, outcome.error)
 
     worker = Worker(LocalLeaseSource(services, study_id), runner, LOCAL_WORKER, prefetch=False, on_outcome=reported)
     worker.run(threading.Event(), until_idle=True)

@@ -20,23 +20,28 @@ SHOWN_FOR = timedelta(hours=24)  # workers unseen for longer drop off the page
 _WRITE_EVERY = timedelta(seconds=5)  # idle workers poll every second: record them at most this often
 
 
-def seen(session: Session, name: str, token_id: int, team_id: int | None) -> None:
+def seen(session: Session, name: str, token_id: int, team_id: int | None, *, memory: str | None = None) -> None:
     """Record a call from worker ``name`` with token ``token_id`` (of ``team_id``; None: the
-    worker pool's) (a lease or heartbeat); committed at once."""
+    worker pool's) (a lease or heartbeat); committed at once. ``memory``: the memory plan it
+    reports (None: it reported none, and the last one stays)."""
     now = utcnow()
     mine = select(WorkerSeen).where(WorkerSeen.token_id == token_id, WorkerSeen.name == name)
     row = session.scalar(mine)
     if row is None:
-        session.add(WorkerSeen(token_id=token_id, name=name, team_id=team_id, first_seen_at=now, last_seen_at=now))
+        session.add(WorkerSeen(token_id=token_id, name=name, team_id=team_id, first_seen_at=now, last_seen_at=now,
+                               memory=memory))
         try:
             session.commit()
             return
         except IntegrityError:  # another server recorded it first
             session.rollback()
             row = session.scalar(mine)
-    if now - row.last_seen_at < _WRITE_EVERY:
+    changed = memory is not None and memory != row.memory
+    if now - row.last_seen_at < _WRITE_EVERY and not changed:
         return
     row.last_seen_at = now
+    if changed:
+        row.memory = memory
     session.commit()
 
 
@@ -66,6 +71,6 @@ def listing(session: Session, team_id: int, lease_seconds: float) -> list[Worker
     for w in rows:
         running = tasks[(w.token_id, w.name)]
         out.append(WorkerPublic(name=w.name, pool=w.team_id is None, first_seen_at=w.first_seen_at,
-                                last_seen_at=w.last_seen_at, running=running,
+                                last_seen_at=w.last_seen_at, running=running, memory=w.memory,
                                 status="busy" if running else "idle" if now - w.last_seen_at < alive else "gone"))
     return sorted(out, key=lambda w: (w.status != "busy", w.status == "gone", -w.last_seen_at.timestamp()))

@@ -27,6 +27,8 @@ from service.db.models import Result, Study, Trial
 from service.specs import objectives_of, spec_of
 from service.states import FINISHED_TRIAL, PENDING_TRIAL, StudyStatus, TrialOrigin, TrialState
 
+MAX_IDENTICAL_LOAD_FAILURES = 3  # trials failed with one load error before their study fails with it
+
 
 class BadResult(ValueError):
     """A result that does not match the study's objectives."""
@@ -153,15 +155,32 @@ def complete(session: Session, optuna: OptunaStudies, trial: Trial, values: dict
     return trial
 
 
-def fail(session: Session, optuna: OptunaStudies, trial: Trial, error: str, now: datetime) -> Trial:
+def fail(session: Session, optuna: OptunaStudies, trial: Trial, error: str, now: datetime, *,
+         load_failure: bool = False) -> Trial:
     """The trial cannot be evaluated (bad merge, NaN score, cancelled study): no retry. Trials
-    waiting on it are queued to be evaluated themselves."""
+    waiting on it are queued to be evaluated themselves.
+
+    ``load_failure``: its worker could not load the study's models. Every later trial would load
+    the same set, so the study fails once ``MAX_IDENTICAL_LOAD_FAILURES`` of its trials failed so
+    with this same ``error`` (before the budget could end it as done with nothing to show)."""
     optuna_call(session, optuna.fail, trial.study.optuna_name, spec_of(trial.study), trial.number)
     trial.state, trial.error, trial.lease_token, trial.finished_at = TrialState.FAILED, error, None, now
     trial.lease_holder_id = trial.waiting_on = None
+    trial.load_failure = load_failure
     _release_waiters(session, trial)
+    if load_failure and (times := identical_load_failures(session, trial.study, error)) >= MAX_IDENTICAL_LOAD_FAILURES:
+        fail_study(session, optuna, trial.study,
+                   f"every worker that tried could not load the models ({times} times): {error}", now)
     finish_study_if_done(session, optuna, trial.study, now)
     return trial
+
+
+def identical_load_failures(session: Session, study: Study, error: str) -> int:
+    """The study's trials that failed because a worker could not load its models, with ``error``."""
+    session.flush()
+    return session.scalar(select(func.count()).select_from(Trial).where(
+        Trial.study_id == study.id, Trial.state == TrialState.FAILED, Trial.load_failure.is_(True),
+        Trial.error == error))
 
 
 def settle_waiters(session: Session, optuna: OptunaStudies, now: datetime) -> None:
@@ -187,8 +206,9 @@ def settle_waiters(session: Session, optuna: OptunaStudies, now: datetime) -> No
 
 
 def fail_study(session: Session, optuna: OptunaStudies, study: Study, reason: str, now: datetime) -> None:
-    """The study cannot run at all (a worker found its checkpoints incompatible): its pending
-    trials fail with the reason and no more are asked for."""
+    """The study cannot run at all (a worker found its checkpoints incompatible, or workers could
+    not load its models again and again): its pending trials fail with the reason and no more
+    are asked for."""
     if study.status != StudyStatus.RUNNING:
         return
     for trial in [t for t in study.trials if t.state in PENDING_TRIAL]:

@@ -18,6 +18,7 @@ UtcDatetime = Annotated[datetime, PlainSerializer(_utc, return_type=datetime, wh
 
 # PostgreSQL's text cannot hold a NUL character: a name, message or filter with one is a 422, not a 500.
 NO_NUL = r"^[^\x00]*$"
+MAX_MEMORY_SUMMARY = 200  # a worker's one-line memory plan (``WorkerSeen.memory``)
 
 
 class ErrorMessage(BaseModel):  # an error other than a request's validation (a 422: HTTPValidationError)
@@ -106,6 +107,16 @@ class LeaseRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     worker: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
+    memory: str | None = Field(default=None, max_length=MAX_MEMORY_SUMMARY, pattern=NO_NUL,
+                               description="the worker's memory plan of the last models it loaded, one line "
+                               "(e.g. 'resident: base + 3 experts on cpu, 4.6 GiB of 20.0 GiB'), for the workers page")
+
+
+class HeartbeatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    memory: str | None = Field(default=None, max_length=MAX_MEMORY_SUMMARY, pattern=NO_NUL,
+                               description="as in the lease request")
 
 
 class LeasePublic(BaseModel):
@@ -157,6 +168,8 @@ class TrialResult(BaseModel):
     error: str | None = Field(default=None, max_length=10_000)
     fatal: bool = Field(default=False, description="with an error: the study itself cannot run (e.g. its "
                         "checkpoints are incompatible); it fails with this reason and leases no more trials")
+    load_failure: bool = Field(default=False, description="with an error: the worker could not load the study's "
+                               "models; after a few identical such errors the study fails with the reason")
 
     @field_validator("error")
     @classmethod
@@ -185,3 +198,5 @@ class WorkerPublic(BaseModel):
     first_seen_at: UtcDatetime
     last_seen_at: UtcDatetime = Field(description="last lease request, heartbeat or result")
     running: list[WorkerTask]
+    memory: str | None = Field(default=None, description="the memory plan of the last models it loaded, as it "
+                               "last reported it (None until it loads some)")

@@ -32,11 +32,13 @@ class _Heartbeat:
     """Renews a lease until stopped. A refused renewal (lease lost, study stopped) sets ``lost``:
     the work is abandoned at its next check and no result is posted."""
 
-    def __init__(self, source: LeaseSource, token: str, every: float, lease_seconds: float) -> None:
+    def __init__(self, source: LeaseSource, token: str, every: float, lease_seconds: float,
+                 memory: Callable[[], str | None] = lambda: None) -> None:
         self.lost = threading.Event()
         self.lease_seconds = lease_seconds
         self.renewed_at = time.monotonic()  # granted just now: good for lease_seconds from here
         self._stop = threading.Event()
+        self._memory = memory
         self._thread = threading.Thread(target=self._beat, args=(source, token, every), name="heartbeat",
                                         daemon=True)
         self._thread.start()
@@ -49,7 +51,7 @@ class _Heartbeat:
         while not self._stop.wait(every):
             try:
                 sent = time.monotonic()
-                source.heartbeat(token)
+                source.heartbeat(token, memory=self._memory())
                 self.renewed_at = sent
             except LeaseLost as exc:
                 log.warning("lease lost: %s", exc)
@@ -77,6 +79,7 @@ class Outcome:
     values: dict[str, float] | None = None
     error: str | None = None
     fatal: bool = False  # the study itself cannot run
+    load_failure: bool = False  # this worker could not load the study's models (a few such fail the study)
     done: bool = False  # nothing left to post (a job's upload was its result, or the lease was lost)
 
 
@@ -108,14 +111,20 @@ class Worker:
         self.on_outcome = on_outcome
         self.retry_seconds, self.max_retry_seconds = retry_seconds, max_retry_seconds
 
+    def memory(self) -> str | None:
+        """The runner's memory plan of the last set it loaded (one line), for the workers page."""
+        return getattr(self.runner, "placement_summary", None)
+
     def _lease(self) -> _Held | None:
-        lease = self.source.lease(self.name)
+        lease = self.source.lease(self.name, memory=self.memory())
         if lease is None:
             return None
         every = max(lease.lease_seconds / 3, 0.1)
-        return _Held(lease, _Heartbeat(self.source, lease.token, every, lease.lease_seconds))
+        return _Held(lease, _Heartbeat(self.source, lease.token, every, lease.lease_seconds, self.memory))
 
     def _execute(self, held: _Held) -> Outcome:
+        from service.runner import SetLoadError  # torch and lm-eval: imported with the runner, not before
+
         lease = held.lease
         if lease.kind == "materialize":
             return self._materialize(lease)
@@ -134,6 +143,10 @@ class Worker:
         except IncompatibleCheckpoints as exc:
             log.warning("study %s cannot run: %s", lease.study_id, exc)
             return Outcome(lease, error=f"the study's models cannot be merged: {exc}", fatal=True)
+        except SetLoadError as exc:  # the server fails the study after a few identical ones
+            log.warning("trial %s of study %s failed, the models could not be loaded: %s", lease.trial_number,
+                        lease.study_id, exc)
+            return Outcome(lease, error=str(exc), load_failure=True)
         except Exception as exc:  # the trial fails with its reason; the worker and the study go on
             log.warning("trial %s of study %s failed: %s", lease.trial_number, lease.study_id, exc)
             return Outcome(lease, error=f"{type(exc).__name__}: {exc}")
@@ -158,7 +171,8 @@ class Worker:
         if outcome.values is not None:
             self.source.complete(lease.token, outcome.values)
         else:
-            self.source.fail(lease.token, outcome.error or "unknown error", fatal=outcome.fatal)
+            self.source.fail(lease.token, outcome.error or "unknown error", fatal=outcome.fatal,
+                             load_failure=outcome.load_failure)
 
     def _post(self, pending: _Pending) -> None:
         """Report the outcome. While the server cannot take it (unreachable, or a 5xx while it

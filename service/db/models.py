@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.sql import false
 
 
 def utcnow() -> datetime:
@@ -107,6 +108,8 @@ class Trial(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     values: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Failed because its worker could not load the study's models: a few identical ones fail the study.
+    load_failure: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
@@ -172,6 +175,7 @@ class WorkerSeen(Base):
     team_id: Mapped[int | None] = mapped_column(ForeignKey("mmmo_teams.id", ondelete="CASCADE"), nullable=True)
     first_seen_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    memory: Mapped[str | None] = mapped_column(String(200), nullable=True)  # its last reported memory plan
 
 
 class WebSession(Base):

@@ -19,7 +19,15 @@ from service import dispatch, jobs, presence
 from service.auth import Principal
 from service.db.models import Job
 from service.deps import CallerDep, ServicesDep, SessionDep
-from service.schemas import JobPublic, LeasePublic, LeaseRenewal, LeaseRequest, TrialPublic, TrialResult
+from service.schemas import (
+    HeartbeatRequest,
+    JobPublic,
+    LeasePublic,
+    LeaseRenewal,
+    LeaseRequest,
+    TrialPublic,
+    TrialResult,
+)
 from service.services import Services
 from service.studies import trial_public
 
@@ -36,19 +44,20 @@ _TAR_BODY = {"requestBody": {"required": True, "content": {"application/x-tar": 
 
 @router.post("", response_model=LeasePublic, responses={204: {"description": "no work to run now"}})
 def lease(body: LeaseRequest, who: CallerDep, services: ServicesDep, session: SessionDep) -> LeasePublic | Response:
-    presence.seen(session, body.worker, who.token_id, who.team_id)
+    presence.seen(session, body.worker, who.token_id, who.team_id, memory=body.memory)
     with services.lock:
         leased = dispatch.next_work(session, services.optuna, services.policy, body.worker, services.clock(),
                                     holder=who.token_id, team_id=who.team_id)
     return leased or Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-def _heartbeat(token: str, who: Principal, services: Services, session) -> LeaseRenewal:
+def _heartbeat(token: str, body: HeartbeatRequest | None, who: Principal, services: Services,
+               session) -> LeaseRenewal:
     # No process lock around a renewal: it must not wait behind a long ask (see dispatch.heartbeat).
     held = dispatch.heartbeat(session, services.optuna, services.policy, token, who.token_id, services.clock(),
                               lock=services.lock)
     expires, name = held.lease_expires_at, held.worker
-    presence.seen(session, name, who.token_id, who.team_id)
+    presence.seen(session, name, who.token_id, who.team_id, memory=body.memory if body else None)
     return LeaseRenewal(expires_at=expires)
 
 
@@ -66,7 +75,7 @@ def _result(token: str, result: TrialResult, who: Principal, services: Services,
             row = dispatch.complete(session, services.optuna, token, who.token_id, result.values, services.clock())
         else:
             row = dispatch.fail(session, services.optuna, token, who.token_id, result.error, services.clock(),
-                                fatal=result.fatal)
+                                fatal=result.fatal, load_failure=result.load_failure)
     return jobs.public(row) if isinstance(row, Job) else trial_public(row)
 
 
@@ -109,10 +118,11 @@ async def _upload(token: str, request: Request, who: Principal, services: Servic
 # The header routes come before the deprecated path routes: "current" is not a lease token.
 
 @router.post("/current/heartbeat")
-def heartbeat(token: LeaseToken, who: CallerDep, services: ServicesDep, session: SessionDep) -> LeaseRenewal:
+def heartbeat(token: LeaseToken, who: CallerDep, services: ServicesDep, session: SessionDep,
+              body: HeartbeatRequest | None = None) -> LeaseRenewal:
     """Extend the lease; 409 when it is no longer held (or not by this API token), or its study
-    was cancelled: stop the work."""
-    return _heartbeat(token, who, services, session)
+    was cancelled: stop the work. The body (optional) updates what the workers page shows."""
+    return _heartbeat(token, body, who, services, session)
 
 
 @router.post("/current/release", response_model=TrialPublic | JobPublic)
@@ -135,8 +145,9 @@ async def upload_artifact(token: LeaseToken, request: Request, who: CallerDep, s
 
 
 @router.post("/{token}/heartbeat", deprecated=True, description=_DEPRECATED.format("POST /leases/current/heartbeat"))
-def heartbeat_by_path(token: str, who: CallerDep, services: ServicesDep, session: SessionDep) -> LeaseRenewal:
-    return _heartbeat(token, who, services, session)
+def heartbeat_by_path(token: str, who: CallerDep, services: ServicesDep, session: SessionDep,
+                      body: HeartbeatRequest | None = None) -> LeaseRenewal:
+    return _heartbeat(token, body, who, services, session)
 
 
 @router.post("/{token}/release", response_model=TrialPublic | JobPublic, deprecated=True,

@@ -129,7 +129,7 @@ def test_studies_page_form_errors_and_workers_page(browser, server, zoo):
     running, client = server
     spec = zoo_spec(zoo, trials=4)
     study = client.create_study(spec)
-    held = client.lease("gpu-box-7")
+    held = client.lease("gpu-box-7", memory="resident: base + 2 experts on cpu, 0.1 GiB of 20.0 GiB")
     context = browser.new_context()
     page = context.new_page()
     _log_in(page, running.url, running.token, "/")
@@ -149,6 +149,7 @@ def test_studies_page_form_errors_and_workers_page(browser, server, zoo):
     page.wait_for_selector("#workers tbody tr")
     row = page.inner_text("#workers tbody")
     assert "gpu-box-7" in row and "busy" in row and f"trial {held['trial_number']}" in row
+    assert page.inner_text("#workers tbody .memory") == "resident: base + 2 experts on cpu, 0.1 GiB of 20.0 GiB"
     context.close()
 
 
@@ -165,6 +166,32 @@ def test_a_study_that_cannot_run_shows_why(browser, server, tiny_zoo):
     shown.wait_for(state="visible")
     assert "model 'add': does not look fine-tuned" in shown.text_content()
     assert page.locator("#cancel").is_hidden()
+
+
+def test_a_study_whose_models_no_worker_can_load_shows_each_trial_s_reason(browser, server, tiny_zoo):
+    running, client = server
+    study = client.create_study(zoo_spec(tiny_zoo, trials=8))
+    reason = "loading the models failed: SafetensorError: Error while deserializing header: incomplete metadata"
+    numbers = []
+    for _ in range(3):
+        lease = client.lease("w")
+        numbers.append(lease["trial_number"])
+        client.fail(lease["token"], reason, load_failure=True)
+    assert client.study(study["id"])["status"] == "failed"
+    page = browser.new_context().new_page()
+    _log_in(page, running.url, running.token, f"/studies/{study['id']}")
+    shown = page.locator("#study-error")
+    shown.wait_for(state="visible")
+    assert shown.text_content() == f"This study cannot run: every worker that tried could not load the models " \
+        f"(3 times): {reason}"
+    for number in numbers:
+        row = page.locator(f"#trials tbody tr[data-n='{number}']")
+        assert row.locator("td.state-failed").text_content() == "failed"
+        assert row.locator("td.error").text_content() == reason
+    page.goto(f"{running.url}/")
+    status = page.locator(f"#studies tbody tr[data-id='{study['id']}'] td.status-failed")
+    status.wait_for()
+    assert status.get_attribute("title").endswith(reason), "the studies list says why on hover"
 
 
 ATTACK_PAGE = """<!doctype html><html><body>
