@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from merging.errors import IncompatibleCheckpoints, MergeError
-from merging.io import CheckpointReader, TensorReader, locate
+from merging.io import CheckpointReader, TensorReader, model_dir, open_reference
 
 # A fine-tune moves weights by a small fraction of their norm; an unrelated model by ~sqrt(2).
 ANCESTOR_MAX_RELATIVE_DELTA = 0.5
@@ -95,19 +95,19 @@ def check_dirs(base_dir: str | Path, expert_dirs: Mapping[str, str | Path], *, a
     (a model not found stays a :class:`merging.io.ModelNotFound`); hub ids are downloaded only
     with ``download``. ``loadable``: also ``check_loadable`` on the base (the experts match it).
     """
-    base = _open("base", base_dir, download)
-    experts = {name: _open(f"expert '{name}'", path, download) for name, path in expert_dirs.items()}
+    base = _open("base", base_dir, None, download)
+    experts = {name: _open(f"expert '{name}'", path, base_dir, download) for name, path in expert_dirs.items()}
     check_compatible(base, experts, ancestry=ancestry)
     if loadable:
         try:
-            check_loadable(base.dir, base)
+            check_loadable(model_dir(base_dir, download=download), base)
         except IncompatibleCheckpoints as exc:
             raise IncompatibleCheckpoints(f"base: {exc}") from exc
 
 
-def _open(role: str, ref: str | Path, download: bool) -> CheckpointReader:
+def _open(role: str, ref: str | Path, base: str | Path | None, download: bool) -> TensorReader:
     try:
-        return CheckpointReader(locate(ref, download=download))
+        return open_reference(ref, base, download=download)
     except MergeError as exc:
         raise type(exc)(f"{role}: {exc}") from exc
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from merging.checks import check_compatible
 from merging.config import MergeConfig
 from merging.errors import MergeError
-from merging.io import BIN_INDEX, SAFETENSORS_INDEX, CheckpointReader, SafetensorsWriter, locate
+from merging.io import BIN_INDEX, SAFETENSORS_INDEX, SafetensorsWriter, model_dir, open_reference
 from merging.mergekit_yaml import to_mergekit
 from merging.plan import MergePlan
 from merging.step import merge_tensor
@@ -125,8 +125,8 @@ def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None 
     out_dtype = parse_dtype(dtype)
     plan_params = MergePlan(config)
     names_k = plan_params.names
-    base = CheckpointReader(config.base)
-    readers = {e.name: CheckpointReader(e.path) for e in config.experts}
+    base = open_reference(config.base)
+    readers = {e.name: open_reference(e.path, config.base) for e in config.experts}  # LoRA experts: on the base
     names = check_compatible(base, readers, ancestry=config.method != "linear")
     stats = stats or {}
     dev = torch.device(device)
@@ -150,7 +150,7 @@ def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None 
             if progress:
                 progress(name, i + 1, len(names))
         writer.finish()
-        _copy_side_files(locate(config.base), staging, out_dtype)
+        _copy_side_files(model_dir(config.base), staging, out_dtype)
         (staging / "README.md").write_text(_model_card(config, dtype))
         if out_dir.exists():
             out_dir.rmdir()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from merging.checks import check_compatible
 from merging.config import MergeConfig
 from merging.errors import MergeError
-from merging.io import CheckpointReader, StateDictReader, TensorReader
+from merging.io import CheckpointReader, LoraReader, StateDictReader, TensorReader
 from merging.live_layout import LiveLayout
 from merging.placement import PlanKind
 from merging.plan import MergePlan
@@ -119,6 +120,33 @@ class _FromFiles(_ExpertStore):
                 yield k, tensors
 
 
+class _LoraOnBase:
+    """A LoRA expert of the merge's own base: its factors on the device, each adapted tensor
+    expanded from the held base when it merges (PEFT's ``W + transpose(B @ A) * scale``)."""
+
+    def __init__(self, reader: LoraReader, base: Mapping[str, Tensor], device: torch.device,
+                 dtype: torch.dtype | None) -> None:
+        self.base = base
+        self.low_ranks = {k: lr.to(device) for k, lr in reader.low_ranks.items()}
+        self.replaced = {k: _hold(reader.get(k), device, dtype) for k in reader.replaced}
+        self.device_bytes = _nbytes([*(t for lr in self.low_ranks.values() for t in (lr.a, lr.b)),
+                                     *self.replaced.values()])
+
+    def get(self, k: str) -> Tensor:
+        if k in self.replaced:
+            return self.replaced[k]
+        low_rank = self.low_ranks.get(k)
+        return self.base[k] if low_rank is None else low_rank.applied(self.base[k])
+
+
+def _on_base(reader: TensorReader, base: TensorReader) -> bool:
+    """A LoRA reader whose model is the merge's base checkpoint (its factors are all it adds)."""
+    if not isinstance(reader, LoraReader):
+        return False
+    mine, theirs = getattr(reader.model, "dir", None), getattr(base, "dir", None)
+    return mine is not None and theirs is not None and Path(mine).resolve() == Path(theirs).resolve()
+
+
 class Merger:
     """Holds a base and K experts; ``apply`` writes a merge into a live model's parameters.
 
@@ -143,7 +171,10 @@ class Merger:
         self.plan = PlanKind(plan)
         self.expert_names = list(experts)
         self.base = {n: _hold(base_reader.get(n), self.device, dtype) for n in self.names}
-        ordered = [readers[e] for e in self.expert_names]
+        # LoRA experts of this base keep their factors; the others are held per the plan.
+        self.low_rank = {i: _LoraOnBase(readers[e], self.base, self.device, dtype)
+                         for i, e in enumerate(self.expert_names) if _on_base(readers[e], base_reader)}
+        ordered = [readers[e] for i, e in enumerate(self.expert_names) if i not in self.low_rank]
         if self.plan == PlanKind.RESIDENT:
             self.store: _ExpertStore = _OnDevice(ordered, self.names, self.device, dtype)
         elif self.plan == PlanKind.HOST:
@@ -162,7 +193,8 @@ class Merger:
     @property
     def device_bytes(self) -> int:
         """What the base and the experts take on the merge's device (on CPU: in memory)."""
-        return _nbytes(self.base.values()) + self.store.device_bytes
+        return (_nbytes(self.base.values()) + self.store.device_bytes
+                + sum(lr.device_bytes for lr in self.low_rank.values()))
 
     @property
     def host_bytes(self) -> int:
@@ -170,7 +202,7 @@ class Merger:
 
     def deltas_of(self, name: str) -> list[Tensor]:
         """Each expert's ``W_k - W_base`` of tensor ``name``, in float32 (for tests and benchmarks)."""
-        (_, experts), = self.store.stream([name])
+        (_, experts), = self._experts([name])
         b32 = self.base[name].float()
         return [e - b32 for e in experts]
 
@@ -179,13 +211,23 @@ class Merger:
         if names != self.expert_names:
             raise MergeError(f"merge config names experts {names}, the merger holds {self.expert_names}")
         plan = MergePlan(config)
-        for name, experts in self.store.stream(keys):
+        for name, experts in self._experts(keys):
             base = self.base[name]
             b32 = base.float()
             # Promotion makes each delta a new float32 tensor, exactly ``e.float() - b32``: the method may overwrite it.
             deltas = [torch.sub(e, b32) if e.dtype == torch.float32 else e - b32 for e in experts]
             merged = merge_tensor(plan, name, b32, deltas, [self.stats[e].get(name) for e in names], owned=True)
             yield name, merged.to(self.dtype or base.dtype)
+
+    def _experts(self, keys: Sequence[str]) -> Iterator[tuple[str, list[Tensor]]]:
+        """Each key's expert tensors in expert order: the plan's store, and LoRA experts expanded."""
+        if not self.low_rank:
+            yield from self.store.stream(keys)
+            return
+        for name, held in self.store.stream(keys):
+            rest = iter(held)
+            yield name, [self.low_rank[i].get(name) if i in self.low_rank else next(rest)
+                         for i in range(len(self.expert_names))]
 
     def merged_tensors(self, config: MergeConfig) -> Iterator[tuple[str, Tensor]]:
         """Yield (checkpoint tensor name, merged tensor) for every tensor of the base, in the

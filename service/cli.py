@@ -25,6 +25,8 @@ def _configure(verbose: bool, offline: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("lm_eval", "datasets", "httpx", "transformers"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
+    # Which models a worker loads, and in which memory plan, is worth a line without -v.
+    logging.getLogger("service.runner").setLevel(logging.INFO)
 
 
 def _settings(args: argparse.Namespace):
@@ -32,7 +34,8 @@ def _settings(args: argparse.Namespace):
 
     # A flag given on the command line wins over the environment; an absent one leaves it alone.
     flags = {"db": "database_url", "home": "home", "host": "host", "port": "port", "device": "device",
-             "batch_size": "batch_size", "max_memory": "max_memory", "name": "worker_name", "server": "server_url"}
+             "batch_size": "batch_size", "max_memory": "max_memory", "name": "worker_name", "server": "server_url",
+             "memory_plan": "memory_plan", "dtype": "dtype"}
     overrides = {field: getattr(args, flag) for flag, field in flags.items() if getattr(args, flag, None) is not None}
     if getattr(args, "no_prefetch", False):
         overrides["prefetch"] = False
@@ -133,8 +136,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     client = ApiClient(settings.server_url, token=args.token or settings.resolved_token())
-    runner = TrialRunner(device=settings.resolved_device(), batch_size=settings.batch_size,
-                         cache_dir=settings.cache_dir, max_resident_bytes=settings.max_memory)
+    runner = TrialRunner.from_settings(settings)
     worker = Worker(HttpLeaseSource(client), runner, name=settings.worker_name or default_worker_name(),
                     poll_seconds=settings.poll_seconds, prefetch=settings.prefetch)
     stop = threading.Event()
@@ -277,7 +279,7 @@ def _run_local(args: argparse.Namespace, study_id: int | None) -> int:
                 if get_study(session, study_id, None) is None:
                     raise ValueError(f"no study {study_id} in {settings.resolved_database_url()}")
         console.print(f"study {study_id} (database {settings.resolved_database_url()})")
-        runner = TrialRunner(device=settings.resolved_device(), cache_dir=settings.cache_dir)
+        runner = TrialRunner.from_settings(settings)
 
         def on_trial(number: int, done: int, values: dict | None, error: str | None) -> None:
             if values is not None:
@@ -342,15 +344,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default: MMMO_PORT or 8765)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("worker", help="lease and run trials from a server")
+    def with_memory(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--max-memory", help="what model sets may take, e.g. 40GB; several stay resident up to it "
+                       "(default: MMMO_MAX_MEMORY, else the memory free when a set loads, one set at a time)")
+        p.add_argument("--memory-plan", choices=["auto", "resident", "host", "files"],
+                       help="where a set's experts live (default: MMMO_MEMORY_PLAN or auto: the fastest that fits)")
+        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                       help="hold and merge models in this dtype when the spec names none (default: MMMO_DTYPE, "
+                       "else each checkpoint's own)")
+        return p
+
+    p = with_memory(sub.add_parser("worker", help="lease and run trials from a server"))
     p.add_argument("--server", help="API URL (default: MMMO_SERVER_URL or http://127.0.0.1:8765)")
     p.add_argument("--token", help="API token (default: MMMO_TOKEN, MMMO_TOKEN_FILE, or ~/.mmmo/token)")
     p.add_argument("--home", help="state directory holding the default token file")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: MMMO_DEVICE or cpu)")
     p.add_argument("--name", help="worker name (default: MMMO_WORKER_NAME, else host name and pid)")
     p.add_argument("--batch-size", help="lm-eval batch size, or 'auto' (default: MMMO_BATCH_SIZE or 64)")
-    p.add_argument("--max-memory", help="keep several model sets resident up to this size, e.g. 40GB "
-                   "(default: MMMO_MAX_MEMORY, else only the last set used)")
     p.add_argument("--no-prefetch", action="store_true",
                    help="do not lease the next trial during the current one (for a server on the same cores; "
                    "MMMO_PREFETCH=0)")
@@ -412,11 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.set_defaults(func=cmd_study_validate)
 
-    p = with_db(study.add_parser("run", help="run a whole study in this process (no server)"))
+    p = with_memory(with_db(study.add_parser("run", help="run a whole study in this process (no server)")))
     p.add_argument("spec")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: MMMO_DEVICE or cpu)")
     p.set_defaults(func=cmd_study_run)
-    p = with_db(study.add_parser("resume", help="go on with a study that `study run` did not finish"))
+    p = with_memory(with_db(study.add_parser("resume", help="go on with a study that `study run` did not finish")))
     p.add_argument("study_id", type=int)
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: MMMO_DEVICE or cpu)")
     p.set_defaults(func=cmd_study_resume)

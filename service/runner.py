@@ -24,7 +24,7 @@ from merging.checks import check_compatible
 from merging.config import MergeConfig
 from merging.errors import IncompatibleCheckpoints
 from merging.files import parse_dtype
-from merging.io import CheckpointReader, locate
+from merging.io import TensorReader, model_dir, open_reference
 from merging.placement import PLAN_CHOICES, Placement, SetSize, available_host_bytes, choose, device_budget
 from merging.resident import Merger, expert_dirs
 from service.materialize import obim_stats
@@ -129,9 +129,9 @@ class TrialRunner:
 
         dtype_name = config.dtype or self.dtype
         dtype = parse_dtype(dtype_name)
-        base_dir = locate(config.base)  # a clear error naming the model if this worker cannot find it
-        base = CheckpointReader(base_dir)
-        experts = {name: CheckpointReader(locate(path)) for name, path in expert_dirs(config).items()}
+        base_dir = model_dir(config.base)  # a clear error naming the model if this worker cannot find it
+        base = open_reference(config.base)
+        experts = {name: open_reference(path, config.base) for name, path in expert_dirs(config).items()}
         placement = self._place(base, len(experts), dtype)
         self._make_room(placement.device_bytes + placement.host_bytes)
         log.info("loading base %s and %d experts: %s", config.base, len(experts), placement.summary())
@@ -159,7 +159,7 @@ class TrialRunner:
             evicted = self._sets.popitem(last=False)[1]
             log.info("evicting the resident models of %s", evicted.key[0])
 
-    def _place(self, base: CheckpointReader, experts: int, dtype: torch.dtype | None) -> Placement:
+    def _place(self, base: TensorReader, experts: int, dtype: torch.dtype | None) -> Placement:
         """The set's memory plan, within what this worker may use: ``max_resident_bytes`` and what is
         free on the device, counting the sets resident now as free (they are evicted to make room)."""
         size = SetSize(_model_bytes(base, dtype), experts)
@@ -196,7 +196,7 @@ class TrialRunner:
         return scores
 
 
-def _model_bytes(reader: CheckpointReader, dtype: torch.dtype | None) -> int:
+def _model_bytes(reader: TensorReader, dtype: torch.dtype | None) -> int:
     """One copy of the checkpoint in ``dtype`` (None: as stored), from its headers alone."""
     total = 0
     for name in reader.keys():

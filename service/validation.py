@@ -135,11 +135,13 @@ def _model_problems(spec: StudySpec, policy: SpecPolicy) -> list[SpecProblem]:
     worker finds out at its first load."""
     # Checkpoint reading needs torch: imported at the first spec checked, not at the server's start.
     from merging.checks import check_dirs
-    from merging.io import ModelNotFound, check_checkpoint, locate
+    from merging.io import ModelNotFound, check_checkpoint, model_dir, split_adapter
 
     problems: list[SpecProblem] = []
     readable = True
-    models = [(("base",), spec.base)] + [(("experts", i, "path"), e.path) for i, e in enumerate(spec.experts)]
+    refs = [(("base",), spec.base)] + [(("experts", i, "path"), e.path) for i, e in enumerate(spec.experts)]
+    # mergekit's `model+adapter`: both parts are checked
+    models = [(loc, part) for loc, ref in refs for part in split_adapter(ref) if part is not None]
     for loc, path in models:
         kind = _model_ref(path, policy)
         if kind == "refused":
@@ -160,12 +162,12 @@ def _model_problems(spec: StudySpec, policy: SpecPolicy) -> list[SpecProblem]:
     if problems or not readable:
         return problems
     try:
-        base = _architecture(_read_config(locate(spec.base, download=False)))
+        base = _architecture(_read_config(model_dir(spec.base, download=False)))
     except (OSError, ValueError) as exc:
         return [SpecProblem(("base",), f"the base's config.json cannot be read: {exc}")]
     for i, e in enumerate(spec.experts):
         try:
-            arch = _architecture(_read_config(locate(e.path, download=False)))
+            arch = _architecture(_read_config(model_dir(e.path, spec.base, download=False)))
         except (OSError, ValueError) as exc:
             problems.append(SpecProblem(("experts", i, "path"), f"model '{e.name}': config.json cannot be read: {exc}"))
             continue

@@ -13,20 +13,28 @@ from merging.io.checkpoint import (
     weight_files,
 )
 from merging.io.locate import ModelNotFound, is_hub_id, locate
+from merging.io.lora import LoraReader, LowRank, is_adapter
+from merging.io.reference import model_dir, open_reference, split_adapter
 from merging.io.safetensors_stream import SafetensorsReader, SafetensorsWriter
 
 __all__ = [
     "BIN_INDEX",
     "SAFETENSORS_INDEX",
     "CheckpointReader",
+    "LoraReader",
+    "LowRank",
     "ModelNotFound",
     "SafetensorsReader",
     "SafetensorsWriter",
     "StateDictReader",
     "TensorReader",
     "check_checkpoint",
+    "is_adapter",
     "is_hub_id",
     "load_state_dict",
     "locate",
+    "model_dir",
+    "open_reference",
+    "split_adapter",
     "weight_files",
 ]

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from merging.errors import MergeError
 from merging.io.locate import locate
+from merging.io.lora import ADAPTER_WEIGHTS, is_adapter
 from merging.io.safetensors_stream import SafetensorsReader
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -33,8 +34,13 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 
 def check_checkpoint(model_dir: Path | str, download: bool = True) -> None:
-    """Cheap check that a directory (or a hub id) looks like a loadable checkpoint (config + weights)."""
+    """Cheap check that a directory (or a hub id) looks like a loadable checkpoint (config + weights),
+    or a PEFT adapter (adapter config + weights)."""
     model_dir = locate(model_dir, download=download)
+    if is_adapter(model_dir):
+        if not any((model_dir / name).is_file() for name in ADAPTER_WEIGHTS):
+            raise MergeError(f"adapter '{model_dir}': no {' or '.join(ADAPTER_WEIGHTS)}")
+        return
     if not (model_dir / "config.json").exists():
         raise MergeError(f"model '{model_dir}': no config.json")
     weight_files(model_dir)
