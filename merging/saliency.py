@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from merging.io import locate, weight_files
+from merging.io import locate, split_adapter, weight_files
+from merging.io.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter
 
 HOOK_VERSION = 2  # bump when what the hooks accumulate changes: old caches are then ignored
 
@@ -55,13 +56,22 @@ def collect_input_energy(model: nn.Module, batches: Sequence[dict[str, Tensor]])
     return {k: v.cpu() for k, v in sums.items()}
 
 
-def model_fingerprint(model_dir: Path) -> str:
-    """Cheap identity of a checkpoint: config plus, per weight file, its size and first/last MiB."""
+def model_fingerprint(model_dir: Path, base_dir: Path | None = None) -> str:
+    """Cheap identity of a checkpoint: config plus, per weight file, its size and first/last MiB
+    (a LoRA adapter: its config and weights, and its base's fingerprint)."""
     h = hashlib.sha256()
-    config = Path(model_dir) / "config.json"
-    if config.exists():
-        h.update(config.read_bytes())
-    for f in weight_files(Path(model_dir)):
+    model_dir = Path(model_dir)
+    if is_adapter(model_dir):
+        h.update((model_dir / ADAPTER_CONFIG).read_bytes())
+        files = [model_dir / n for n in ADAPTER_WEIGHTS if (model_dir / n).is_file()]
+        if base_dir is not None:
+            h.update(model_fingerprint(base_dir).encode())
+    else:
+        config = model_dir / "config.json"
+        if config.exists():
+            h.update(config.read_bytes())
+        files = weight_files(model_dir)
+    for f in files:
         size = f.stat().st_size
         h.update(f"{f.name}:{size}".encode())
         with open(f, "rb") as fh:
@@ -76,16 +86,28 @@ def texts_fingerprint(texts: Sequence[str]) -> str:
 
 
 def calibration_stats(model_dir: Path, texts: Sequence[str], cache_dir: Path | None, *,
-                      batch_size: int = 32, max_length: int = 512, device: str = "cpu") -> dict[str, Tensor]:
-    """Input energy of ``model_dir`` over ``texts``, from the cache when the same pair was seen."""
-    key = f"{model_fingerprint(model_dir)}-{texts_fingerprint(texts)}-v{HOOK_VERSION}"
+                      batch_size: int = 32, max_length: int = 512, device: str = "cpu",
+                      base_dir: Path | None = None) -> dict[str, Tensor]:
+    """Input energy of ``model_dir`` over ``texts``, from the cache when the same pair was seen.
+    A LoRA adapter directory runs as ``base_dir`` with the adapter merged in (PEFT)."""
+    key = f"{model_fingerprint(model_dir, base_dir)}-{texts_fingerprint(texts)}-v{HOOK_VERSION}"
     path = Path(cache_dir) / "saliency" / f"{key}.safetensors" if cache_dir else None
     if path is not None and path.exists():
         return load_file(str(path))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # In the checkpoint's own dtype: the hooks accumulate in float32, no float32 copy of the model is needed.
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
+    adapter = model_dir if is_adapter(model_dir) else None
+    if adapter is not None:
+        if base_dir is None:
+            raise ValueError(f"'{model_dir}' is a LoRA adapter: its calibration needs the base it applies to")
+        model_dir = Path(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model = model.to(device).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -116,11 +138,19 @@ def _by_file_name(model: nn.Module, model_dir: Path, stats: dict[str, Tensor]) -
 
 
 def stats_for(config_experts, cache_dir: Path | None, device: str = "cpu", *,
-              texts_of: Callable[[str], list[str]]) -> dict[str, dict[str, Tensor]]:
+              texts_of: Callable[[str], list[str]], base: str | None = None) -> dict[str, dict[str, Tensor]]:
     """Statistics of every expert that names calibration data (cached); the others use magnitude.
 
     ``texts_of`` turns an expert's calibration source into texts (the service passes one that
-    also reads lm-eval tasks' documents).
+    also reads lm-eval tasks' documents). ``base``: what LoRA adapter experts apply to.
     """
-    return {e.name: calibration_stats(locate(e.path), texts_of(e.calibration), cache_dir, device=device)
-            for e in config_experts if e.calibration}
+    return {e.name: _expert_stats(e, base, texts_of, cache_dir, device) for e in config_experts if e.calibration}
+
+
+def _expert_stats(expert, base: str | None, texts_of, cache_dir, device) -> dict[str, Tensor]:
+    model, adapter = split_adapter(expert.path)
+    if adapter is not None:  # mergekit's model+adapter: the adapter on that model
+        return calibration_stats(locate(adapter), texts_of(expert.calibration), cache_dir, device=device,
+                                 base_dir=locate(model))
+    return calibration_stats(locate(model), texts_of(expert.calibration), cache_dir, device=device,
+                             base_dir=locate(base) if base is not None else None)

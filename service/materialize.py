@@ -17,7 +17,7 @@ def obim_stats(config: MergeConfig, cache_dir: Path | None, device: str) -> dict
     from evals.texts import calibration_texts
     from merging.saliency import stats_for
 
-    return stats_for(config.experts, cache_dir, device, texts_of=calibration_texts)
+    return stats_for(config.experts, cache_dir, device, texts_of=calibration_texts, base=config.base)
 
 
 def write_model(config: MergeConfig, out_dir: Path, *, dtype: str | None, device: str,

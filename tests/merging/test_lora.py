@@ -184,3 +184,36 @@ class _Renamed:
 
     def shape(self, name):
         return self.inner.shape(name.removeprefix("other."))
+
+
+def test_obim_calibrates_a_lora_expert_as_its_merged_model(lora_set, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from merging.saliency import calibration_stats
+    from service.materialize import obim_stats
+    from service.runner import TrialRunner
+
+    base = lora_set["fp32"].base
+    data = tmp_path / "calibration.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("1+1=2", "abc", "sort 3 1 2")))
+    config = MergeConfig(method="obim", base=str(base), experts=(
+        ExpertRef("lora", str(lora_set["plain"]), {"weight": 1.0, "density": 0.5}, calibration=str(data)),
+        ExpertRef("full", str(next(iter(lora_set["fp32"].experts.values()))), {"weight": 0.5, "density": 0.5})))
+    stats = obim_stats(config, tmp_path / "cache", "cpu")
+    # the same statistics as the adapter merged into its base by PEFT and saved as a model
+    merged_dir = tmp_path / "peft-merged"
+    from peft import PeftModel
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), lora_set["plain"]) \
+        .merge_and_unload().save_pretrained(merged_dir)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(base).save_pretrained(merged_dir)
+    reference = calibration_stats(merged_dir, ["1+1=2", "abc", "sort 3 1 2"], None)
+    assert sorted(stats["lora"]) == sorted(reference)
+    assert all(torch.equal(stats["lora"][k], reference[k]) for k in reference)
+    runner = TrialRunner(trusted_task_paths=[], cache_dir=tmp_path / "cache")
+    runner.run(config, [Objective(kind="sparsity", direction="minimize")])
+    loaded = AutoModelForCausalLM.from_pretrained(merge_to_dir(config, tmp_path / "m", stats=stats)).state_dict()
+    live = runner.last_model.state_dict()
+    assert all(torch.equal(loaded[k], live[k]) for k in loaded)
