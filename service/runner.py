@@ -145,7 +145,11 @@ class TrialRunner:
             merger = Merger(base, experts, dtype=dtype, stats=stats, device=self.device, plan=placement.kind,
                             check_ancestry=False)  # checked above
             merger.layout(model)  # every parameter accounted for before the first trial
-            tokenizer = AutoTokenizer.from_pretrained(base_dir)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(base_dir)
+            except Exception as exc:  # say which files: the bare parser error names none
+                raise ValueError(f"the tokenizer in '{base_dir}' cannot be loaded: "
+                                 f"{type(exc).__name__}: {exc}") from exc
             evaluator = Evaluator(model, tokenizer, objectives, batch_size=self.batch_size,
                                   include_paths=[Path(p) for p in task_paths])
         self.placement = placement

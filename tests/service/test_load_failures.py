@@ -23,7 +23,8 @@ from tests.conftest import authorize, zoo_spec
 
 # What the worker's tokenizer load says of the broken tokenizer.json below (the server's submit-time
 # checks read the checkpoints, not the tokenizer, so the study is accepted).
-REASON = "loading the models failed: JSONDecodeError: Expecting property name enclosed in double quotes"
+# (The start of it: the path of the tokenizer follows, then the parser's own error.)
+REASON = "loading the models failed: ValueError: the tokenizer in '"
 STUDY_REASON = f"every worker that tried could not load the models ({MAX_IDENTICAL_LOAD_FAILURES} times): {REASON}"
 MEMORY = "resident: base + 2 experts on cpu, 0.1 GiB of 20.0 GiB"
 
@@ -54,6 +55,7 @@ def test_a_study_whose_models_cannot_load_fails_after_three_identical_load_failu
     trials = final["trials"]
     assert len(trials) == MAX_IDENTICAL_LOAD_FAILURES, "the study stops leasing at the third identical failure"
     assert all(t["state"] == "failed" and t["error"].startswith(REASON) for t in trials)
+    assert all("/base' cannot be loaded: JSONDecodeError: Expecting property name" in t["error"] for t in trials)
     assert final["error"] == f"every worker that tried could not load the models (3 times): {trials[0]['error']}"
 
     with TestClient(create_app(settings)) as api:  # the API shows the same, to the study's team
