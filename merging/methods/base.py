@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ import torch
 from torch import Tensor
 
 from merging.errors import MergeError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,18 @@ class Param:
             raise MergeError(f"{where}: '{self.name}' = {value} is above {self.high}")
 
 
+@dataclass(frozen=True)
+class Inert:
+    """A parameter mergekit declares for a method but that changes nothing there (``density`` on
+    task_arithmetic: mergekit declares it for its whole task-arithmetic family). Accepted, so that
+    every configuration mergekit takes is taken, with a warning saying why it has no effect."""
+
+    param: Param
+    why: str
+
+
 WEIGHT = Param("weight")
-DENSITY = Param("density", 1.0, low=0.0, high=1.0, low_open=True)
+DENSITY = Param("density", 1.0, low=0.0, high=1.0)
 LAMBDA = Param("lambda", 1.0)
 
 
@@ -63,20 +76,35 @@ class TensorInputs:
 class MergeMethod(ABC):
     """A merge method. Subclasses declare their parameters and implement ``merge``.
 
-    Parameters are resolved once per merge (``resolve``), so ``merge`` reads plain dicts
-    whose keys are guaranteed present and in range.
+    The parameters are scoped as mergekit scopes them: ``expert_params`` per model (mergekit's
+    per-input "tensor parameters"; a value under the global ``parameters`` is every model's
+    default), ``global_params`` only under ``parameters`` (mergekit's shared ones), and
+    ``inert_params`` declared by mergekit for the method but without effect there. Every key
+    given is either honoured, or accepted with a warning where mergekit accepts and ignores it,
+    or refused with a message; none is silently dropped.
+
+    Parameters are resolved before any tensor is merged (``resolve``), so ``merge`` reads plain
+    dicts whose keys are guaranteed present and in range.
     """
 
     name: ClassVar[str]
     uses_rng: ClassVar[bool] = False  # whether the merge depends on the seed (DARE, DELLA)
     expert_params: ClassVar[tuple[Param, ...]] = ()
     global_params: ClassVar[tuple[Param, ...]] = ()
+    inert_params: ClassVar[tuple[Inert, ...]] = ()
 
     def resolve(
         self, experts: Sequence[Mapping[str, Any]], params: Mapping[str, Any], expert_names: Sequence[str]
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """Fill defaults (a global value is the default for every expert, as in mergekit), check ranges."""
-        known = {p.name for p in self.expert_params} | {p.name for p in self.global_params}
+        """Fill defaults (a global value is the default for every expert, as in mergekit), check ranges.
+
+        Raises:
+            MergeError: a key the method does not know (mergekit does not declare it for this method
+                either), a required parameter missing, or a value of the wrong type or out of range.
+        """
+        inert = {i.param.name: i for i in self.inert_params}
+        global_names = {p.name for p in self.global_params}
+        known = {p.name for p in self.expert_params} | global_names | set(inert)
         for where, given in [("parameters", params)] + [
             (f"model '{n}'", e) for n, e in zip(expert_names, experts, strict=True)
         ]:
@@ -85,6 +113,14 @@ class MergeMethod(ABC):
                 raise MergeError(
                     f"{where}: unknown parameter(s) {unknown} for method '{self.name}'; known: {sorted(known)}"
                 )
+            for key in sorted(set(given) & set(inert)):
+                inert[key].param.check(given[key], where)
+                self._warn(f"{where}: '{key}' has no effect with method '{self.name}' ({inert[key].why}); "
+                           "accepted and ignored, as mergekit does")
+            if where != "parameters":
+                for key in sorted(set(given) & global_names):
+                    self._warn(f"{where}: '{key}' is a global parameter of method '{self.name}'; mergekit reads it "
+                               "only under `parameters` and ignores it under a model, and so does mmmo")
         resolved_global = {}
         for p in self.global_params:
             value = params.get(p.name, p.default)
@@ -101,6 +137,14 @@ class MergeMethod(ABC):
                 row[p.name] = value
             resolved_experts.append(row)
         return resolved_experts, resolved_global
+
+    def _warn(self, message: str) -> None:
+        # Once per method object, i.e. once per merge: a merge resolves its parameters once per
+        # distinct set of values (per layer where they vary), and should say each thing once.
+        warned = self.__dict__.setdefault("_warned", set())
+        if message not in warned:
+            warned.add(message)
+            log.warning(message)
 
     @abstractmethod
     def merge(self, t: TensorInputs, experts: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> Tensor:

@@ -1,7 +1,10 @@
 """mergekit's generalized task arithmetic: sparsify, weight, sign consensus, mix, scale.
 
 The methods of this family differ only in which sparsifier and consensus they use and in
-their defaults, so each of them is a few lines over this class.
+their defaults, so each of them is a few lines over this class. Parameters are declared as
+mergekit 0.1.5 declares them (``merge_methods/generalized_task_arithmetic.py``): ``weight``,
+``density`` and the sparsifier's own (``gamma``, ``epsilon``) per model; ``normalize``,
+``rescale``, ``lambda`` and ``int8_mask`` shared.
 """
 
 from __future__ import annotations
@@ -13,7 +16,11 @@ import torch
 from torch import Tensor
 
 from merging import sparsify
-from merging.methods.base import DENSITY, LAMBDA, WEIGHT, MergeMethod, Param, TensorInputs
+from merging.errors import MergeError
+from merging.methods.base import DENSITY, LAMBDA, WEIGHT, Inert, MergeMethod, Param, TensorInputs
+from merging.select import topk_mask
+
+INT8_MASK = Inert(Param("int8_mask", False), "it only changes how mergekit stores its sign masks")
 
 
 class GeneralizedTaskArithmetic(MergeMethod):
@@ -24,15 +31,19 @@ class GeneralizedTaskArithmetic(MergeMethod):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        params = [LAMBDA, Param("normalize", cls.default_normalize)]
+        cls.global_params = (LAMBDA, Param("normalize", cls.default_normalize))
+        cls.expert_params = (WEIGHT,) + cls.extra_expert_params()
+        cls.inert_params = (INT8_MASK,)
         if cls.sparsifier:
-            params.append(Param("rescale", cls.default_rescale))
-        cls.global_params = tuple(params) + cls.extra_global_params()
-        cls.expert_params = (WEIGHT, DENSITY) if cls.sparsifier else (WEIGHT,)
+            cls.global_params += (Param("rescale", cls.default_rescale),)
+            cls.expert_params = (WEIGHT, DENSITY) + cls.extra_expert_params()
+        else:  # mergekit declares these for the whole family; without a sparsifier they do nothing
+            cls.inert_params += (Inert(DENSITY, "it has no sparsification step"),
+                                 Inert(Param("rescale", False), "it has no sparsification step"))
         cls.uses_rng = cls.sparsifier in ("random", "della_magprune")
 
     @classmethod
-    def extra_global_params(cls) -> tuple[Param, ...]:
+    def extra_expert_params(cls) -> tuple[Param, ...]:
         return ()
 
     def sparsify(self, delta: Tensor, expert: Mapping[str, Any], params: Mapping[str, Any], gen,
@@ -40,43 +51,69 @@ class GeneralizedTaskArithmetic(MergeMethod):
         if self.sparsifier is None:
             return delta
         density, rescale = expert["density"], params["rescale"]
+        if density >= 1:
+            return delta
+        if density <= 0:  # mergekit's sparsifiers return zeros (DARE's draw keeps nothing either)
+            return delta.zero_() if inplace else torch.zeros_like(delta)
         if self.sparsifier == "magnitude":
+            if int(density * delta.numel()) < 1:  # mergekit keeps at least the largest entry
+                return self._keep_largest(delta, rescale, inplace)
             return sparsify.magnitude(delta, density, rescale, inplace)
         if self.sparsifier == "random":
             return sparsify.bernoulli(delta, density, rescale, gen, inplace)
         if self.sparsifier == "magnitude_outliers":
-            return sparsify.magnitude_outliers(delta, density, params["gamma"], rescale, inplace)
+            return sparsify.magnitude_outliers(delta, density, expert["gamma"], rescale, inplace)
         if self.sparsifier == "della_magprune":
-            return sparsify.della_magprune(delta, density, params["epsilon"], rescale, gen, inplace)
+            return sparsify.della_magprune(delta, density, expert["epsilon"], rescale, gen, inplace)
         raise AssertionError(f"unknown sparsifier {self.sparsifier}")
 
+    @staticmethod
+    def _keep_largest(delta: Tensor, rescale: bool, inplace: bool) -> Tensor:
+        before = delta.abs().sum() if rescale else None
+        keep = topk_mask(delta.abs(), 1)
+        masked = delta.masked_fill_(~keep, 0.0) if inplace else torch.where(keep, delta, 0.0)
+        return sparsify.rescale_l1(before, masked) if rescale else masked
+
     def merge(self, t: TensorInputs, experts: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> Tensor:
-        # Expert by expert, accumulating in place: no (K, ...) stacks, so memory stays near
-        # the K sparsified deltas plus a few tensor-sized buffers.
-        sparse = [self.sparsify(d, e, params, t.generator, t.owned) for d, e in zip(t.deltas, experts, strict=True)]
-        weights = [float(e["weight"]) for e in experts]
+        # mergekit's arithmetic, operation for operation, so that float32 merges give its bits:
+        # each sparsified delta times its weight (the weight held in the tensor's dtype), then the
+        # sum over experts in their order, which is how torch sums mergekit's (K, ...) stack up to
+        # 4 experts. Expert by expert, in place where the deltas are ours: no (K, ...) stack, so
+        # memory stays near the K deltas plus a couple of tensor-sized buffers.
+        dtype = t.base.dtype
+        weights = torch.tensor([float(e["weight"]) for e in experts], dtype=dtype)
+        weighted = []
+        for d, e, w in zip(t.deltas, experts, weights.tolist(), strict=True):
+            s = self.sparsify(d, e, params, t.generator, t.owned)
+            weighted.append(s.mul_(w) if t.owned or s is not d else s * w)
         mixed = torch.zeros_like(t.base)
+        for wd in weighted:
+            mixed.add_(wd)
         if self.consensus:
-            for w, d in zip(weights, sparse, strict=True):
-                mixed.add_(d, alpha=w)
-            positive = mixed >= 0  # the elected sign of each entry
+            positive = mixed >= 0  # the elected sign: that of the weighted sum
             mixed.zero_()
-            divisor = torch.zeros_like(t.base) if params["normalize"] else None
-            for w, d in zip(weights, sparse, strict=True):
-                if w == 0:
-                    continue  # a zero weighted delta has sign 0 and never agrees
-                agree = torch.where(positive, d > 0, d < 0) if w > 0 else torch.where(positive, d < 0, d > 0)
-                mixed.add_(torch.where(agree, d, 0.0), alpha=w)
-                if divisor is not None:
-                    divisor.add_(agree.to(divisor.dtype), alpha=w)
-            if divisor is not None:
-                mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
+            divisor = torch.zeros_like(t.base)
+            for w, wd in zip(weights.tolist(), weighted, strict=True):
+                # mergekit's mask: sign(w * d) equal to the elected sign (a zero never agrees)
+                agree = torch.where(positive, wd > 0, wd < 0)
+                mixed.add_(wd.masked_fill_(~agree, 0.0))
+                divisor.add_(agree.to(dtype), alpha=w)
+            divisor.masked_fill_(divisor == 0, 1.0)
         else:
-            for w, d in zip(weights, sparse, strict=True):
-                mixed.add_(d, alpha=w)
-            if params["normalize"]:
-                total = sum(weights)
-                mixed.div_(total if abs(total) >= 1e-8 else 1.0)
+            total = weights.sum()
+            divisor = total if total.abs() >= 1e-8 else torch.ones((), dtype=dtype)
+        del weighted
+        if params["normalize"]:
+            mixed.div_(divisor)
         if params["lambda"] != 1:
             mixed.mul_(params["lambda"])
-        return (t.base + mixed).to(t.base.dtype)
+        return (t.base + mixed).to(dtype)
+
+
+def check_della_bounds(method: str, experts: Sequence[Mapping[str, Any]], names: Sequence[str]) -> None:
+    """DELLA's keep probabilities ``density +- epsilon`` must lie in (0, 1) wherever it drops anything."""
+    for name, e in zip(names, experts, strict=True):
+        density, epsilon = e["density"], e["epsilon"]
+        if 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
+            raise MergeError(f"model '{name}': method '{method}' needs 0 < density - epsilon and density + epsilon"
+                             f" < 1 (got density {density}, epsilon {epsilon})")

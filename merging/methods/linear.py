@@ -15,9 +15,16 @@ class Linear(MergeMethod):
     global_params = (Param("normalize", True),)
 
     def merge(self, t: TensorInputs, experts: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> Tensor:
-        weights = torch.tensor([e["weight"] for e in experts], dtype=t.base.dtype)
-        mixed = sum((t.base + d) * w for d, w in zip(t.deltas, weights, strict=True))
+        # As mergekit computes it: in float32 (float64 for float64 inputs) whatever the inputs' dtype,
+        # accumulated expert by expert with addcmul, divided once by the weights' sum.
+        dtype = torch.float64 if t.base.dtype == torch.float64 else torch.float32
+        weights = torch.tensor([float(e["weight"]) for e in experts], dtype=dtype)
+        mixed = torch.zeros_like(t.base, dtype=dtype)
+        for d, w in zip(t.deltas, weights, strict=True):
+            expert = d.add_(t.base) if t.owned else t.base + d  # base + (expert - base)
+            mixed.addcmul_(expert, w)
         if params["normalize"]:
             total = weights.sum()
-            mixed = mixed / (total if total.abs() > 1e-8 else 1)
+            # mergekit divides by a zero sum (inf/nan everywhere); here a zero sum leaves the plain sum
+            mixed.div_(total if total.abs() > 1e-8 else 1)
         return mixed.to(t.base.dtype)

@@ -1,6 +1,10 @@
-"""Each standard method against a plain re-statement of mergekit's formulas, in float32."""
+"""Each standard method against a plain re-statement of mergekit's formulas, in float32, and the
+contract of every method's parameters. The comparison with mergekit 0.1.5 itself, on real
+checkpoints, is ``test_mergekit_parity.py``."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
@@ -108,7 +112,7 @@ def test_dare_is_reproducible_and_seed_dependent(tensors):
 def test_breadcrumbs_drops_both_tails(tensors):
     base, deltas = tensors
     experts = [{"weight": 1.0, "density": 0.5}]
-    out = _run("breadcrumbs", base, deltas[:1], experts, {"gamma": 0.1})
+    out = _run("breadcrumbs", base, deltas[:1], experts, {"gamma": 0.1})  # global: every model's default
     kept = (out - base) != 0
     n = base.numel()
     assert kept.sum().item() == int(0.5 * n)
@@ -140,10 +144,111 @@ def test_every_method_rejects_unknown_parameters(name):
         method.resolve([{"weight": 1.0, "bogus": 1}], {}, ["m0"])
 
 
-@pytest.mark.parametrize("density", [0.0, -0.1, 1.5])
+@pytest.mark.parametrize("density", [-0.1, 1.5])
 def test_density_outside_unit_interval_is_refused(density):
     with pytest.raises(MergeError, match="density"):
         get_method("ties").resolve([{"weight": 1.0, "density": density}], {}, ["m0"])
+
+
+@pytest.mark.parametrize("name", ["ties", "dare_ties", "dare_linear", "breadcrumbs", "della"])
+def test_density_zero_drops_the_whole_delta_as_in_mergekit(tensors, name):
+    base, deltas = tensors
+    out = _run(name, base, deltas[:2], [{"weight": 0.7, "density": 0.0}, {"weight": 0.5, "density": 0.5}])
+    alone = _run(name, base, deltas[1:2], [{"weight": 0.5, "density": 0.5}])
+    assert torch.equal(out, alone)  # as if the first expert were not there (it draws no mask either)
+    assert not torch.equal(out, _run(name, base, deltas[:2], [{"weight": 0.7, "density": 0.3},
+                                                               {"weight": 0.5, "density": 0.5}]))
+
+
+def test_ties_keeps_at_least_the_largest_entry_as_in_mergekit():
+    delta = torch.tensor([0.1, -0.5, 0.2, 0.05])
+    out = _run("ties", torch.zeros(4), [delta], [{"weight": 1.0, "density": 0.1}])  # int(0.4) = 0 entries
+    assert torch.equal(out, torch.tensor([0.0, -0.5, 0.0, 0.0]))
+
+
+def test_della_bounds_are_checked_before_any_tensor():
+    with pytest.raises(MergeError, match="model 'm1'.*density - epsilon"):
+        get_method("della").resolve([{"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.1}],
+                                    {"epsilon": 0.15}, ["m0", "m1"])
+
+
+# Every parameter a method accepts is honoured (changing it changes the merge; a per-model one
+# changes it when given for one model only, and not as it would globally), or it is one mergekit
+# declares and ignores for the method: the merge is unchanged and a warning says so.
+CHANGED = {"weight": 0.4, "density": 0.3, "gamma": 0.1, "epsilon": 0.05, "lambda": 0.5, "order": "saliency",
+           "granularity": "row"}
+
+
+def _changed(param):
+    return (not param.default) if isinstance(param.default, bool) else CHANGED[param.name]
+
+
+@pytest.fixture
+def contract_inputs():
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(64, 48, generator=g)
+    # different scales: OBIM's saliency order is then not the listed one
+    return base, [0.1 * torch.randn(64, 48, generator=g), 0.2 * torch.randn(64, 48, generator=g)]
+
+
+def _contract_run(name, inputs, experts, params):
+    base, deltas = inputs
+    method = get_method(name)
+    resolved, global_params = method.resolve(experts, params, ["m0", "m1"])
+    gen = torch.Generator().manual_seed(0)
+    return method.merge(TensorInputs("t", base, deltas, gen), resolved, global_params)
+
+
+def _baseline_experts(method):
+    baseline = {"weight": [0.7, 0.5], "density": [0.5, 0.5]}
+    return [{p.name: baseline[p.name][i] for p in method.expert_params if p.name in baseline} for i in range(2)]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_accepted_parameter_is_honoured_or_warned_about(name, contract_inputs, caplog):
+    method = get_method(name)
+    experts = _baseline_experts(method)
+    baseline = _contract_run(name, contract_inputs, experts, {})
+    for p in method.expert_params:
+        one = [{**experts[0], p.name: _changed(p)}, experts[1]]
+        out = _contract_run(name, contract_inputs, one, {})
+        assert not torch.equal(out, baseline), f"{name}: '{p.name}' of one model changes nothing"
+        everywhere = [{k: v for k, v in e.items() if k != p.name} for e in experts]
+        if p.name != "weight":  # weight has no default to fall back to
+            assert not torch.equal(out, _contract_run(name, contract_inputs, everywhere, {p.name: _changed(p)})), \
+                f"{name}: '{p.name}' of one model acts on every model"
+    for p in method.global_params:
+        out = _contract_run(name, contract_inputs, experts, {p.name: _changed(p)})
+        assert not torch.equal(out, baseline), f"{name}: '{p.name}' changes nothing"
+    for inert in method.inert_params:
+        value = True if isinstance(inert.param.default, bool) else 0.3
+        for experts_given, params_given in (([{**experts[0], inert.param.name: value}, experts[1]], {}),
+                                            (experts, {inert.param.name: value})):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="merging"):
+                out = _contract_run(name, contract_inputs, experts_given, params_given)
+            assert torch.equal(out, baseline), f"{name}: '{inert.param.name}' is declared inert but acts"
+            assert f"'{inert.param.name}' has no effect with method '{name}'" in caplog.text
+    for p in method.global_params:  # mergekit reads a shared parameter only under `parameters`
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="merging"):
+            out = _contract_run(name, contract_inputs, [{**experts[0], p.name: _changed(p)}, experts[1]], {})
+        assert torch.equal(out, baseline)
+        assert f"model 'm0': '{p.name}' is a global parameter" in caplog.text
+
+
+def test_an_honoured_parameter_gives_no_warning(contract_inputs, caplog):
+    with caplog.at_level(logging.WARNING, logger="merging"):
+        _contract_run("breadcrumbs", contract_inputs, [{"weight": 0.7, "density": 0.5, "gamma": 0.1},
+                                                       {"weight": 0.5, "density": 0.5}], {"lambda": 0.9})
+    assert caplog.text == ""
+
+
+def test_breadcrumbs_gamma_per_model_is_that_models(tensors):
+    """Issue #17: a per-model gamma (mergekit's form) was accepted and silently ignored."""
+    base, deltas = tensors
+    out = _run("breadcrumbs", base, deltas[:1], [{"weight": 1.0, "density": 0.5, "gamma": 0.1}])
+    assert torch.equal(out, _run("breadcrumbs", base, deltas[:1], [{"weight": 1.0, "density": 0.5}], {"gamma": 0.1}))
 
 
 def test_unknown_method_is_named():
