@@ -5,10 +5,150 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from merging.errors import MergeError
+
+# A tensor's decoder layer: the N of ``layers.N.`` in its name (mergekit's names for Llama-, Mistral-,
+# Qwen-, Gemma-, Phi- and GPT-NeoX-like models). Tensors without one (embeddings, the final norm,
+# lm_head) are outside the layers.
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+Scalar = bool | int | float | str
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _describe(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def layer_position(tensor: str, num_layers: int | None) -> float:
+    """Where mergekit evaluates a gradient for ``tensor``: ``t = i / (num_layers - 1)`` for layer ``i``
+    (``1`` when the model has one layer), ``0`` outside the layers (mergekit plans the embeddings,
+    the final norm and lm_head with ``t = 0``)."""
+    match = LAYER.search(tensor)
+    if match is None:
+        return 0.0
+    index = int(match.group(1))
+    if num_layers is None:
+        raise MergeError(f"tensor '{tensor}': a gradient needs the model's layer count")
+    if index >= num_layers:
+        raise MergeError(f"tensor '{tensor}' is in layer {index}, but the model has {num_layers} layers")
+    return index / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def interpolate(values: tuple[Scalar, ...], t: float) -> Scalar:
+    """mergekit's gradient (``config.evaluate_setting``), float for float: numbers interpolate linearly
+    between neighbouring entries at ``t * (len - 1)``; booleans and strings pick an entry."""
+    if not all(_is_number(v) for v in values):
+        return values[int(t * (len(values) - 1))]
+    floats = [float(v) for v in values]
+    scaled = t * (len(floats) - 1)
+    i0 = int(scaled)
+    i1 = min(len(floats) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * floats[i0] + frac * floats[i1]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One parameter's value as mergekit's YAML writes it: a scalar; a gradient (a list of scalars,
+    interpolated over the layers); or a list of ``{filter: SUBSTRING, value: SCALAR_OR_GRADIENT}``
+    entries, the first whose filter is in the tensor's name winning (an entry without a filter, or
+    with ``*``, matches every tensor). ``entries``: ``(filter, value)`` pairs, a gradient as a tuple."""
+
+    entries: tuple[tuple[str | None, Scalar | tuple[Scalar, ...]], ...]
+
+    @classmethod
+    def parse(cls, raw: Any, name: str, where: str) -> Setting:
+        """Read a setting; a malformed one raises a one-line MergeError naming ``where`` and ``name``."""
+        at = f"{where}: '{name}'"
+        if isinstance(raw, Mapping):
+            raw = [raw]
+        if isinstance(raw, list) and raw and all(isinstance(e, Mapping) for e in raw):
+            entries = []
+            for i, entry in enumerate(raw):
+                unknown = sorted(set(entry) - {"filter", "value"})
+                if unknown:
+                    raise MergeError(f"{at}: entry {i} has unknown key(s) {unknown}; an entry is "
+                                     "{filter: SUBSTRING, value: NUMBER or [NUMBERS]}")
+                if "value" not in entry:
+                    raise MergeError(f"{at}: entry {i} ({_describe(dict(entry))}) has no 'value'")
+                filt = entry.get("filter")
+                if filt is not None and not isinstance(filt, str):
+                    raise MergeError(f"{at}: entry {i}'s filter must be a string (a substring of tensor names), "
+                                     f"got {_describe(filt)}")
+                entries.append((filt, cls._value(entry["value"], f"{at}: entry {i}'s value")))
+            return cls(tuple(entries))
+        return cls(((None, cls._value(raw, at)),))
+
+    @staticmethod
+    def _value(raw: Any, at: str) -> Scalar | tuple[Scalar, ...]:
+        if isinstance(raw, (bool, int, float, str)):
+            return raw
+        if raw is None:
+            raise MergeError(f"{at} has no value")
+        if not isinstance(raw, list):
+            raise MergeError(f"{at} must be a number, a list of numbers or a list of filter entries, "
+                             f"got {_describe(raw)}")
+        if not raw:
+            raise MergeError(f"{at} is an empty list")
+        if any(isinstance(v, Mapping) for v in raw):
+            raise MergeError(f"{at} mixes filter entries with other values (entries cannot nest)")
+        bad = [v for v in raw if not isinstance(v, (bool, int, float, str))]
+        if bad:
+            raise MergeError(f"{at}: a gradient holds numbers, got {_describe(bad[0])} in {_describe(raw)}")
+        kinds = {"number" if _is_number(v) else type(v).__name__ for v in raw}
+        if len(kinds) > 1:
+            raise MergeError(f"{at}: a gradient mixes {' and '.join(sorted(kinds))} values: {_describe(raw)}")
+        return tuple(raw)
+
+    @property
+    def gradient(self) -> bool:
+        return any(isinstance(v, tuple) for _, v in self.entries)
+
+    @property
+    def constant(self) -> bool:
+        """One value for every tensor: a plain scalar."""
+        return len(self.entries) == 1 and self.entries[0][0] in (None, "*") and not self.gradient
+
+    def at(self, tensor: str, t: float) -> Scalar | None:
+        """The value for ``tensor`` at layer position ``t`` (:func:`layer_position`); None when no
+        entry's filter matches (mergekit then looks at the next scope: the global ``parameters``)."""
+        for filt, value in self.entries:
+            if filt is None or filt == "*" or (tensor and filt in tensor):
+                return interpolate(value, t) if isinstance(value, tuple) else value
+        return None
+
+    def values(self, positions: set[float] | frozenset[float]) -> list[Scalar]:
+        """Every value some tensor at one of ``positions`` can get (each entry's, whatever matches)."""
+        out: dict[tuple[str, Scalar], Scalar] = {}
+        for _, value in self.entries:
+            for v in ([interpolate(value, t) for t in sorted(positions)] if isinstance(value, tuple) else [value]):
+                out.setdefault((type(v).__name__, v), v)
+        return list(out.values())
+
+    def raw(self) -> Any:
+        """The YAML/JSON form: a scalar, a list, or a list of entries."""
+
+        def plain(value: Scalar | tuple[Scalar, ...]) -> Any:
+            return list(value) if isinstance(value, tuple) else value
+
+        if len(self.entries) == 1 and self.entries[0][0] is None:
+            return plain(self.entries[0][1])
+        return [({"filter": f} if f is not None else {}) | {"value": plain(v)} for f, v in self.entries]
+
+
+def parse_settings(raw: Mapping[str, Any], where: str) -> dict[str, Setting]:
+    if not isinstance(raw, Mapping):
+        raise MergeError(f"{where}: parameters must be a mapping of names to values, got {_describe(raw)}")
+    return {name: Setting.parse(value, name, where) for name, value in raw.items()}
 
 
 @dataclass(frozen=True)
@@ -26,19 +166,37 @@ class Grouping:
         n = self.layer_groups
         return [f"L{i}-{min(i + n, self.num_layers) - 1}" for i in range(0, self.num_layers, n)] + ["rest"]
 
+    def layers_of(self, group: str) -> range | None:
+        """The layers a group's tensors lie in: None for any tensor (no layer groups), an empty range
+        for ``rest`` (the tensors outside the layers)."""
+        part = group.split("/", 1)[0]
+        if part == "all":
+            return None
+        if part == "rest":
+            return range(0)
+        first, last = part[1:].split("-")
+        return range(int(first), int(last) + 1)
+
     def groups(self) -> list[str]:
         filters = [*self.filters, "other"] if self.filters else ["all"]
         return [f"{layer}/{f}" for layer in self._layer_parts() for f in filters]
 
+    @property
+    def layered(self) -> bool:
+        return bool(self.layer_groups and self.num_layers)
+
+    def layer_part(self, index: int | None) -> str:
+        """The layer part of the group of a tensor in layer ``index`` (None: outside the layers)."""
+        if not self.layer_groups or not self.num_layers:
+            return "all"
+        if index is None:
+            return "rest"  # embeddings, final norm, lm_head
+        start = index // self.layer_groups * self.layer_groups
+        return f"L{start}-{min(start + self.layer_groups, self.num_layers) - 1}"
+
     def group_of(self, tensor: str) -> str:
-        layer = "all"
-        if self.layer_groups and self.num_layers:
-            match = LAYER.search(tensor)
-            if match:
-                start = int(match.group(1)) // self.layer_groups * self.layer_groups
-                layer = f"L{start}-{min(start + self.layer_groups, self.num_layers) - 1}"
-            else:
-                layer = "rest"  # embeddings, final norm, lm_head
+        match = LAYER.search(tensor)
+        layer = self.layer_part(int(match.group(1)) if match else None)
         part = "all"
         if self.filters:
             part = next((f for f in self.filters if f in tensor), "other")
@@ -49,6 +207,7 @@ class Grouping:
 class ExpertRef:
     name: str
     path: str
+    # name -> mergekit setting: a scalar, a gradient over the layers, or filter entries (`Setting`)
     params: dict[str, Any] = field(default_factory=dict)
     calibration: str | None = None  # OBIM's calibration texts (jsonl or text file)
     group_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # group -> params overriding params
@@ -62,7 +221,7 @@ class MergeConfig:
     method: str
     base: str
     experts: tuple[ExpertRef, ...]
-    params: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)  # global settings: every expert's default
     seed: int = 0  # seeds DARE/DELLA's random masks, per tensor
     grouping: Grouping | None = None
     dtype: str | None = None  # what the model is held and written in; None: the checkpoint's own
