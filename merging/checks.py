@@ -3,21 +3,26 @@ methods that work on deltas) a base that is each expert's ancestor. Errors name 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
 from merging.errors import IncompatibleCheckpoints, MergeError
 from merging.io import CheckpointReader, TensorReader, model_dir, open_reference
 
+log = logging.getLogger(__name__)
+
 # A fine-tune moves weights by a small fraction of their norm; an unrelated model by ~sqrt(2).
 ANCESTOR_MAX_RELATIVE_DELTA = 0.5
 ANCESTRY_PROBES = 3  # matrices compared per expert
 
 
-def check_compatible(base: TensorReader, experts: Mapping[str, TensorReader], *, ancestry: bool) -> list[str]:
+def check_compatible(base: TensorReader, experts: Mapping[str, TensorReader], *,
+                     ancestry: bool | str) -> list[str]:
     """The base's tensor names, once every expert has the same tensors with the same shapes
     (and, with ``ancestry``, looks fine-tuned from the base); otherwise an IncompatibleCheckpoints
-    (a MergeError) naming the expert."""
+    (a MergeError) naming the expert. ``ancestry="warn"``: an unrelated-looking expert is logged
+    as a warning, not refused (the user said they know better)."""
     names = base.keys()
     _check_dtypes("the base", base)
     for expert, reader in experts.items():
@@ -31,7 +36,12 @@ def check_compatible(base: TensorReader, experts: Mapping[str, TensorReader], *,
             if reader.shape(n) != base.shape(n):
                 raise IncompatibleCheckpoints(f"model '{expert}': tensor '{n}' has shape {reader.shape(n)}, "
                                               f"the base has {base.shape(n)}")
-    if ancestry:
+    if ancestry == "warn":
+        try:
+            _check_ancestry(base, experts, names)
+        except IncompatibleCheckpoints as exc:
+            log.warning("%s (merging anyway: allow_unrelated)", exc)
+    elif ancestry:
         _check_ancestry(base, experts, names)
     return names
 
@@ -86,7 +96,7 @@ def _check_ancestry(base: TensorReader, experts: Mapping[str, TensorReader], nam
                                           "its ancestor?")
 
 
-def check_dirs(base_dir: str | Path, expert_dirs: Mapping[str, str | Path], *, ancestry: bool,
+def check_dirs(base_dir: str | Path, expert_dirs: Mapping[str, str | Path], *, ancestry: bool | str,
                download: bool = False, loadable: bool = False) -> None:
     """``check_compatible`` on checkpoints named by directory or hub id, reading only their headers
     and, with ``ancestry``, a few matrices: cheap enough for a submit-time check.

@@ -225,12 +225,24 @@ class MergeConfig:
     seed: int = 0  # seeds DARE/DELLA's random masks, per tensor
     grouping: Grouping | None = None
     dtype: str | None = None  # what the model is held and written in; None: the checkpoint's own
+    allow_unrelated: bool = False  # merge experts that do not look fine-tuned from the base (warned, not refused)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        if data["dtype"] is None:  # configs from before the option keep their fingerprints (results cache keys)
-            del data["dtype"]
+        # Options at their defaults are left out: configs from before them keep their fingerprints
+        # (results cache keys) and their exports.
+        for key, default in (("dtype", None), ("allow_unrelated", False)):
+            if data[key] == default:
+                del data[key]
         return data
+
+    @property
+    def ancestry(self) -> bool | str:
+        """How ``merging.checks`` treats a base that does not look like the experts' ancestor:
+        no check for ``linear`` (it takes no deltas), a warning when allowed, else a refusal."""
+        if self.method == "linear":
+            return False
+        return "warn" if self.allow_unrelated else True
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MergeConfig:
@@ -241,7 +253,7 @@ class MergeConfig:
                                 tuple(grouping.get("filters") or ()))
         return cls(method=data["method"], base=data["base"], experts=experts,
                    params=dict(data.get("params", {})), seed=int(data.get("seed", 0)), grouping=grouping,
-                   dtype=data.get("dtype"))
+                   dtype=data.get("dtype"), allow_unrelated=bool(data.get("allow_unrelated", False)))
 
     def experts_identity(self) -> list[tuple[str, str, str | None]]:
         """What determines the resident state (not the per-trial parameters)."""
@@ -249,4 +261,6 @@ class MergeConfig:
 
     def fingerprint(self) -> str:
         """A stable hash of the merge: equal configs give equal models."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        data = self.to_dict()
+        data.pop("allow_unrelated", None)  # a check's leniency, not part of the model
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

@@ -51,11 +51,7 @@ def _model_card(config: MergeConfig, dtype: str | None) -> str:
 
 
 def _config_yaml(config: MergeConfig, dtype: str | None) -> str:
-    if config.grouping is None:
-        return to_mergekit(config, dtype)
-    import yaml
-
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    return to_mergekit(config, dtype)
 
 
 def _copy_side_files(base_dir: Path, out: Path, dtype: torch.dtype | None) -> None:
@@ -123,11 +119,12 @@ def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None 
     held = parse_dtype(config.dtype)
     dtype = dtype if dtype is not None else config.dtype
     out_dtype = parse_dtype(dtype)
-    plan_params = MergePlan(config)
-    names_k = plan_params.names
+    MergePlan(config)  # a bad parameter fails before any checkpoint is opened
     base = open_reference(config.base)
     readers = {e.name: open_reference(e.path, config.base) for e in config.experts}  # LoRA experts: on the base
-    names = check_compatible(base, readers, ancestry=config.method != "linear")
+    names = check_compatible(base, readers, ancestry=config.ancestry)
+    plan_params = MergePlan(config, names=names)  # and every tensor's, before any is merged
+    names_k = plan_params.names
     stats = stats or {}
     dev = torch.device(device)
 

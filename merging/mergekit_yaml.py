@@ -29,6 +29,7 @@ from merging.config import (
 )
 from merging.errors import MergeError
 
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
 MERGEKIT_METHODS = {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "della"}
 
 
@@ -55,8 +56,8 @@ def parse_mergekit(text: str, relative_to: Path | None = None) -> FileMergePlan:
         raise MergeError(f"config is not valid YAML: {exc}") from None
     if not isinstance(doc, dict):
         raise MergeError("config must be a YAML mapping")
-    unknown = sorted(set(doc) - {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source",
-                                 "seed", "name"})
+    unknown = sorted(set(doc) - {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+                                 "tokenizer_source", "seed", "name"})
     if unknown:
         raise MergeError(f"config: unknown key(s) {unknown}")
     for key in ("merge_method", "models"):
@@ -77,7 +78,7 @@ def parse_mergekit(text: str, relative_to: Path | None = None) -> FileMergePlan:
         if not isinstance(entry, dict) or "model" not in entry:
             raise MergeError(f"config: models[{i}] needs a 'model'")
         path = resolve(str(entry["model"]))
-        if base is not None and path == resolve(str(base)):
+        if base is not None and path == resolve(str(base)) and method != "linear":
             continue  # mergekit lets the base appear among the models; it carries no delta
         calibration = resolve(str(entry["calibration"])) if entry.get("calibration") else None
         params = _settings(entry.get("parameters") or {}, f"model '{entry['model']}'")
@@ -86,9 +87,18 @@ def parse_mergekit(text: str, relative_to: Path | None = None) -> FileMergePlan:
         if method != "linear":
             raise MergeError(f"config: method '{method}' needs a 'base_model'")
         base = experts[0].path
+    elif method == "linear" and all(e.path != resolve(str(base)) for e in experts):
+        # mergekit averages every model it reads, the base included (weighted by the global default)
+        experts.insert(0, ExpertRef(name=_unique_name(resolve(str(base)), taken), path=resolve(str(base))))
+    for key in ("dtype", "out_dtype"):
+        if doc.get(key) is not None and doc[key] not in DTYPE_NAMES:
+            raise MergeError(f"config: '{key}' must be one of {list(DTYPE_NAMES)}, got {doc[key]!r}")
+    # mergekit's `dtype` is what the inputs are read in (the merge config's own dtype); `out_dtype`
+    # what is written, by default the same.
     config = MergeConfig(method=method, base=resolve(str(base)), experts=tuple(experts),
-                         params=_settings(doc.get("parameters") or {}, "parameters"), seed=int(doc.get("seed", 0)))
-    return FileMergePlan(config=config, dtype=doc.get("dtype"))
+                         params=_settings(doc.get("parameters") or {}, "parameters"), seed=int(doc.get("seed", 0)),
+                         dtype=doc.get("dtype"))
+    return FileMergePlan(config=config, dtype=doc.get("out_dtype"))
 
 
 def _settings(raw: Any, where: str) -> dict[str, Any]:
@@ -270,6 +280,8 @@ def to_mergekit(config: MergeConfig, dtype: str | None = None, *, tensor_names: 
     }
     if config.params:
         doc["parameters"] = dict(config.params)
-    if dtype:
-        doc["dtype"] = dtype
+    if config.dtype:
+        doc["dtype"] = config.dtype
+    if dtype and dtype != config.dtype:
+        doc["dtype" if config.dtype is None else "out_dtype"] = dtype
     return yaml.dump(doc, Dumper=_Dumper, sort_keys=False)

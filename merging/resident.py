@@ -210,7 +210,7 @@ class Merger:
         names = [e.name for e in config.experts]
         if names != self.expert_names:
             raise MergeError(f"merge config names experts {names}, the merger holds {self.expert_names}")
-        plan = MergePlan(config)
+        plan = MergePlan(config, names=keys)  # every tensor's parameters checked before any merges
         for name, experts in self._experts(keys):
             base = self.base[name]
             b32 = base.float()

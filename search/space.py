@@ -62,4 +62,5 @@ class SearchSpace:
         # a study seeded 7 is the same model (and the same cache entry) as one seeded 0.
         seed = self.spec.seed if self.spec.method in SEEDED_METHODS else 0
         return MergeConfig(method=self.spec.method, base=self.spec.base, experts=experts, params=global_params,
-                           seed=seed, grouping=self.grouping(), dtype=self.spec.dtype)
+                           seed=seed, grouping=self.grouping(), dtype=self.spec.dtype,
+                           allow_unrelated=self.spec.allow_unrelated)

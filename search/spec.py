@@ -204,6 +204,8 @@ class StudySpec(_Strict):
         default_factory=list, max_length=100, description="earlier studies (same base, experts and "
                                   "method) whose evaluated trials seed this one without being re-evaluated")
     seed: int = Field(default=0, ge=0, le=2**31 - 1)  # samplers seed numpy: 32 bits
+    allow_unrelated: bool = Field(default=False, description="merge experts that do not look fine-tuned from the "
+                                  "base (e.g. long continual pretraining): warned about, not refused")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         default=None, description="what workers hold the models in and merge into (each tensor is merged in "
         "float32 and cast back); unset: the checkpoint's own dtype, or the worker's --dtype")

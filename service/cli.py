@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -206,6 +207,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     config_path = Path(args.config)
     plan = parse_mergekit(config_path.read_text(), relative_to=config_path.parent)
+    config = replace(plan.config, allow_unrelated=True) if args.allow_unrelated else plan.config
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns) as progress:
         bar = progress.add_task("merging tensors", total=None)
@@ -213,7 +215,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         def step(_name: str, done: int, total: int) -> None:
             progress.update(bar, completed=done, total=total)
 
-        out = write_model(plan.config, Path(args.out_dir), dtype=args.dtype or plan.dtype, device=args.device,
+        out = write_model(config, Path(args.out_dir), dtype=args.dtype or plan.dtype, device=args.device,
                           cache_dir=_settings(args).cache_dir, max_shard_bytes=int(args.max_shard_gb * 2**30),
                           progress=step)
     print(f"merged model written to {out}")
@@ -393,8 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("out_dir")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="what the merged model is written in (mergekit's out_dtype; default: the YAML's)")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.add_argument("--allow-unrelated", action="store_true",
+                   help="merge experts that do not look fine-tuned from the base (a warning, not a refusal)")
     p.set_defaults(func=cmd_merge)
 
     admin = sub.add_parser("admin", help="teams and API tokens (works on the database directly)")

@@ -137,7 +137,7 @@ class TrialRunner:
         log.info("loading base %s and %d experts: %s", config.base, len(experts), placement.summary())
         with trusting(self.trusted_task_paths):
             # IncompatibleCheckpoints from here fails the whole study: every worker would see the same.
-            check_compatible(base, experts, ancestry=config.method != "linear")
+            check_compatible(base, experts, ancestry=config.ancestry)
             stats = obim_stats(config, self.cache_dir, str(self.device))
             # The live model first: while transformers reads the files (memory-mapped, counted as resident)
             # nothing else of the set is in memory yet, so the load's peak stays under the set's size.

@@ -165,6 +165,7 @@ def _model_problems(spec: StudySpec, policy: SpecPolicy) -> list[SpecProblem]:
         base = _architecture(_read_config(model_dir(spec.base, download=False)))
     except (OSError, ValueError) as exc:
         return [SpecProblem(("base",), f"the base's config.json cannot be read: {exc}")]
+    ancestry = False if spec.method == "linear" else ("warn" if spec.allow_unrelated else True)
     for i, e in enumerate(spec.experts):
         try:
             arch = _architecture(_read_config(model_dir(e.path, spec.base, download=False)))
@@ -178,7 +179,7 @@ def _model_problems(spec: StudySpec, policy: SpecPolicy) -> list[SpecProblem]:
             continue
         try:
             # The base's own layout once (with the first expert): the others are checked against the base.
-            check_dirs(spec.base, {e.name: e.path}, ancestry=spec.method != "linear", loadable=i == 0)
+            check_dirs(spec.base, {e.name: e.path}, ancestry=ancestry, loadable=i == 0)
         except (IncompatibleCheckpoints, MergeError) as exc:
             problems.append(SpecProblem(("experts", i, "path"), str(exc)))
     return problems

@@ -104,7 +104,9 @@ def test_mergekit_yaml_round_trip_and_cli(tiny_zoo, tmp_path):
     config = _config(tiny_zoo, "ties", normalize=False)
     text = to_mergekit(config, "float32")
     plan = parse_mergekit(text)
-    assert plan.config.method == "ties" and plan.dtype == "float32"
+    # mergekit's `dtype` is what the inputs are read in: the merge config's own dtype (output: the same)
+    assert plan.config.method == "ties" and plan.config.dtype == "float32" and plan.dtype is None
+    assert parse_mergekit(text + "out_dtype: bfloat16\n").dtype == "bfloat16"
     assert [e.params for e in plan.config.experts] == [e.params for e in config.experts]
     assert plan.config.params == {"normalize": False}
     path = tmp_path / "merge.yaml"

@@ -73,6 +73,7 @@ class Case:
     check: str = "exact"  # exact | f32 | tie-order | bf16
     mergekit_extra: dict[str, Any] = field(default_factory=dict)  # keys only mergekit's YAML gets
     warns: tuple[str, ...] = ()  # what mmmo's warnings must name
+    base_model: bool | None = None  # whether the YAML names one (None: every method but linear)
 
 
 SETS = {  # name -> (architecture, experts, shard_bytes)
@@ -87,6 +88,9 @@ CASES = [
     Case("linear-per-model", "llama", "linear", ({"weight": 0.7}, {"weight": 0.35}, {"weight": 0.2}), check="f32"),
     Case("linear-global-unnormalized", "llama", "linear", (None, None), {"weight": 0.6, "normalize": False},
          check="f32"),
+    # mergekit averages the base in too, weighted by the global default
+    Case("linear-with-base-model", "llama", "linear", ({"weight": 0.7}, {"weight": 0.35}), {"weight": 0.5},
+         check="f32", base_model=True),
     Case("task_arithmetic-per-model", "llama", "task_arithmetic", ({"weight": 0.7}, {"weight": -0.35}),
          {"lambda": 0.9}),
     Case("task_arithmetic-global-normalized", "llama", "task_arithmetic", (None, None, None),
@@ -156,7 +160,7 @@ RANDOM_JOBS = [
 def _yaml(case: Case, sets: dict, extra: dict[str, Any]) -> str:
     s = sets[case.arch]
     doc: dict[str, Any] = {"merge_method": case.method}
-    if case.method != "linear":
+    if case.base_model if case.base_model is not None else case.method != "linear":
         doc["base_model"] = str(s.base)
     doc["models"] = [{"model": str(s.experts[f"e{i}"])} | ({"parameters": p} if p else {})
                      for i, p in enumerate(case.models)]

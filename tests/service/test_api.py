@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import optuna
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -257,7 +258,7 @@ def test_time_budget_stops_new_trials(clock_client, clock, tiny_zoo):
     assert client.get(f"/api/v1/studies/{study['id']}").json()["status"] == "done"
 
 
-def test_layer_groups_read_the_layer_count_from_the_base(client, tiny_zoo):
+def test_layer_groups_read_the_layer_count_from_the_base(client, tiny_zoo, tmp_path):
     spec = zoo_spec(tiny_zoo, trials=1)
     spec["search_space"] = {"layer_groups": 2, "filters": ["mlp"]}
     study = client.post("/api/v1/studies", json=spec).json()
@@ -265,9 +266,19 @@ def test_layer_groups_read_the_layer_count_from_the_base(client, tiny_zoo):
     assert lease["merge_config"]["grouping"] == {"layer_groups": 2, "num_layers": 4, "filters": ["mlp"]}
     groups = lease["merge_config"]["experts"][0]["group_params"]
     assert sorted(groups) == ["L0-1/mlp", "L0-1/other", "L2-3/mlp", "L2-3/other", "rest/mlp", "rest/other"]
+    # mergekit's form: filter entries with per-layer gradients, which merge to the trial's tensors
     r = client.get(f"/api/v1/studies/{study['id']}/trials/{lease['trial_number']}/export")
-    assert r.status_code == 422 and "mergekit" in r.json()["detail"][0]["msg"]
-    assert r.json()["detail"][0]["loc"] == ["query", "format"]
+    assert r.status_code == 200 and "filter: mlp" in r.text
+    from merging.config import MergeConfig
+    from merging.files import merge_to_dir
+    from merging.io import CheckpointReader
+    from merging.mergekit_yaml import parse_mergekit
+
+    exported = parse_mergekit(r.text).config
+    assert exported.grouping is None
+    trial = CheckpointReader(merge_to_dir(MergeConfig.from_dict(lease["merge_config"]), tmp_path / "trial"))
+    again = CheckpointReader(merge_to_dir(exported, tmp_path / "exported"))
+    assert all(torch.equal(trial.get(n), again.get(n)) for n in trial.keys())
 
 
 def test_warm_start_seeds_evaluated_trials_outside_the_budget(client, settings, tiny_zoo):

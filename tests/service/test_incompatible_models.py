@@ -65,3 +65,43 @@ def test_models_whose_tensors_do_not_fit_the_config_are_a_422_naming_the_tensor(
     assert "base: checkpoint tensor(s) ['model.layers.0.mlp.down_proj.weight']" in problem["msg"]
     assert "the model's config makes it" in problem["msg"]
     assert client.get("/api/v1/studies").json() == []
+
+
+def test_allow_unrelated_merges_with_the_warning_instead_of_refusing(client, tiny_zoo, tmp_path, caplog):
+    import logging
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from evals.objective import Objective
+    from merging.config import ExpertRef, MergeConfig
+
+    stranger = build_tiny_zoo(tmp_path / "other", seed=1)
+    spec = zoo_spec(tiny_zoo) | {"base": str(stranger.base), "allow_unrelated": True}
+    with caplog.at_level(logging.WARNING, logger="merging.checks"):
+        assert client.post("/api/v1/studies", json=spec).status_code == 201
+    assert "model 'add': does not look fine-tuned from the base" in caplog.text and "allow_unrelated" in caplog.text
+
+    config = MergeConfig(method="ties", base=str(stranger.base), allow_unrelated=True,
+                         experts=(ExpertRef("add", str(tiny_zoo.experts["add"]), {"weight": 0.5, "density": 0.5}),))
+    assert config.fingerprint() == MergeConfig(**{**config.__dict__, "allow_unrelated": False}).fingerprint()
+    scores = TrialRunner(trusted_task_paths=[]).run(config, [Objective(kind="sparsity", direction="minimize")])
+    assert scores["sparsity"] > 0
+
+    doc = {"merge_method": "ties", "base_model": str(stranger.base),
+           "models": [{"model": str(tiny_zoo.experts["add"]), "parameters": {"weight": 0.5, "density": 0.5}}]}
+    (tmp_path / "merge.yml").write_text(yaml.safe_dump(doc))
+    env = {**os.environ, "MMMO_CACHE_DIR": str(tmp_path / "cache")}
+
+    def merge(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "service.cli", "merge", str(tmp_path / "merge.yml"),
+                               str(tmp_path / f"out{len(flags)}"), *flags], capture_output=True, text=True, env=env,
+                              timeout=300)
+
+    refused = merge()
+    assert refused.returncode == 1 and "is the base its ancestor?" in refused.stderr
+    allowed = merge("--allow-unrelated")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "does not look fine-tuned from the base" in allowed.stderr and "merging anyway" in allowed.stderr
