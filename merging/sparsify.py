@@ -57,11 +57,8 @@ def bernoulli(delta: Tensor, density: float, rescale: bool, generator: torch.Gen
 
 def magnitude_outliers(delta: Tensor, density: float, gamma: float, rescale: bool = False,
                        inplace: bool = False) -> Tensor:
-    """Model breadcrumbs: drop the largest ``gamma`` fraction and the smallest rest.
-
-    Differs from mergekit on purpose in one case: where ``int(gamma * numel)`` is 0, mergekit's
-    slice ``[n_bot:-0]`` is empty and drops the whole tensor; here nothing is dropped at the top.
-    """
+    """Model breadcrumbs: drop the largest ``gamma`` fraction and the smallest rest (mergekit
+    0.1.5's, checked against it: where ``int(gamma * numel)`` is 0 nothing is dropped at the top)."""
     if density >= 1:
         return delta
     n = delta.numel()
