@@ -24,7 +24,7 @@ from merging.errors import MergeError
 from merging.io import BIN_INDEX, SAFETENSORS_INDEX, SafetensorsWriter, model_dir, open_reference
 from merging.mergekit_yaml import to_mergekit
 from merging.plan import MergePlan
-from merging.step import merge_tensor
+from merging.step import expert_inputs, merge_tensor
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -138,12 +138,13 @@ def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None 
             b = _held(base.get(name), held)
             target = out_dtype or b.dtype
             b32 = b.to(dev, torch.float32)
-            # Each expert tensor becomes its delta in place: one buffer per expert, no temporaries.
-            deltas = [_held(readers[e].get(name), held).to(dev, torch.float32).sub_(b32) for e in names_k]
+            # Each expert's tensor, read for this merge, becomes its input in place when it is float32.
+            inputs = expert_inputs(plan_params, b32, (_held(readers[e].get(name), held).to(dev) for e in names_k),
+                                   fresh=True)
             tensor_stats = [stats.get(e, {}).get(name) for e in names_k]
-            merged = merge_tensor(plan_params, name, b32, deltas, tensor_stats, owned=True)
+            merged = merge_tensor(plan_params, name, b32, inputs, tensor_stats, owned=True)
             writer.add(name, merged.to(target).cpu())
-            del b32, deltas, merged
+            del b32, inputs, merged
             if progress:
                 progress(name, i + 1, len(names))
         writer.finish()

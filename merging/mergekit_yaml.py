@@ -69,7 +69,12 @@ def parse_mergekit(text: str, relative_to: Path | None = None) -> FileMergePlan:
             return str((relative_to / p).resolve())
         return str(p)
 
+    from merging.methods import METHODS  # torch: not at import, the API server exports without it
+
     method = doc["merge_method"]
+    traits = METHODS.get(method)  # an unknown method is refused, with the known ones, when the merge is planned
+    needs_base = traits.needs_base if traits else True
+    base_is_input = traits.base_is_input if traits else False
     base = doc.get("base_model")
     models = doc["models"] or []
     taken: set[str] = set()
@@ -78,17 +83,19 @@ def parse_mergekit(text: str, relative_to: Path | None = None) -> FileMergePlan:
         if not isinstance(entry, dict) or "model" not in entry:
             raise MergeError(f"config: models[{i}] needs a 'model'")
         path = resolve(str(entry["model"]))
-        if base is not None and path == resolve(str(base)) and method != "linear":
+        if base is not None and path == resolve(str(base)) and not base_is_input:
             continue  # mergekit lets the base appear among the models; it carries no delta
         calibration = resolve(str(entry["calibration"])) if entry.get("calibration") else None
         params = _settings(entry.get("parameters") or {}, f"model '{entry['model']}'")
         experts.append(ExpertRef(name=_unique_name(path, taken), path=path, params=params, calibration=calibration))
     if base is None:
-        if method != "linear":
+        if needs_base:
             raise MergeError(f"config: method '{method}' needs a 'base_model'")
+        if not experts:
+            raise MergeError("config: 'models' names no model")
         base = experts[0].path
-    elif method == "linear" and all(e.path != resolve(str(base)) for e in experts):
-        # mergekit averages every model it reads, the base included (weighted by the global default)
+    elif base_is_input and all(e.path != resolve(str(base)) for e in experts):
+        # mergekit merges every model it reads, the base included (weighted by the global default)
         experts.insert(0, ExpertRef(name=_unique_name(resolve(str(base)), taken), path=resolve(str(base))))
     for key in ("dtype", "out_dtype"):
         if doc.get(key) is not None and doc[key] not in DTYPE_NAMES:

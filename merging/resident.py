@@ -25,7 +25,7 @@ from merging.io import CheckpointReader, LoraReader, StateDictReader, TensorRead
 from merging.live_layout import LiveLayout
 from merging.placement import PlanKind
 from merging.plan import MergePlan
-from merging.step import merge_tensor
+from merging.step import expert_inputs, merge_tensor
 
 
 def _reader(source: TensorReader | Mapping[str, Tensor]) -> TensorReader:
@@ -214,9 +214,8 @@ class Merger:
         for name, experts in self._experts(keys):
             base = self.base[name]
             b32 = base.float()
-            # Promotion makes each delta a new float32 tensor, exactly ``e.float() - b32``: the method may overwrite it.
-            deltas = [torch.sub(e, b32) if e.dtype == torch.float32 else e - b32 for e in experts]
-            merged = merge_tensor(plan, name, b32, deltas, [self.stats[e].get(name) for e in names], owned=True)
+            inputs = expert_inputs(plan, b32, experts)  # new float32 tensors: the method may overwrite them
+            merged = merge_tensor(plan, name, b32, inputs, [self.stats[e].get(name) for e in names], owned=True)
             yield name, merged.to(self.dtype or base.dtype)
 
     def _experts(self, keys: Sequence[str]) -> Iterator[tuple[str, list[Tensor]]]:

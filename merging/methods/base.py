@@ -62,15 +62,17 @@ LAMBDA = Param("lambda", 1.0)
 
 @dataclass
 class TensorInputs:
-    """What a method sees of one tensor: the base, each expert's delta, its seeded RNG, and
-    per expert the input-channel energy of this tensor's layer (None where not collected)."""
+    """What a method sees of one tensor, in float32: the base, each expert's delta (methods that
+    take ``deltas``) or each expert's own tensor (methods that take ``models``), its seeded RNG,
+    and per expert the input-channel energy of this tensor's layer (None where not collected)."""
 
     name: str
     base: Tensor
     deltas: list[Tensor]
     generator: torch.Generator | None = None
     stats: list[Tensor | None] | None = None
-    owned: bool = False  # the deltas are this call's to overwrite (the file path's temporaries)
+    owned: bool = False  # the inputs are this call's to overwrite (temporaries, never held tensors)
+    models: list[Tensor] | None = None  # the experts' own tensors, for methods that take ``models``
 
 
 class MergeMethod(ABC):
@@ -89,6 +91,12 @@ class MergeMethod(ABC):
 
     name: ClassVar[str]
     uses_rng: ClassVar[bool] = False  # whether the merge depends on the seed (DARE, DELLA)
+    # What ``merge`` is given per expert: ``deltas`` (``expert - base``) or the experts' own tensors
+    # (``models``: interpolations, averages, which mergekit computes on the weights themselves, so
+    # rebuilding them as ``base + delta`` would cost an ulp).
+    takes: ClassVar[str] = "deltas"
+    needs_base: ClassVar[bool] = True  # False: a config without base_model takes its first model as the base
+    base_is_input: ClassVar[bool] = False  # mergekit merges the base_model in as one more input (linear)
     expert_params: ClassVar[tuple[Param, ...]] = ()
     global_params: ClassVar[tuple[Param, ...]] = ()
     inert_params: ClassVar[tuple[Inert, ...]] = ()

@@ -8,9 +8,13 @@ from merging.methods.base import WEIGHT, MergeMethod, Param, TensorInputs
 
 
 class Linear(MergeMethod):
-    """Weighted average of the experts' weights (model soup); the base takes no part."""
+    """Weighted average of the models' weights (model soup); a ``base_model`` is averaged in as
+    one more model, as mergekit does."""
 
     name = "linear"
+    takes = "models"
+    needs_base = False
+    base_is_input = True
     expert_params = (WEIGHT,)
     global_params = (Param("normalize", True),)
 
@@ -20,8 +24,7 @@ class Linear(MergeMethod):
         dtype = torch.float64 if t.base.dtype == torch.float64 else torch.float32
         weights = torch.tensor([float(e["weight"]) for e in experts], dtype=dtype)
         mixed = torch.zeros_like(t.base, dtype=dtype)
-        for d, w in zip(t.deltas, weights, strict=True):
-            expert = d.add_(t.base) if t.owned else t.base + d  # base + (expert - base)
+        for expert, w in zip(t.models, weights, strict=True):
             mixed.addcmul_(expert, w)
         if params["normalize"]:
             total = weights.sum()

@@ -60,6 +60,9 @@ def _run(method_name, base, deltas, experts, params=None, seed=0):
     resolved, global_params = method.resolve([{k: v for k, v in e.items() if k in wanted} for e in experts],
                                              params or {}, names)
     gen = torch.Generator().manual_seed(seed)
+    if method.takes == "models":  # the experts' own tensors
+        return method.merge(TensorInputs("t", base, [], gen, models=[base + d for d in deltas]), resolved,
+                            global_params)
     return method.merge(TensorInputs("t", base, deltas, gen), resolved, global_params)
 
 
@@ -196,6 +199,9 @@ def _contract_run(name, inputs, experts, params):
     method = get_method(name)
     resolved, global_params = method.resolve(experts, params, ["m0", "m1"])
     gen = torch.Generator().manual_seed(0)
+    if method.takes == "models":
+        return method.merge(TensorInputs("t", base, [], gen, models=[base + d for d in deltas]), resolved,
+                            global_params)
     return method.merge(TensorInputs("t", base, deltas, gen), resolved, global_params)
 
 
