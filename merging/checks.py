@@ -1,5 +1,8 @@
 """The one check of a merge's checkpoints: same tensor names and shapes as the base, and (for
-methods that work on deltas) a base that is each expert's ancestor. Errors name the expert."""
+methods that work on deltas) a base that is each expert's ancestor. Errors name the expert.
+
+A merge with a tokenizer setting is checked on its aligned readers (``merging.vocab.aligned``):
+there the vocabulary tensors have the output vocabulary's rows, whatever each model's own."""
 
 from __future__ import annotations
 
@@ -33,9 +36,10 @@ def check_compatible(base: TensorReader, experts: Mapping[str, TensorReader], *,
             raise IncompatibleCheckpoints(f"model '{expert}': tensors differ from the base (missing {missing[:5]}, "
                                           f"unexpected {extra[:5]})")
         for n in names:
-            if reader.shape(n) != base.shape(n):
-                raise IncompatibleCheckpoints(f"model '{expert}': tensor '{n}' has shape {reader.shape(n)}, "
-                                              f"the base has {base.shape(n)}")
+            shape, want = reader.shape(n), base.shape(n)
+            if shape != want:
+                raise IncompatibleCheckpoints(f"model '{expert}': tensor '{n}' has shape {shape}, the base has "
+                                              f"{want}{_vocabulary_hint(shape, want)}")
     if ancestry == "warn":
         try:
             _check_ancestry(base, experts, names)
@@ -44,6 +48,15 @@ def check_compatible(base: TensorReader, experts: Mapping[str, TensorReader], *,
     elif ancestry:
         _check_ancestry(base, experts, names)
     return names
+
+
+def _vocabulary_hint(shape: tuple[int, ...], base: tuple[int, ...]) -> str:
+    """What to do when a tensor differs from the base's in its first axis alone, as embeddings
+    and output heads of models with other vocabularies do (mergekit's advice)."""
+    if len(shape) != len(base) or not shape or shape[1:] != base[1:]:
+        return ""
+    return (". If the vocabularies differ, align them with a tokenizer setting, as mergekit does: "
+            "tokenizer_source: base, union or a model (or tokenizer: {source: ...})")
 
 
 def _check_dtypes(who: str, reader: TensorReader) -> None:

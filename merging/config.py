@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ from merging.errors import MergeError
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 Scalar = bool | int | float | str
+TOKENIZER_SOURCES = ("base", "union")  # or a model reference
 
 
 def _is_number(v: Any) -> bool:
@@ -204,6 +205,128 @@ class Grouping:
 
 
 @dataclass(frozen=True)
+class TokenSource:
+    """Where a ``tokens:`` entry's row comes from: ``kind`` ``model`` (the model's row of the same
+    token), ``model_token`` (a row of the model by ``token_id`` or ``token``), ``zero``, or
+    ``none`` (no source given: mergekit cannot fill such a token)."""
+
+    kind: str
+    model: str | None = None
+    token_id: int | None = None
+    token: str | None = None
+    force: bool = False
+
+    @classmethod
+    def parse(cls, raw: Any, token: str) -> TokenSource:
+        at = f"tokenizer: tokens: {token!r}"
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise MergeError(f"{at} must be a mapping with 'source' and/or 'force', got {raw!r}")
+        unknown = sorted(set(raw) - {"source", "force"})
+        if unknown:
+            raise MergeError(f"{at}: unknown key(s) {unknown}; an entry has 'source' and 'force'")
+        force = raw.get("force", False)
+        if not isinstance(force, bool):
+            raise MergeError(f"{at}: 'force' must be true or false, got {force!r}")
+        source = raw.get("source")
+        if source is None:
+            return cls("none", force=force)
+        if isinstance(source, str):
+            return cls("model", model=source, force=force)
+        if not isinstance(source, Mapping) or source.get("kind") not in ("zero", "model_token"):
+            raise MergeError(f"{at}: 'source' must be a model, {{kind: zero}} or {{kind: model_token, model: M, "
+                             f"token: T | token_id: N}}, got {source!r}")
+        if source["kind"] == "zero":
+            if set(source) != {"kind"}:
+                raise MergeError(f"{at}: {{kind: zero}} takes no other key, got {dict(source)!r}")
+            return cls("zero", force=force)
+        unknown = sorted(set(source) - {"kind", "model", "token_id", "token"})
+        if unknown or not isinstance(source.get("model"), str):
+            raise MergeError(f"{at}: a model_token source is {{kind: model_token, model: M, token: T | token_id: N}}, "
+                             f"got {dict(source)!r}")
+        token_id, name = source.get("token_id"), source.get("token")
+        if (token_id is None) == (name is None):
+            raise MergeError(f"{at}: a model_token source takes one of 'token_id' and 'token'")
+        if token_id is not None and (not isinstance(token_id, int) or isinstance(token_id, bool)):
+            raise MergeError(f"{at}: 'token_id' must be an integer, got {token_id!r}")
+        if name is not None and not isinstance(name, str):
+            raise MergeError(f"{at}: 'token' must be a string, got {name!r}")
+        return cls("model_token", model=source["model"], token_id=token_id, token=name, force=force)
+
+    def raw(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.kind == "model":
+            out["source"] = self.model
+        elif self.kind == "zero":
+            out["source"] = {"kind": "zero"}
+        elif self.kind == "model_token":
+            out["source"] = {"kind": "model_token", "model": self.model} | (
+                {"token_id": self.token_id} if self.token_id is not None else {"token": self.token})
+        if self.force:
+            out["force"] = True
+        return out
+
+
+@dataclass(frozen=True)
+class TokenizerSetting:
+    """mergekit's ``tokenizer:`` (``source`` ``base``, ``union`` or a model; ``tokens``;
+    ``pad_to_multiple_of``); ``tokenizer_source: X`` is ``tokenizer: {source: X}``."""
+
+    source: str = "union"
+    tokens: tuple[tuple[str, TokenSource], ...] = ()
+    pad_to_multiple_of: int | None = None
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> TokenizerSetting:
+        """From the ``tokenizer:`` mapping (mergekit's defaults: ``source: union``)."""
+        if not isinstance(raw, Mapping):
+            raise MergeError(f"tokenizer: must be a mapping (source, tokens, pad_to_multiple_of), got {raw!r}")
+        unknown = sorted(set(raw) - {"source", "tokens", "pad_to_multiple_of"})
+        if unknown:
+            raise MergeError(f"tokenizer: unknown key(s) {unknown}; known: source, tokens, pad_to_multiple_of")
+        source = raw.get("source", "union")
+        if not isinstance(source, str) or not source:
+            raise MergeError(f"tokenizer: 'source' must be base, union or a model, got {source!r}")
+        tokens = raw.get("tokens") or {}
+        if not isinstance(tokens, Mapping) or not all(isinstance(t, str) for t in tokens):
+            raise MergeError(f"tokenizer: 'tokens' must map tokens (strings) to entries, got {tokens!r}")
+        pad = raw.get("pad_to_multiple_of")
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+            raise MergeError(f"tokenizer: 'pad_to_multiple_of' must be a positive integer, got {pad!r}")
+        return cls(source, tuple((t, TokenSource.parse(e, t)) for t, e in tokens.items()), pad)
+
+    @classmethod
+    def from_mergekit(cls, tokenizer_source: Any = None, tokenizer: Any = None) -> TokenizerSetting | None:
+        """The setting of a mergekit config's two keys (None: neither given)."""
+        if tokenizer_source is not None and tokenizer is not None:
+            raise MergeError("config: cannot specify both tokenizer_source and tokenizer")  # mergekit's words
+        if tokenizer is not None:
+            return cls.parse(tokenizer)
+        if tokenizer_source is not None:
+            if not isinstance(tokenizer_source, str) or not tokenizer_source:
+                raise MergeError(f"config: 'tokenizer_source' must be base, union or a model, got {tokenizer_source!r}")
+            return cls(tokenizer_source)
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``tokenizer:`` mapping, in mergekit's form (only what differs from its defaults)."""
+        out: dict[str, Any] = {"source": self.source}
+        if self.tokens:
+            out["tokens"] = {t: s.raw() for t, s in self.tokens}
+        if self.pad_to_multiple_of is not None:
+            out["pad_to_multiple_of"] = self.pad_to_multiple_of
+        return out
+
+    def map_models(self, fn: Callable[[str], str]) -> TokenizerSetting:
+        """The setting with each model reference passed through ``fn`` (to resolve relative paths)."""
+        source = self.source if self.source in TOKENIZER_SOURCES else fn(self.source)
+        tokens = tuple((t, s if s.model is None else TokenSource(s.kind, fn(s.model), s.token_id, s.token, s.force))
+                       for t, s in self.tokens)
+        return TokenizerSetting(source, tokens, self.pad_to_multiple_of)
+
+
+@dataclass(frozen=True)
 class ExpertRef:
     name: str
     path: str
@@ -226,12 +349,16 @@ class MergeConfig:
     grouping: Grouping | None = None
     dtype: str | None = None  # what the model is held and written in; None: the checkpoint's own
     allow_unrelated: bool = False  # merge experts that do not look fine-tuned from the base (warned, not refused)
+    # mergekit's `tokenizer:` ({source: base | union | MODEL, tokens, pad_to_multiple_of}; `tokenizer_source: X`
+    # is {source: X}): the output vocabulary every model's embeddings are aligned to (merging.vocab).
+    # None: the base's vocabulary, and every expert must have the base's shapes.
+    tokenizer: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         # Options at their defaults are left out: configs from before them keep their fingerprints
         # (results cache keys) and their exports.
-        for key, default in (("dtype", None), ("allow_unrelated", False)):
+        for key, default in (("dtype", None), ("allow_unrelated", False), ("tokenizer", None)):
             if data[key] == default:
                 del data[key]
         return data
@@ -253,7 +380,8 @@ class MergeConfig:
                                 tuple(grouping.get("filters") or ()))
         return cls(method=data["method"], base=data["base"], experts=experts,
                    params=dict(data.get("params", {})), seed=int(data.get("seed", 0)), grouping=grouping,
-                   dtype=data.get("dtype"), allow_unrelated=bool(data.get("allow_unrelated", False)))
+                   dtype=data.get("dtype"), allow_unrelated=bool(data.get("allow_unrelated", False)),
+                   tokenizer=data.get("tokenizer"))
 
     def experts_identity(self) -> list[tuple[str, str, str | None]]:
         """What determines the resident state (not the per-trial parameters)."""

@@ -25,6 +25,7 @@ from merging.io import BIN_INDEX, SAFETENSORS_INDEX, SafetensorsWriter, model_di
 from merging.mergekit_yaml import to_mergekit
 from merging.plan import MergePlan
 from merging.step import expert_inputs, merge_tensor
+from merging.vocab import aligned, write_vocabulary
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -122,6 +123,8 @@ def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None 
     MergePlan(config)  # a bad parameter fails before any checkpoint is opened
     base = open_reference(config.base)
     readers = {e.name: open_reference(e.path, config.base) for e in config.experts}  # LoRA experts: on the base
+    # With a tokenizer setting, every model's embeddings and output head come in the output vocabulary.
+    base, readers, vocab = aligned(config, base, readers, dtype=held)
     names = check_compatible(base, readers, ancestry=config.ancestry)
     plan_params = MergePlan(config, names=names)  # and every tensor's, before any is merged
     names_k = plan_params.names
@@ -149,6 +152,8 @@ def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None 
                 progress(name, i + 1, len(names))
         writer.finish()
         _copy_side_files(model_dir(config.base), staging, out_dtype)
+        if vocab is not None:
+            write_vocabulary(vocab, staging)  # its tokenizer and vocab_size, not the base's
         (staging / "README.md").write_text(_model_card(config, dtype))
         if out_dir.exists():
             out_dir.rmdir()

@@ -1,6 +1,6 @@
-"""mergekit's YAML (``merge_method``, ``base_model``, ``models[].parameters``, ``parameters``, ``dtype``)
-to and from our MergeConfig. ``merge_method: obim`` is our addition; a model may name its OBIM
-calibration data with ``calibration: FILE`` (jsonl or text).
+"""mergekit's YAML (``merge_method``, ``base_model``, ``models[].parameters``, ``parameters``, ``dtype``,
+``tokenizer_source`` / ``tokenizer``) to and from our MergeConfig. ``merge_method: obim`` is our
+addition; a model may name its OBIM calibration data with ``calibration: FILE`` (jsonl or text).
 
 A parameter is any of mergekit's settings (``merging.config.Setting``): a scalar, a gradient
 (``[0.2, 0.9]``, interpolated over the layers) or ``filter`` entries. A config with searched layer
@@ -23,6 +23,7 @@ from merging.config import (
     MergeConfig,
     Scalar,
     Setting,
+    TokenizerSetting,
     interpolate,
     layer_position,
     parse_settings,
@@ -57,7 +58,7 @@ def parse_mergekit(text: str, relative_to: Path | None = None) -> FileMergePlan:
     if not isinstance(doc, dict):
         raise MergeError("config must be a YAML mapping")
     unknown = sorted(set(doc) - {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-                                 "tokenizer_source", "seed", "name"})
+                                 "tokenizer_source", "tokenizer", "seed", "name"})
     if unknown:
         raise MergeError(f"config: unknown key(s) {unknown}")
     for key in ("merge_method", "models"):
@@ -100,11 +101,13 @@ def parse_mergekit(text: str, relative_to: Path | None = None) -> FileMergePlan:
     for key in ("dtype", "out_dtype"):
         if doc.get(key) is not None and doc[key] not in DTYPE_NAMES:
             raise MergeError(f"config: '{key}' must be one of {list(DTYPE_NAMES)}, got {doc[key]!r}")
+    tokenizer = TokenizerSetting.from_mergekit(doc.get("tokenizer_source"), doc.get("tokenizer"))
     # mergekit's `dtype` is what the inputs are read in (the merge config's own dtype); `out_dtype`
     # what is written, by default the same.
     config = MergeConfig(method=method, base=resolve(str(base)), experts=tuple(experts),
                          params=_settings(doc.get("parameters") or {}, "parameters"), seed=int(doc.get("seed", 0)),
-                         dtype=doc.get("dtype"))
+                         dtype=doc.get("dtype"),
+                         tokenizer=tokenizer.map_models(resolve).to_dict() if tokenizer is not None else None)
     return FileMergePlan(config=config, dtype=doc.get("out_dtype"))
 
 
@@ -291,4 +294,10 @@ def to_mergekit(config: MergeConfig, dtype: str | None = None, *, tensor_names: 
         doc["dtype"] = config.dtype
     if dtype and dtype != config.dtype:
         doc["dtype" if config.dtype is None else "out_dtype"] = dtype
+    if config.tokenizer is not None:
+        tokenizer = TokenizerSetting.parse(config.tokenizer).to_dict()
+        if set(tokenizer) == {"source"}:
+            doc["tokenizer_source"] = tokenizer["source"]  # the same in mergekit, and the form most know
+        else:
+            doc["tokenizer"] = tokenizer
     return yaml.dump(doc, Dumper=_Dumper, sort_keys=False)

@@ -36,138 +36,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from merging.config import MergeConfig, TokenizerSetting
 from merging.errors import MergeError
 from merging.io import TensorReader, model_dir
 
 log = logging.getLogger(__name__)
-
-SOURCES = ("base", "union")  # besides a model reference
-
-
-# ---- the setting, in mergekit's form ----
-
-
-@dataclass(frozen=True)
-class TokenSource:
-    """Where a ``tokens:`` entry's row comes from: ``kind`` ``model`` (the model's row of the same
-    token), ``model_token`` (a row of the model by ``token_id`` or ``token``), ``zero``, or
-    ``none`` (no source given: mergekit cannot fill such a token)."""
-
-    kind: str
-    model: str | None = None
-    token_id: int | None = None
-    token: str | None = None
-    force: bool = False
-
-    @classmethod
-    def parse(cls, raw: Any, token: str) -> TokenSource:
-        at = f"tokenizer: tokens: {token!r}"
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, Mapping):
-            raise MergeError(f"{at} must be a mapping with 'source' and/or 'force', got {raw!r}")
-        unknown = sorted(set(raw) - {"source", "force"})
-        if unknown:
-            raise MergeError(f"{at}: unknown key(s) {unknown}; an entry has 'source' and 'force'")
-        force = raw.get("force", False)
-        if not isinstance(force, bool):
-            raise MergeError(f"{at}: 'force' must be true or false, got {force!r}")
-        source = raw.get("source")
-        if source is None:
-            return cls("none", force=force)
-        if isinstance(source, str):
-            return cls("model", model=source, force=force)
-        if not isinstance(source, Mapping) or source.get("kind") not in ("zero", "model_token"):
-            raise MergeError(f"{at}: 'source' must be a model, {{kind: zero}} or {{kind: model_token, model: M, "
-                             f"token: T | token_id: N}}, got {source!r}")
-        if source["kind"] == "zero":
-            if set(source) != {"kind"}:
-                raise MergeError(f"{at}: {{kind: zero}} takes no other key, got {dict(source)!r}")
-            return cls("zero", force=force)
-        unknown = sorted(set(source) - {"kind", "model", "token_id", "token"})
-        if unknown or not isinstance(source.get("model"), str):
-            raise MergeError(f"{at}: a model_token source is {{kind: model_token, model: M, token: T | token_id: N}}, "
-                             f"got {dict(source)!r}")
-        token_id, name = source.get("token_id"), source.get("token")
-        if (token_id is None) == (name is None):
-            raise MergeError(f"{at}: a model_token source takes one of 'token_id' and 'token'")
-        if token_id is not None and (not isinstance(token_id, int) or isinstance(token_id, bool)):
-            raise MergeError(f"{at}: 'token_id' must be an integer, got {token_id!r}")
-        if name is not None and not isinstance(name, str):
-            raise MergeError(f"{at}: 'token' must be a string, got {name!r}")
-        return cls("model_token", model=source["model"], token_id=token_id, token=name, force=force)
-
-    def raw(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.kind == "model":
-            out["source"] = self.model
-        elif self.kind == "zero":
-            out["source"] = {"kind": "zero"}
-        elif self.kind == "model_token":
-            out["source"] = {"kind": "model_token", "model": self.model} | (
-                {"token_id": self.token_id} if self.token_id is not None else {"token": self.token})
-        if self.force:
-            out["force"] = True
-        return out
-
-
-@dataclass(frozen=True)
-class TokenizerSetting:
-    """mergekit's ``tokenizer:`` (``source`` ``base``, ``union`` or a model; ``tokens``;
-    ``pad_to_multiple_of``); ``tokenizer_source: X`` is ``tokenizer: {source: X}``."""
-
-    source: str = "union"
-    tokens: tuple[tuple[str, TokenSource], ...] = ()
-    pad_to_multiple_of: int | None = None
-
-    @classmethod
-    def parse(cls, raw: Mapping[str, Any]) -> TokenizerSetting:
-        """From the ``tokenizer:`` mapping (mergekit's defaults: ``source: union``)."""
-        if not isinstance(raw, Mapping):
-            raise MergeError(f"tokenizer: must be a mapping (source, tokens, pad_to_multiple_of), got {raw!r}")
-        unknown = sorted(set(raw) - {"source", "tokens", "pad_to_multiple_of"})
-        if unknown:
-            raise MergeError(f"tokenizer: unknown key(s) {unknown}; known: source, tokens, pad_to_multiple_of")
-        source = raw.get("source", "union")
-        if not isinstance(source, str) or not source:
-            raise MergeError(f"tokenizer: 'source' must be base, union or a model, got {source!r}")
-        tokens = raw.get("tokens") or {}
-        if not isinstance(tokens, Mapping) or not all(isinstance(t, str) for t in tokens):
-            raise MergeError(f"tokenizer: 'tokens' must map tokens (strings) to entries, got {tokens!r}")
-        pad = raw.get("pad_to_multiple_of")
-        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
-            raise MergeError(f"tokenizer: 'pad_to_multiple_of' must be a positive integer, got {pad!r}")
-        return cls(source, tuple((t, TokenSource.parse(e, t)) for t, e in tokens.items()), pad)
-
-    @classmethod
-    def from_mergekit(cls, tokenizer_source: Any = None, tokenizer: Any = None) -> TokenizerSetting | None:
-        """The setting of a mergekit config's two keys (None: neither given)."""
-        if tokenizer_source is not None and tokenizer is not None:
-            raise MergeError("config: cannot specify both tokenizer_source and tokenizer")  # mergekit's words
-        if tokenizer is not None:
-            return cls.parse(tokenizer)
-        if tokenizer_source is not None:
-            if not isinstance(tokenizer_source, str) or not tokenizer_source:
-                raise MergeError(f"config: 'tokenizer_source' must be base, union or a model, got {tokenizer_source!r}")
-            return cls(tokenizer_source)
-        return None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The ``tokenizer:`` mapping, in mergekit's form (only what differs from its defaults)."""
-        out: dict[str, Any] = {"source": self.source}
-        if self.tokens:
-            out["tokens"] = {t: s.raw() for t, s in self.tokens}
-        if self.pad_to_multiple_of is not None:
-            out["pad_to_multiple_of"] = self.pad_to_multiple_of
-        return out
-
-    def map_models(self, fn) -> TokenizerSetting:
-        """The setting with each model reference passed through ``fn`` (to resolve relative paths)."""
-        source = self.source if self.source in SOURCES else fn(self.source)
-        tokens = tuple((t, s if s.model is None else TokenSource(s.kind, fn(s.model), s.token_id, s.token, s.force))
-                       for t, s in self.tokens)
-        return TokenizerSetting(source, tokens, self.pad_to_multiple_of)
-
 
 # ---- tokenizers (mergekit/tokenizer/build.py) ----
 
@@ -296,8 +169,12 @@ class Vocabulary:
         setting: the merge's tokenizer setting.
         base: the base's reference (a directory or a hub id).
         experts: each expert's reference, in the config's order. An expert whose reference is the
-            base's (a ``linear`` merge without ``base_model``) is the same model: there is then no
-            base in mergekit's sense (no preference for its rows).
+            base's (``linear`` merges the base in as an input) is the same model.
+
+    The base is always mergekit's ``base_model`` here (its rows are preferred to an average). A
+    ``linear`` YAML without ``base_model`` has none in mergekit, which then averages a token that
+    several models have but not all, where mmmo (whose base is then the first model) takes the
+    first model's row when it has the token.
 
     Attributes:
         tokenizer: the output tokenizer (``save_pretrained`` writes it).
@@ -318,7 +195,6 @@ class Vocabulary:
             if not any(_same_ref(str(ref), r) for r in refs):
                 refs.append(str(ref))
         self.models = refs
-        self.base_is_model = not any(_same_ref(str(base), str(e)) for e in experts)
         dirs = [model_dir(r, str(base)) for r in refs]
         sizes = [config_vocab_size(d) for d in dirs]
         base_tok = stripped_tokenizer(dirs[0])
@@ -363,10 +239,6 @@ class Vocabulary:
                 return i
         raise MergeError(f"tokenizer: model '{ref}' is not one of the merge's models ({', '.join(self.models)})")
 
-    @property
-    def base_index(self) -> int | None:
-        return 0 if self.base_is_model else None
-
     def _permutation(self, ref: str, model_vocab: Mapping[str, int], vocab_size: int | None) -> Tensor:
         vocab_size = vocab_size if vocab_size is not None else len(model_vocab)
         perm = [-1] * len(self.vocab)
@@ -389,7 +261,7 @@ class Vocabulary:
         fills the rows of a token some model lacks (or that is forced)."""
         perms = [p.tolist() for p in self.permutations]
         configs = dict(self.setting.tokens)
-        base = self.base_index
+        base = 0
         average: list[int] = []
         zero: list[int] = []
         donors: list[tuple[int, int, int]] = []  # (output id, model, its row)
@@ -407,7 +279,7 @@ class Vocabulary:
                 elif not holders:
                     log.warning("token %r is in no model: its rows are zero", tok)
                     zero.append(i)
-                elif base is not None and base in holders:
+                elif base in holders:
                     donors.append((i, base, perms[base][i]))
                 else:
                     average.append(i)
@@ -639,5 +511,48 @@ def align(vocab: Vocabulary, base: TensorReader, experts: Mapping[str, TensorRea
             {name: AlignedReader(aligner, index[name], reader) for name, reader in experts.items()})
 
 
-__all__ = ["AlignedReader", "TokenSource", "TokenizerSetting", "Vocabulary", "align", "config_vocab_size",
-           "stripped_tokenizer", "union_tokenizer", "vocabulary_tensors"]
+# ---- a merge's vocabulary, end to end ----
+
+# What a checkpoint's tokenizer is saved as (mergekit's list, and the vocabulary files of other
+# tokenizer types): left out of an output that gets the merge's own tokenizer.
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                   "added_tokens.json", "merges.txt", "vocab.json", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json")
+
+
+def aligned(config: MergeConfig, base: TensorReader, experts: Mapping[str, TensorReader], *,
+            dtype: torch.dtype | None = None) -> tuple[TensorReader, dict[str, TensorReader], Vocabulary | None]:
+    """The readers a merge of ``config`` reads: with a tokenizer setting, each model's vocabulary
+    tensors aligned to the output vocabulary (also returned); without one, the readers as given."""
+    if config.tokenizer is None:
+        return base, dict(experts), None
+    refs = {e.name: e.path for e in config.experts}
+    vocab = Vocabulary(TokenizerSetting.parse(config.tokenizer), config.base, list(refs.values()))
+    axes = vocabulary_tensors(model_dir(config.base), base.keys())
+    base, experts = align(vocab, base, experts, refs, axes, dtype=dtype)
+    return base, experts, vocab
+
+
+def write_vocabulary(vocab: Vocabulary, out_dir: Path) -> None:
+    """The output's tokenizer (replacing any copied from the base) and its config's ``vocab_size``."""
+    out_dir = Path(out_dir)
+    for name in TOKENIZER_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    vocab.tokenizer.save_pretrained(str(out_dir))
+    path = out_dir / "config.json"
+    config = json.loads(path.read_text())
+    scopes = [config] + ([config["text_config"]] if isinstance(config.get("text_config"), dict) else [])
+    for scope in scopes:
+        if "vocab_size" in scope or scope is config and len(scopes) == 1:
+            scope["vocab_size"] = vocab.size
+    path.write_text(json.dumps(config, indent=2))
+
+
+def fit_model(model, vocab: Vocabulary) -> None:
+    """Give a live model (loaded from the base) the output vocabulary's embedding rows."""
+    if model.get_input_embeddings().weight.shape[0] != vocab.size:
+        model.resize_token_embeddings(vocab.size, mean_resizing=False)
+
+
+__all__ = ["TOKENIZER_FILES", "AlignedReader", "Vocabulary", "align", "aligned", "config_vocab_size", "fit_model",
+           "stripped_tokenizer", "union_tokenizer", "vocabulary_tensors", "write_vocabulary"]

@@ -6,6 +6,7 @@ same (base, experts, objectives); nothing is written to disk per trial.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -27,6 +28,7 @@ from merging.files import parse_dtype
 from merging.io import TensorReader, model_dir, open_reference
 from merging.placement import PLAN_CHOICES, Placement, SetSize, available_host_bytes, choose, device_budget
 from merging.resident import Merger, expert_dirs
+from merging.vocab import aligned, fit_model
 from service.materialize import obim_stats
 
 if TYPE_CHECKING:
@@ -102,8 +104,9 @@ class TrialRunner:
                    memory_plan=settings.memory_plan, dtype=settings.dtype)
 
     def _load(self, config: MergeConfig, objectives: list[Objective], task_paths: tuple[str, ...]) -> _Resident:
+        vocabulary = json.dumps(config.tokenizer, sort_keys=True) if config.tokenizer is not None else None
         key = (config.base, config.method == "obim", tuple(config.experts_identity()), tuple(objectives), task_paths,
-               config.dtype)
+               config.dtype, vocabulary)
         if key in self._sets:
             self._sets.move_to_end(key)
             return self._sets[key]
@@ -132,6 +135,8 @@ class TrialRunner:
         base_dir = model_dir(config.base)  # a clear error naming the model if this worker cannot find it
         base = open_reference(config.base)
         experts = {name: open_reference(path, config.base) for name, path in expert_dirs(config).items()}
+        # With a tokenizer setting every model is read in the output vocabulary, the live model resized to it.
+        base, experts, vocab = aligned(config, base, experts, dtype=dtype)
         placement = self._place(base, len(experts), dtype)
         self._make_room(placement.device_bytes + placement.host_bytes)
         log.info("loading base %s and %d experts: %s", config.base, len(experts), placement.summary())
@@ -142,11 +147,13 @@ class TrialRunner:
             # The live model first: while transformers reads the files (memory-mapped, counted as resident)
             # nothing else of the set is in memory yet, so the load's peak stays under the set's size.
             model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype or "auto").to(self.device).eval()
+            if vocab is not None:
+                fit_model(model, vocab)
             merger = Merger(base, experts, dtype=dtype, stats=stats, device=self.device, plan=placement.kind,
                             check_ancestry=False)  # checked above
             merger.layout(model)  # every parameter accounted for before the first trial
             try:
-                tokenizer = AutoTokenizer.from_pretrained(base_dir)
+                tokenizer = vocab.tokenizer if vocab is not None else AutoTokenizer.from_pretrained(base_dir)
             except Exception as exc:  # say which files: the bare parser error names none
                 raise ValueError(f"the tokenizer in '{base_dir}' cannot be loaded: "
                                  f"{type(exc).__name__}: {exc}") from exc

@@ -16,6 +16,7 @@ tokens at the same ids) and the vocabulary tensors row by row through the tokens
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,12 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from merging.checks import check_compatible
+from merging.config import MergeConfig, TokenizerSetting
 from merging.errors import MergeError
-from merging.io import model_dir, open_reference
-from merging.mergekit_yaml import parse_mergekit
-from merging.plan import MergePlan
-from merging.step import expert_inputs, merge_tensor
-from merging.vocab import TokenizerSetting, Vocabulary, align, stripped_tokenizer, vocabulary_tensors
+from merging.files import merge_to_dir
+from merging.io import open_reference
+from merging.mergekit_yaml import parse_mergekit, to_mergekit
+from merging.vocab import Vocabulary, align, stripped_tokenizer, vocabulary_tensors
 from tests.mergekit_side import run_jobs
 from tests.tiny_archs import build_arch_set
 
@@ -44,13 +44,15 @@ TD = {"weight": 0.7, "density": 0.6}
 @dataclass(frozen=True)
 class Case:
     id: str
-    arch: str  # "llama" or "qwen2_tied"
+    arch: str  # "llama", "qwen2_tied" or "mistral_bf16_sharded"
     method: str
     experts: tuple[str, ...]
     tokenizer: dict[str, Any]  # the YAML's tokenizer keys; model names (e0, base) stand for their paths
     same_ids: bool = True  # mergekit's ids are deterministic (at most one expert adds tokens to a union)
     base_model: bool = True
-    params: dict[str, Any] = field(default_factory=lambda: {"weight": 0.6})
+    params: dict[str, Any] = field(default_factory=lambda: {"weight": 0.6})  # each model's
+    shared: dict[str, Any] = field(default_factory=dict)  # the YAML's global `parameters`
+    extra: dict[str, Any] = field(default_factory=dict)  # other top-level keys
 
 
 CASES = [
@@ -72,8 +74,13 @@ CASES = [
          {"tokenizer": {"source": "e0", "pad_to_multiple_of": 16, "tokens": {"<d>": {"source": "e1"}}}}),
     Case("tied-union", "qwen2_tied", "ties", ("e0", "e1"), {"tokenizer_source": "union"}, same_ids=False,
          params=TD),
-    Case("linear-without-base", "llama", "linear", ("e0", "e1"), {"tokenizer_source": "union"}, same_ids=False,
-         base_model=False),
+    # bfloat16 checkpoints read in float32 (mergekit's `dtype`): the rows averaged in float32 by both
+    Case("union-bf16-read-as-f32", "mistral_bf16_sharded", "task_arithmetic", ("e0", "e1"),
+         {"tokenizer_source": "union"}, same_ids=False, extra={"dtype": "float32", "out_dtype": "bfloat16"}),
+    Case("linear", "llama", "linear", ("e0", "e1"), {"tokenizer_source": "union"}, same_ids=False,
+         shared={"weight": 0.3}),  # the base averaged in, with the global weight
+    # no base_model: mergekit's tokenizer base is any model; mmmo's the first (see merging.vocab.Vocabulary)
+    Case("linear-without-base", "llama", "linear", ("e0", "e3"), {"tokenizer_source": "union"}, base_model=False),
 ]
 BY_ID = {c.id: c for c in CASES}
 
@@ -93,8 +100,12 @@ def _resize_experts(arch_set, seed: int) -> None:
             for module in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
                 rows = module.weight[old:]
                 rows.copy_(0.02 * torch.randn(rows.shape, generator=gen))
-        model.save_pretrained(path)
-        tok.save_pretrained(path)
+        fresh = path.with_name(path.name + ".resized")  # a sharded checkpoint's old index must not stay
+        sharded = (path / "model.safetensors.index.json").exists()
+        model.save_pretrained(fresh, **({"max_shard_size": 8_000} if sharded else {}))
+        tok.save_pretrained(fresh)
+        shutil.rmtree(path)
+        fresh.rename(path)
 
 
 def _doc(case: Case, sets) -> dict[str, Any]:
@@ -113,6 +124,9 @@ def _doc(case: Case, sets) -> dict[str, Any]:
     if case.base_model:
         doc["base_model"] = paths["base"]
     doc["models"] = [{"model": paths[e], "parameters": dict(case.params)} for e in case.experts]
+    if case.shared:
+        doc["parameters"] = dict(case.shared)
+    doc |= case.extra
     tokenizer = {k: named(v) for k, v in case.tokenizer.items()}
     if "tokenizer" in tokenizer:
         tokenizer["tokenizer"] = {k: ({t: named(e) for t, e in v.items()} if k == "tokens" else named(v))
@@ -124,7 +138,7 @@ def _doc(case: Case, sets) -> dict[str, Any]:
 def sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("vocab_models")
     out = {}
-    for i, arch in enumerate(("llama", "qwen2_tied")):
+    for i, arch in enumerate(("llama", "qwen2_tied", "mistral_bf16_sharded")):
         out[arch] = build_arch_set(root / arch, arch, experts=4, seed=20 + i)
         _resize_experts(out[arch], seed=30 + i)
     return out
@@ -151,38 +165,29 @@ def _load(directory: Path) -> dict[str, torch.Tensor]:
 @dataclass
 class Merged:
     tensors: dict[str, torch.Tensor]
-    vocab: dict[str, int]
-    vocab_size: int
+    vocab: dict[str, int]  # the saved tokenizer's
+    vocab_size: int  # the saved config's
     axes: dict[str, int]
 
 
-def _mmmo(case: Case, sets) -> Merged:
-    """mmmo's merge of the case: the config parsed from the same YAML, merged on the aligned readers."""
-    doc = _doc(case, sets)
-    setting = TokenizerSetting.from_mergekit(doc.pop("tokenizer_source", None), doc.pop("tokenizer", None))
-    config = parse_mergekit(yaml.safe_dump(doc)).config
-    vocab = Vocabulary(setting, config.base, [e.path for e in config.experts])
-    base = open_reference(config.base)
-    readers = {e.name: open_reference(e.path, config.base) for e in config.experts}
-    axes = vocabulary_tensors(model_dir(config.base), base.keys())
-    base, readers = align(vocab, base, readers, {e.name: e.path for e in config.experts}, axes)
-    names = check_compatible(base, readers, ancestry=config.method != "linear")
-    plan = MergePlan(config, names=names)
-    tensors = {}
-    for name in names:
-        b32 = base.get(name).float()
-        inputs = expert_inputs(plan, b32, (readers[e.name].get(name) for e in config.experts))
-        tensors[name] = merge_tensor(plan, name, b32, inputs, [None] * len(inputs), owned=True)
-    return Merged(tensors, vocab.vocab, vocab.size, axes)
+def _read(out: Path, axes: dict[str, int]) -> Merged:
+    vocab = AutoTokenizer.from_pretrained(out).get_vocab()
+    return Merged(_load(out), vocab, json.loads((out / "config.json").read_text())["vocab_size"], axes)
+
+
+def _mmmo(case: Case, sets, out: Path) -> Merged:
+    """``mmmo merge`` of the case's YAML: ``parse_mergekit`` + ``merge_to_dir``."""
+    plan = parse_mergekit(yaml.safe_dump(_doc(case, sets)))
+    merge_to_dir(plan.config, out, dtype=plan.dtype)
+    base = sets[case.arch].base
+    return _read(out, vocabulary_tensors(base, open_reference(base).keys()))
 
 
 def _theirs(mergekit_runs, case: Case) -> Merged:
     root, results = mergekit_runs
     result = results[case.id]
     assert result["ok"], f"mergekit refused {case.id}: {result['error']}\n{result.get('traceback', '')}"
-    out = root / case.id
-    vocab = AutoTokenizer.from_pretrained(out).get_vocab()
-    return Merged(_load(out), vocab, json.loads((out / "config.json").read_text())["vocab_size"], {})
+    return _read(root / case.id, {})
 
 
 def _compare(case: Case, ours: Merged, theirs: Merged) -> None:
@@ -204,7 +209,7 @@ def _compare(case: Case, ours: Merged, theirs: Merged) -> None:
             if not case.same_ids:
                 assert n == got.shape[0], "padding rows are compared only where mergekit's ids are deterministic"
                 expected = expected[order]
-        if case.method == "linear":  # mmmo's linear adds the experts' deltas to the base (see test_mergekit_parity)
+        if case.method == "linear" and case.base_model:  # the base summed in where mergekit's set order puts it
             diff = (got.double() - expected.double()).norm() / expected.double().norm()
             assert diff <= 1e-6, f"{name}: relative L2 error {diff.item():.3g}"
         else:
@@ -212,13 +217,13 @@ def _compare(case: Case, ours: Merged, theirs: Merged) -> None:
 
 
 @pytest.mark.parametrize("case_id", list(BY_ID))
-def test_aligned_merge_matches_mergekit(sets, mergekit_runs, case_id):
+def test_aligned_merge_matches_mergekit(sets, mergekit_runs, case_id, tmp_path):
     case = BY_ID[case_id]
-    _compare(case, _mmmo(case, sets), _theirs(mergekit_runs, case))
+    _compare(case, _mmmo(case, sets, tmp_path / "out"), _theirs(mergekit_runs, case))
 
 
-def test_a_token_only_one_expert_has_keeps_that_experts_row(sets):
-    ours = _mmmo(BY_ID["union"], sets)
+def test_a_token_only_one_expert_has_keeps_that_experts_row(sets, tmp_path):
+    ours = _mmmo(BY_ID["union"], sets, tmp_path / "out")
     s = sets["llama"]
     for expert, token in (("e0", "<a>"), ("e1", "<d>")):
         own = _load(s.experts[expert])
@@ -311,3 +316,75 @@ def test_a_bpe_base_is_stripped_of_tokens_beyond_its_vocab_size(tmp_path):
     assert stripped("abc").input_ids == [4]
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 7}))
     assert len(stripped_tokenizer(tmp_path).get_vocab()) == 7
+
+
+# ---- mmmo merge, YAML, and the trial path ----
+
+
+def test_resized_experts_without_a_tokenizer_setting_are_refused_saying_how(sets, tmp_path):
+    case = Case("plain", "llama", "ties", ("e0", "e3"), {}, params=TD)
+    plan = parse_mergekit(yaml.safe_dump(_doc(case, sets)))
+    with pytest.raises(MergeError, match=r"has shape \(83, 16\), the base has \(81, 16\)\. If the vocabularies "
+                                         r"differ, .*tokenizer_source: base, union or a model"):
+        merge_to_dir(plan.config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_keys_parse_and_export_as_mergekit_writes_them(sets):
+    s = sets["llama"]
+    e0, e1 = str(s.experts["e0"]), str(s.experts["e1"])
+    doc = {"merge_method": "ties", "base_model": str(s.base), "models": [{"model": e0}, {"model": e1}],
+           "parameters": TD}
+    plain = parse_mergekit(yaml.safe_dump(doc)).config
+    assert plain.tokenizer is None and "tokenizer" not in plain.to_dict()  # older fingerprints stay
+    legacy = parse_mergekit(yaml.safe_dump(doc | {"tokenizer_source": e1})).config
+    assert legacy.tokenizer == {"source": e1} and legacy.fingerprint() != plain.fingerprint()
+    assert yaml.safe_load(to_mergekit(legacy))["tokenizer_source"] == e1
+    full = {"source": "union", "pad_to_multiple_of": 8,
+            "tokens": {"<z>": {"source": {"kind": "model_token", "model": e0, "token_id": 3}, "force": True}}}
+    config = parse_mergekit(yaml.safe_dump(doc | {"tokenizer": full})).config
+    assert config.tokenizer == full
+    exported = yaml.safe_load(to_mergekit(config))
+    assert exported["tokenizer"] == full and "tokenizer_source" not in exported
+    assert parse_mergekit(to_mergekit(config)).config == config
+    assert MergeConfig.from_dict(config.to_dict()) == config
+    assert parse_mergekit(yaml.safe_dump(doc | {"tokenizer": {}})).config.tokenizer == {"source": "union"}
+    with pytest.raises(MergeError, match="cannot specify both tokenizer_source and tokenizer"):
+        parse_mergekit(yaml.safe_dump(doc | {"tokenizer_source": "union", "tokenizer": {"source": "base"}}))
+
+
+def test_the_output_loads_with_its_own_tokenizer(sets, tmp_path):
+    ours = _mmmo(BY_ID["tokenizer-union-pad"], sets, tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert model.config.vocab_size == ours.vocab_size == 88 and len(tok) == 83
+    assert model.get_input_embeddings().weight.shape[0] == 88
+    assert tok("1<a>2<b>").input_ids[2] == tok.get_vocab()["<a>"] == 81
+    assert "merge_method: task_arithmetic" in (tmp_path / "out" / "README.md").read_text()
+    assert "tokenizer:" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_trial_model_equals_file_merge_with_a_union_vocabulary(sets, tmp_path):
+    from evals.evaluator import Perplexity
+    from evals.objective import Objective
+    from service.runner import TrialRunner
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("12+3<a>=15<b>\n<c>hello<d> world\n")
+    objectives = [Objective(kind="sparsity", direction="minimize"),
+                  Objective(kind="perplexity", data=str(texts), direction="minimize")]
+    for arch in ("llama", "qwen2_tied"):
+        case = Case("trial", arch, "ties", ("e0", "e1", "e2"), {"tokenizer_source": "union"}, params=TD)
+        config = parse_mergekit(yaml.safe_dump(_doc(case, sets))).config
+        out = merge_to_dir(config, tmp_path / arch)
+        expected = AutoModelForCausalLM.from_pretrained(out)
+        runner = TrialRunner(device="cpu", trusted_task_paths=[])
+        scores = runner.run(config, objectives)
+        live = runner.last_model
+        assert live.config.vocab_size == expected.config.vocab_size == 85
+        got, want = live.state_dict(), expected.state_dict()
+        assert sorted(got) == sorted(want)
+        differ = sorted(n for n in want if not torch.equal(got[n], want[n]))
+        assert not differ, f"{arch}: {len(differ)} of {len(want)} tensors differ from the file merge: {differ[:5]}"
+        tokenizer = AutoTokenizer.from_pretrained(out)
+        assert scores[objectives[1].key] == Perplexity(str(texts)).score(expected.eval(), tokenizer), arch
