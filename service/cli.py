@@ -203,11 +203,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from merging.mergekit_yaml import parse_mergekit
+    from merging.slices import load_slices, merge_slices_to_dir
     from service.materialize import write_model
 
     config_path = Path(args.config)
-    plan = parse_mergekit(config_path.read_text(), relative_to=config_path.parent)
-    config = replace(plan.config, allow_unrelated=True) if args.allow_unrelated else plan.config
+    text = config_path.read_text()
+    # mergekit's `slices:` form (layer stacking) has a merge of its own; everything else is `models:`
+    slices = load_slices(text, relative_to=config_path.parent)
+    plan = None if slices is not None else parse_mergekit(text, relative_to=config_path.parent)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns) as progress:
         bar = progress.add_task("merging tensors", total=None)
@@ -215,9 +218,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
         def step(_name: str, done: int, total: int) -> None:
             progress.update(bar, completed=done, total=total)
 
-        out = write_model(config, Path(args.out_dir), dtype=args.dtype or plan.dtype, device=args.device,
-                          cache_dir=_settings(args).cache_dir, max_shard_bytes=int(args.max_shard_gb * 2**30),
-                          progress=step)
+        if slices is not None:
+            out = merge_slices_to_dir(slices, Path(args.out_dir), dtype=args.dtype, device=args.device,
+                                      max_shard_bytes=int(args.max_shard_gb * 2**30), progress=step)
+        else:
+            config = replace(plan.config, allow_unrelated=True) if args.allow_unrelated else plan.config
+            out = write_model(config, Path(args.out_dir), dtype=args.dtype or plan.dtype, device=args.device,
+                              cache_dir=_settings(args).cache_dir, max_shard_bytes=int(args.max_shard_gb * 2**30),
+                              progress=step)
     print(f"merged model written to {out}")
     return 0
 

@@ -16,6 +16,11 @@ from service.settings import Settings
 from service.specs import objectives_of
 
 MAX_CONFIG_BYTES = 4 * 2**20  # a model's config.json
+# Methods `mmmo merge` runs and a study cannot: why, as the 422 says it.
+UNSEARCHABLE_METHODS = {
+    "passthrough": "passthrough/slices change the architecture; a study cannot search them "
+                   "(merge them with `mmmo merge` and a mergekit YAML)",
+}
 
 
 @dataclass(frozen=True)
@@ -235,7 +240,10 @@ def _spec_problems(spec: StudySpec, catalog: TaskCatalog, policy: SpecPolicy) ->
     except MergeError as exc:
         problems.append(SpecProblem(("method",), str(exc)))
     else:
-        problems += _method_problems(spec, method)
+        if method.name in UNSEARCHABLE_METHODS:
+            problems.append(SpecProblem(("method",), UNSEARCHABLE_METHODS[method.name]))
+        else:
+            problems += _method_problems(spec, method)
     for i, path in enumerate(spec.task_paths):
         found = _task_path_problem(path, policy)
         if found:
