@@ -31,7 +31,6 @@ from merging.config import (
 from merging.errors import MergeError
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
-MERGEKIT_METHODS = {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "della"}
 
 
 @dataclass(frozen=True)
@@ -96,8 +95,8 @@ def parse_mergekit(text: str, relative_to: Path | None = None) -> FileMergePlan:
             raise MergeError("config: 'models' names no model")
         base = experts[0].path
     elif base_is_input and all(e.path != resolve(str(base)) for e in experts):
-        # mergekit merges every model it reads, the base included (weighted by the global default)
-        experts.insert(0, ExpertRef(name=_unique_name(resolve(str(base)), taken), path=resolve(str(base))))
+        # mergekit merges every model it reads, the base included after them (weighted by the global default)
+        experts.append(ExpertRef(name=_unique_name(resolve(str(base)), taken), path=resolve(str(base))))
     for key in ("dtype", "out_dtype"):
         if doc.get(key) is not None and doc[key] not in DTYPE_NAMES:
             raise MergeError(f"config: '{key}' must be one of {list(DTYPE_NAMES)}, got {doc[key]!r}")

@@ -102,7 +102,7 @@ CASES = [
     Case("karcher-tied-embeddings", "qwen2_tied", "karcher", (None, None), base_model="no"),
     # a base_model is one more model to average; listed first among the models, in mergekit's order
     Case("karcher-base-listed", "llama", "karcher", (None, None), base_model="listed"),
-    Case("karcher-with-base-model", "llama", "karcher", (None, None), check="f32"),
+    Case("karcher-with-base-model", "llama", "karcher", (None, None)),
     # arcee_fusion: the base and exactly one model, no parameters
     Case("arcee_fusion", "llama", "arcee_fusion", (None,)),
     Case("arcee_fusion-tied-embeddings", "qwen2_tied", "arcee_fusion", (None,)),
