@@ -67,10 +67,16 @@ class Range(_Strict):
 
 
 class SearchSpaceSpec(_Strict):
-    """Per-expert ranges; every expert gets one dimension per searched parameter."""
+    """Per-expert ranges (every expert gets one dimension per searched parameter and group), the
+    method's global parameters searched as ranges (one dimension per group) or categoricals."""
 
-    weight: Range = Range(low=0.0, high=1.5)
+    weight: Range | None = Range(low=0.0, high=1.5)  # None: not searched (methods without a weight: slerp)
     density: Range | None = Range(low=0.1, high=1.0)  # None: density is not searched
+    method_params: dict[Word, Range] = Field(
+        default_factory=dict, max_length=16,
+        description="global merge parameters searched as ranges, one dimension per layer group and filter "
+                    "(slerp's t); a trial's values become the parameter's mergekit setting (filter entries, "
+                    "per-layer gradients)")
     method_choices: dict[Word, Annotated[list[Annotated[str, Field(max_length=200)] | float | bool],
                                          Field(min_length=1, max_length=64)]] = Field(
         default_factory=dict, max_length=16,
@@ -85,10 +91,20 @@ class SearchSpaceSpec(_Strict):
     def groups(self) -> int:
         """Parameter sets per expert (merging.config.Grouping's groups); layer groups with the layer
         count unknown count as one set of layers and the rest."""
-        layer_parts = 1
-        if self.layer_groups:
-            layer_parts = -(-(self.num_layers or 1) // self.layer_groups) + 1  # the layers' groups + "rest"
-        return layer_parts * (len(self.filters) + 1 if self.filters else 1)
+        return (self._layer_sets() + bool(self.layer_groups)) * self._filter_parts()
+
+    def method_groups(self) -> int:
+        """Dimensions per searched global parameter (``method_params``): one per group, except that
+        the tensors outside the layers form one group whatever the filters (``search.space``)."""
+        if not self.layer_groups:
+            return self._filter_parts() if self.filters else 1
+        return self._layer_sets() * self._filter_parts() + 1
+
+    def _layer_sets(self) -> int:
+        return -(-(self.num_layers or 1) // self.layer_groups) if self.layer_groups else 1
+
+    def _filter_parts(self) -> int:
+        return len(self.filters) + 1 if self.filters else 1
 
     @field_validator("density")
     @classmethod
@@ -96,6 +112,16 @@ class SearchSpaceSpec(_Strict):
         if v is not None and not (0 < v.low <= v.high <= 1):
             raise ValueError(f"density range must lie in (0, 1], got [{v.low}, {v.high}]")
         return v
+
+    @model_validator(mode="after")
+    def _searched_once(self) -> SearchSpaceSpec:
+        both = sorted(set(self.method_params) & set(self.method_choices))
+        if both:
+            raise ValueError(f"{both} searched both as a range (method_params) and as choices (method_choices)")
+        if self.method_params and self.filters and any(f == "*" for f in self.filters):
+            raise ValueError("the filter '*' means every tensor to mergekit: a searched method parameter has no "
+                             "mergekit form with it")
+        return self
 
 
 class ObjectiveSpec(_Strict):
@@ -213,14 +239,22 @@ class StudySpec(_Strict):
     def dimensions(self) -> int:
         """How many parameters the search space has (``SearchSpace(spec).distributions()``'s length)."""
         ss = self.search_space
-        per_expert = 1 + (ss.density is not None)
-        return len(self.experts) * per_expert * ss.groups() + len(ss.method_choices)
+        per_expert = (ss.weight is not None) + (ss.density is not None)
+        return (len(self.experts) * per_expert * ss.groups() + len(ss.method_params) * ss.method_groups()
+                + len(ss.method_choices))
 
     @model_validator(mode="after")
     def _bounded_space(self) -> StudySpec:
         if self.dimensions() > MAX_DIMENSIONS:
             raise ValueError(f"the search space has {self.dimensions()} parameters, more than the {MAX_DIMENSIONS} "
                              "allowed: fewer experts, fewer filters or larger layer_groups")
+        if self.dimensions() == 0:
+            raise ValueError("the search space has no parameters: search the experts' weight or density, or the "
+                             "method's parameters (search_space.method_params, search_space.method_choices)")
+        fixed = sorted(set(self.method_params) & (set(self.search_space.method_params)
+                                                  | set(self.search_space.method_choices)))
+        if fixed:
+            raise ValueError(f"{fixed} both fixed (method_params) and searched (search_space)")
         return self
 
     def reference(self) -> list[float] | None:
