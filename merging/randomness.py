@@ -4,4 +4,4 @@ Kept apart from ``merging.methods`` (and torch) so that the search side can read
 checks it against every registered method's ``uses_rng``.
 """
 
-SEEDED_METHODS: frozenset[str] = frozenset({"dare_ties", "dare_linear", "della"})
+SEEDED_METHODS: frozenset[str] = frozenset({"dare_ties", "dare_linear", "della", "della_linear", "arcee_fusion"})

@@ -277,22 +277,25 @@ def _spec_problems(spec: StudySpec, catalog: TaskCatalog, policy: SpecPolicy) ->
 def _method_problems(spec: StudySpec, method) -> list[SpecProblem]:
     """Resolve the method's parameters at both ends of the search space."""
     space = spec.search_space
-    if space.density is not None and not any(p.name == "density" for p in method.expert_params):
-        return [SpecProblem(("search_space", "density"),
-                            f"method '{spec.method}' has no density; set search_space.density to null")]
+    per_model = {p.name for p in method.expert_params}
+    for key in ("weight", "density"):
+        if getattr(space, key) is not None and key not in per_model:
+            return [SpecProblem(("search_space", key),
+                                f"method '{spec.method}' has no {key}; set search_space.{key} to null")]
     names = [e.name for e in spec.experts]
     for corner in ("low", "high"):
-        expert_params = {"weight": getattr(space.weight, corner)}
-        if space.density is not None:
-            expert_params["density"] = getattr(space.density, corner)
+        expert_params = {k: getattr(r, corner) for k in ("weight", "density") if (r := getattr(space, k)) is not None}
+        searched = {k: getattr(r, corner) for k, r in space.method_params.items()}
         try:
-            method.resolve([expert_params] * len(names), spec.method_params, names)
+            method.resolve([expert_params] * len(names), {**spec.method_params, **searched}, names)
         except MergeError as exc:
-            return [SpecProblem(("method_params",), str(exc))]
+            return [SpecProblem(("search_space", "method_params") if searched else ("method_params",), str(exc))]
+    lowest = {k: r.low for k, r in space.method_params.items()}
+    one = {"weight": space.weight.low} if space.weight is not None else {}
     for key, choices in space.method_choices.items():
         for choice in choices:
             try:
-                method.resolve([{"weight": space.weight.low}] * len(names), {**spec.method_params, key: choice}, names)
+                method.resolve([one] * len(names), {**spec.method_params, **lowest, key: choice}, names)
             except MergeError as exc:
                 return [SpecProblem(("search_space", "method_choices", key), str(exc))]
     return []

@@ -179,11 +179,21 @@ def test_della_bounds_are_checked_before_any_tensor():
 # changes it when given for one model only, and not as it would globally), or it is one mergekit
 # declares and ignores for the method: the merge is unchanged and a warning says so.
 CHANGED = {"weight": 0.4, "density": 0.3, "gamma": 0.1, "epsilon": 0.05, "lambda": 0.5, "order": "saliency",
-           "granularity": "row"}
+           "granularity": "row", "max_iter": 0, "tol": 0.05, "select_topk": 0.5, "t": 0.6, "eps": 0.5,
+           "scale": 0.5}
+# Models merged per method (default 2): arcee_fusion merges exactly one into the base; karcher's mean
+# of two equally weighted models is the midpoint it starts from, so its iterations show only with three;
+# slerp, nearswap and passthrough take one model (beside the base, or alone).
+CONTRACT_MODELS = {"arcee_fusion": 1, "karcher": 3, "slerp": 1, "nearswap": 1, "passthrough": 1}
+# Global parameters every contract merge of a method is given: a required one (slerp's and nearswap's
+# t), or one without which another has no effect (nuslerp_row_wise acts only on unflattened tensors).
+CONTRACT_PARAMS = {"slerp": {"t": 0.3}, "nearswap": {"t": 0.05}, "nuslerp": {"nuslerp_flatten": False}}
 
 
-def _changed(param):
-    return (not param.default) if isinstance(param.default, bool) else CHANGED[param.name]
+def _changed(param, name=""):
+    """A value other than the contract merge's: a boolean flipped, else ``CHANGED``'s."""
+    value = CONTRACT_PARAMS.get(name, {}).get(param.name, param.default)
+    return (not value) if isinstance(param.default, bool) else CHANGED[param.name]
 
 
 @pytest.fixture
@@ -191,13 +201,14 @@ def contract_inputs():
     g = torch.Generator().manual_seed(1)
     base = torch.randn(64, 48, generator=g)
     # different scales: OBIM's saliency order is then not the listed one
-    return base, [0.1 * torch.randn(64, 48, generator=g), 0.2 * torch.randn(64, 48, generator=g)]
+    return base, [s * torch.randn(64, 48, generator=g) for s in (0.1, 0.2, 0.3)]
 
 
 def _contract_run(name, inputs, experts, params):
-    base, deltas = inputs
+    base, deltas = inputs[0], inputs[1][:len(experts)]
     method = get_method(name)
-    resolved, global_params = method.resolve(experts, params, ["m0", "m1"])
+    params = {**CONTRACT_PARAMS.get(name, {}), **params}
+    resolved, global_params = method.resolve(experts, params, [f"m{i}" for i in range(len(experts))])
     gen = torch.Generator().manual_seed(0)
     if method.takes == "models":
         return method.merge(TensorInputs("t", base, [], gen, models=[base + d for d in deltas]), resolved,
@@ -206,8 +217,9 @@ def _contract_run(name, inputs, experts, params):
 
 
 def _baseline_experts(method):
-    baseline = {"weight": [0.7, 0.5], "density": [0.5, 0.5]}
-    return [{p.name: baseline[p.name][i] for p in method.expert_params if p.name in baseline} for i in range(2)]
+    baseline = {"weight": [0.7, 0.5, 0.6], "density": [0.5, 0.5, 0.5]}
+    return [{p.name: baseline[p.name][i] for p in method.expert_params if p.name in baseline}
+            for i in range(CONTRACT_MODELS.get(method.name, 2))]
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -216,19 +228,20 @@ def test_every_accepted_parameter_is_honoured_or_warned_about(name, contract_inp
     experts = _baseline_experts(method)
     baseline = _contract_run(name, contract_inputs, experts, {})
     for p in method.expert_params:
-        one = [{**experts[0], p.name: _changed(p)}, experts[1]]
+        one = [{**experts[0], p.name: _changed(p, name)}, *experts[1:]]
         out = _contract_run(name, contract_inputs, one, {})
         assert not torch.equal(out, baseline), f"{name}: '{p.name}' of one model changes nothing"
         everywhere = [{k: v for k, v in e.items() if k != p.name} for e in experts]
-        if p.name != "weight":  # weight has no default to fall back to
-            assert not torch.equal(out, _contract_run(name, contract_inputs, everywhere, {p.name: _changed(p)})), \
-                f"{name}: '{p.name}' of one model acts on every model"
+        # weight has no default to fall back to; with one model, one model's value is every model's
+        if p.name != "weight" and len(experts) > 1:
+            globally = _contract_run(name, contract_inputs, everywhere, {p.name: _changed(p, name)})
+            assert not torch.equal(out, globally), f"{name}: '{p.name}' of one model acts on every model"
     for p in method.global_params:
-        out = _contract_run(name, contract_inputs, experts, {p.name: _changed(p)})
+        out = _contract_run(name, contract_inputs, experts, {p.name: _changed(p, name)})
         assert not torch.equal(out, baseline), f"{name}: '{p.name}' changes nothing"
     for inert in method.inert_params:
         value = True if isinstance(inert.param.default, bool) else 0.3
-        for experts_given, params_given in (([{**experts[0], inert.param.name: value}, experts[1]], {}),
+        for experts_given, params_given in (([{**experts[0], inert.param.name: value}, *experts[1:]], {}),
                                             (experts, {inert.param.name: value})):
             caplog.clear()
             with caplog.at_level(logging.WARNING, logger="merging"):
@@ -238,7 +251,7 @@ def test_every_accepted_parameter_is_honoured_or_warned_about(name, contract_inp
     for p in method.global_params:  # mergekit reads a shared parameter only under `parameters`
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="merging"):
-            out = _contract_run(name, contract_inputs, [{**experts[0], p.name: _changed(p)}, experts[1]], {})
+            out = _contract_run(name, contract_inputs, [{**experts[0], p.name: _changed(p, name)}, *experts[1:]], {})
         assert torch.equal(out, baseline)
         assert f"model 'm0': '{p.name}' is a global parameter" in caplog.text
 
