@@ -110,18 +110,28 @@ def _check_ancestry(base: TensorReader, experts: Mapping[str, TensorReader], nam
 
 
 def check_dirs(base_dir: str | Path, expert_dirs: Mapping[str, str | Path], *, ancestry: bool | str,
-               download: bool = False, loadable: bool = False) -> None:
+               download: bool = False, loadable: bool = False, tokenizer: dict | None = None) -> None:
     """``check_compatible`` on checkpoints named by directory or hub id, reading only their headers
     and, with ``ancestry``, a few matrices: cheap enough for a submit-time check.
 
     A model that cannot be opened raises its error prefixed with ``base: `` or ``expert '<name>': ``
     (a model not found stays a :class:`merging.io.ModelNotFound`); hub ids are downloaded only
     with ``download``. ``loadable``: also ``check_loadable`` on the base (the experts match it).
+    ``tokenizer``: a tokenizer setting, under which the models are compared in the output
+    vocabulary (pass every expert at once: the vocabulary depends on them all).
     """
     base = _open("base", base_dir, None, download)
     experts = {name: _open(f"expert '{name}'", path, base_dir, download) for name, path in expert_dirs.items()}
-    check_compatible(base, experts, ancestry=ancestry)
-    if loadable:
+    seen_base, seen_experts = base, experts
+    if tokenizer is not None:
+        from merging.config import ExpertRef, MergeConfig
+        from merging.vocab import aligned
+
+        config = MergeConfig(method="linear", base=str(base_dir), tokenizer=tokenizer,
+                             experts=tuple(ExpertRef(name, str(path)) for name, path in expert_dirs.items()))
+        seen_base, seen_experts, _ = aligned(config, base, experts)
+    check_compatible(seen_base, seen_experts, ancestry=ancestry)
+    if loadable:  # the base's own files against its own config
         try:
             check_loadable(model_dir(base_dir, download=download), base)
         except IncompatibleCheckpoints as exc:

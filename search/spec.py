@@ -230,11 +230,30 @@ class StudySpec(_Strict):
         default_factory=list, max_length=100, description="earlier studies (same base, experts and "
                                   "method) whose evaluated trials seed this one without being re-evaluated")
     seed: int = Field(default=0, ge=0, le=2**31 - 1)  # samplers seed numpy: 32 bits
+    tokenizer: dict[str, Any] | None = Field(
+        default=None, description="mergekit's tokenizer setting ({source: base | union | MODEL, tokens, "
+        "pad_to_multiple_of}): experts with other or resized vocabularies merge in the output vocabulary")
+    tokenizer_source: str | None = Field(default=None, min_length=1, max_length=4096,
+                                         description="mergekit's shorthand: tokenizer: {source: ...}")
     allow_unrelated: bool = Field(default=False, description="merge experts that do not look fine-tuned from the "
                                   "base (e.g. long continual pretraining): warned about, not refused")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         default=None, description="what workers hold the models in and merge into (each tensor is merged in "
         "float32 and cast back); unset: the checkpoint's own dtype, or the worker's --dtype")
+
+    @model_validator(mode="after")
+    def _one_tokenizer_setting(self) -> StudySpec:
+        """``tokenizer_source: X`` is ``tokenizer: {source: X}``; the setting checked as mergekit's."""
+        from merging.config import TokenizerSetting
+        from merging.errors import MergeError
+
+        try:
+            setting = TokenizerSetting.from_mergekit(self.tokenizer_source, self.tokenizer)
+        except MergeError as exc:
+            raise ValueError(str(exc)) from None
+        self.tokenizer = setting.to_dict() if setting is not None else None
+        self.tokenizer_source = None
+        return self
 
     def dimensions(self) -> int:
         """How many parameters the search space has (``SearchSpace(spec).distributions()``'s length)."""

@@ -182,11 +182,19 @@ def _model_problems(spec: StudySpec, policy: SpecPolicy) -> list[SpecProblem]:
                                         f"({', '.join(arch[1]) or 'no architectures'}), the base a {base[0]} "
                                         f"({', '.join(base[1]) or 'no architectures'})"))
             continue
+        if spec.tokenizer is not None:
+            continue  # the output vocabulary depends on every expert: checked together below
         try:
             # The base's own layout once (with the first expert): the others are checked against the base.
             check_dirs(spec.base, {e.name: e.path}, ancestry=ancestry, loadable=i == 0)
         except (IncompatibleCheckpoints, MergeError) as exc:
             problems.append(SpecProblem(("experts", i, "path"), str(exc)))
+    if spec.tokenizer is not None and not problems:
+        try:
+            check_dirs(spec.base, {e.name: e.path for e in spec.experts}, ancestry=ancestry, loadable=True,
+                       tokenizer=spec.tokenizer)
+        except (IncompatibleCheckpoints, MergeError, OSError, ValueError) as exc:
+            problems.append(SpecProblem(("tokenizer",), str(exc)))
     return problems
 
 
