@@ -56,6 +56,9 @@ def parse_mergekit(text: str, relative_to: Path | None = None) -> FileMergePlan:
         raise MergeError(f"config is not valid YAML: {exc}") from None
     if not isinstance(doc, dict):
         raise MergeError("config must be a YAML mapping")
+    if "slices" in doc:  # layer stacking writes another architecture: its own planner
+        raise MergeError("config: 'slices' (layer stacking) is merged by merging.slices (as `mmmo merge` does), "
+                         "not as a merge of one architecture")
     unknown = sorted(set(doc) - {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
                                  "tokenizer_source", "tokenizer", "seed", "name"})
     if unknown:
