@@ -101,6 +101,17 @@ class Settings(BaseSettings):
             return [Path.home(), self.cache_dir]
         return []
 
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _unset_if_empty(cls, value: object) -> object:
+        """An empty value (``MMMO_DTYPE=`` in an env file) is unset."""
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("memory_plan", mode="before")
+    @classmethod
+    def _auto_if_empty(cls, value: object) -> object:
+        return "auto" if isinstance(value, str) and not value.strip() else value
+
     @field_validator("max_memory", mode="before")
     @classmethod
     def _bytes(cls, value: object) -> object:
