@@ -267,8 +267,10 @@ class StudySpec(_Strict):
         if self.dimensions() > MAX_DIMENSIONS:
             raise ValueError(f"the search space has {self.dimensions()} parameters, more than the {MAX_DIMENSIONS} "
                              "allowed: fewer experts, fewer filters or larger layer_groups")
-        if self.dimensions() == 0:
-            raise ValueError("the search space has no parameters: search the experts' weight or density, or the "
+        if self.dimensions() == 0 and self.budget.trials != 1:
+            # A fixed method (model_stock, arcee_fusion) can still be scored: one trial, one configuration.
+            raise ValueError("the search space has no parameters, so every trial would be the same merge: set "
+                             "budget.trials to 1 to score it, or search the experts' weight or density, or the "
                              "method's parameters (search_space.method_params, search_space.method_choices)")
         fixed = sorted(set(self.method_params) & (set(self.search_space.method_params)
                                                   | set(self.search_space.method_choices)))
