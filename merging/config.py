@@ -349,6 +349,9 @@ class MergeConfig:
     grouping: Grouping | None = None
     dtype: str | None = None  # what the model is held and written in; None: the checkpoint's own
     allow_unrelated: bool = False  # merge experts that do not look fine-tuned from the base (warned, not refused)
+    # False: mergekit's config named no base_model; ``base`` (the first model) only gives the layout,
+    # side files and tokenizer, and a method with an optional base merges the models themselves.
+    base_input: bool = True
     # mergekit's `tokenizer:` ({source: base | union | MODEL, tokens, pad_to_multiple_of}; `tokenizer_source: X`
     # is {source: X}): the output vocabulary every model's embeddings are aligned to (merging.vocab).
     # None: the base's vocabulary, and every expert must have the base's shapes.
@@ -358,7 +361,7 @@ class MergeConfig:
         data = asdict(self)
         # Options at their defaults are left out: configs from before them keep their fingerprints
         # (results cache keys) and their exports.
-        for key, default in (("dtype", None), ("allow_unrelated", False), ("tokenizer", None)):
+        for key, default in (("dtype", None), ("allow_unrelated", False), ("tokenizer", None), ("base_input", True)):
             if data[key] == default:
                 del data[key]
         return data
@@ -367,7 +370,7 @@ class MergeConfig:
     def ancestry(self) -> bool | str:
         """How ``merging.checks`` treats a base that does not look like the experts' ancestor:
         no check for ``linear`` (it takes no deltas), a warning when allowed, else a refusal."""
-        if self.method == "linear":
+        if self.method == "linear" or not self.base_input:
             return False
         return "warn" if self.allow_unrelated else True
 
@@ -381,7 +384,7 @@ class MergeConfig:
         return cls(method=data["method"], base=data["base"], experts=experts,
                    params=dict(data.get("params", {})), seed=int(data.get("seed", 0)), grouping=grouping,
                    dtype=data.get("dtype"), allow_unrelated=bool(data.get("allow_unrelated", False)),
-                   tokenizer=data.get("tokenizer"))
+                   tokenizer=data.get("tokenizer"), base_input=bool(data.get("base_input", True)))
 
     def experts_identity(self) -> list[tuple[str, str, str | None]]:
         """What determines the resident state (not the per-trial parameters)."""

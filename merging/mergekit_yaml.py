@@ -78,6 +78,8 @@ def parse_mergekit(text: str, relative_to: Path | None = None) -> FileMergePlan:
     traits = METHODS.get(method)  # an unknown method is refused, with the known ones, when the merge is planned
     needs_base = traits.needs_base if traits else True
     base_is_input = traits.base_is_input if traits else False
+    base_optional = traits.base_optional if traits else False
+    base_input = True
     base = doc.get("base_model")
     models = doc["models"] or []
     taken: set[str] = set()
@@ -97,6 +99,7 @@ def parse_mergekit(text: str, relative_to: Path | None = None) -> FileMergePlan:
         if not experts:
             raise MergeError("config: 'models' names no model")
         base = experts[0].path
+        base_input = not base_optional  # the first model gives the layout; the method merges the models
     elif base_is_input and all(e.path != resolve(str(base)) for e in experts):
         # mergekit merges every model it reads, the base included after them (weighted by the global default)
         experts.append(ExpertRef(name=_unique_name(resolve(str(base)), taken), path=resolve(str(base))))
@@ -108,7 +111,7 @@ def parse_mergekit(text: str, relative_to: Path | None = None) -> FileMergePlan:
     # what is written, by default the same.
     config = MergeConfig(method=method, base=resolve(str(base)), experts=tuple(experts),
                          params=_settings(doc.get("parameters") or {}, "parameters"), seed=int(doc.get("seed", 0)),
-                         dtype=doc.get("dtype"),
+                         dtype=doc.get("dtype"), base_input=base_input,
                          tokenizer=tokenizer.map_models(resolve).to_dict() if tokenizer is not None else None)
     return FileMergePlan(config=config, dtype=doc.get("out_dtype"))
 
@@ -290,6 +293,8 @@ def to_mergekit(config: MergeConfig, dtype: str | None = None, *, tensor_names: 
                                                                      else None, base_names)}
                    | ({"calibration": e.calibration} if e.calibration else {}) for e in config.experts],
     }
+    if not config.base_input:  # mergekit's form without a base_model: the first model gives the layout
+        del doc["base_model"]
     if config.params:
         doc["parameters"] = dict(config.params)
     if config.dtype:

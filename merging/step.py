@@ -43,7 +43,7 @@ def merge_tensor(plan: MergePlan, name: str, base: Tensor, inputs: list[Tensor],
     experts, params = plan.params_for(name)
     models = plan.method.takes == "models"
     t = TensorInputs(name, base, [] if models else inputs, gen, list(stats), owned=owned,
-                     models=inputs if models else None)
+                     models=inputs if models else None, has_base=plan.config.base_input)
     return plan.method.merge(t, experts, params)
 
 

@@ -73,6 +73,7 @@ class TensorInputs:
     stats: list[Tensor | None] | None = None
     owned: bool = False  # the inputs are this call's to overwrite (temporaries, never held tensors)
     models: list[Tensor] | None = None  # the experts' own tensors, for methods that take ``models``
+    has_base: bool = True  # False: the config named no base_model (``base`` is only the layout)
 
 
 class MergeMethod(ABC):
@@ -97,6 +98,9 @@ class MergeMethod(ABC):
     takes: ClassVar[str] = "deltas"
     needs_base: ClassVar[bool] = True  # False: a config without base_model takes its first model as the base
     base_is_input: ClassVar[bool] = False  # mergekit merges the base_model in as one more input (linear)
+    # Without a base_model, mergekit merges the models themselves (nuslerp, multislerp); with one, their
+    # task vectors. The config's first model then only gives the layout (``MergeConfig.base_input``).
+    base_optional: ClassVar[bool] = False
     expert_params: ClassVar[tuple[Param, ...]] = ()
     global_params: ClassVar[tuple[Param, ...]] = ()
     inert_params: ClassVar[tuple[Inert, ...]] = ()

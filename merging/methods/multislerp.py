@@ -66,13 +66,14 @@ def multislerp(models: Sequence[Tensor], weight: Sequence[float], base: Tensor |
 class MultiSlerp(MergeMethod):
     """Multi-SLERP of the models' task vectors from the ``base_model``.
 
-    mergekit also merges without a ``base_model`` (the models themselves); a MergeConfig always has
-    a base, and cannot yet say that it is only the models' layout, so mmmo asks for a
-    ``base_model`` here (``needs_base``) rather than merge the first model's zero task vector.
+    Without a ``base_model`` mergekit merges the models themselves: the config's first model is
+    then only the layout (``MergeConfig.base_input`` false) and the kernel gets no base.
     """
 
     name = "multislerp"
     takes = "models"
+    needs_base = False
+    base_optional = True
     expert_params = (WEIGHT,)
     global_params = (Param("normalize_weights", True), Param("eps", 1e-8))
 
@@ -82,5 +83,5 @@ class MultiSlerp(MergeMethod):
         return resolved
 
     def merge(self, t: TensorInputs, experts: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> Tensor:
-        return multislerp(t.models, [float(e["weight"]) for e in experts], t.base,
+        return multislerp(t.models, [float(e["weight"]) for e in experts], t.base if t.has_base else None,
                           normalize_weights=params["normalize_weights"], eps=float(params["eps"]))

@@ -58,13 +58,14 @@ def interpolation_t(weights: Sequence[float]) -> float:
 class NuSlerp(MergeMethod):
     """NuSLERP of two models' task vectors from the ``base_model``.
 
-    mergekit also merges without a ``base_model`` (the two models themselves); a MergeConfig always
-    has a base, and cannot yet say that it is only the models' layout, so mmmo asks for a
-    ``base_model`` here (``needs_base``) rather than merge the first model's zero task vector.
+    Without a ``base_model`` mergekit merges the models themselves: the config's first model is
+    then only the layout (``MergeConfig.base_input`` false) and the kernel gets no base.
     """
 
     name = "nuslerp"
     takes = "models"
+    needs_base = False
+    base_optional = True
     expert_params = (WEIGHT,)
     global_params = (Param("nuslerp_row_wise", False), Param("nuslerp_flatten", True))
 
@@ -74,7 +75,7 @@ class NuSlerp(MergeMethod):
         return resolved
 
     def merge(self, t: TensorInputs, experts: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> Tensor:
-        return nuslerp_models(t.models, [float(e["weight"]) for e in experts], t.base,
+        return nuslerp_models(t.models, [float(e["weight"]) for e in experts], t.base if t.has_base else None,
                               row_wise=params["nuslerp_row_wise"], flatten=params["nuslerp_flatten"])
 
 

@@ -15,9 +15,8 @@ How each comparison is made, and why:
   told to compute in float32 and write bfloat16 (``dtype: float32, out_dtype: bfloat16``).
 * ``refused``: mergekit refuses the YAML, and so does mmmo, with mergekit's own words.
 
-Without a ``base_model`` mergekit merges nuslerp and multislerp on the models themselves; mmmo's
-MergeConfig cannot yet express a base that is only the layout, so mmmo asks for a ``base_model``
-there: the kernels' base-less mode is checked here tensor by tensor against mergekit's merge.
+Without a ``base_model`` mergekit merges nuslerp and multislerp on the models themselves; so does
+mmmo (the first model only gives the layout), checked with ``mmmo merge`` on the same YAML.
 """
 
 from __future__ import annotations
@@ -36,8 +35,8 @@ from evals.tiny_zoo import build_tiny_zoo
 from merging.config import ExpertRef, MergeConfig
 from merging.errors import MergeError
 from merging.files import merge_to_dir
-from merging.io import CheckpointReader
-from merging.mergekit_yaml import parse_mergekit
+from merging.io import CheckpointReader, open_reference
+from merging.mergekit_yaml import parse_mergekit, to_mergekit
 from merging.methods import TensorInputs, get_method
 from merging.methods.multislerp import multislerp
 from merging.methods.nuslerp import nuslerp_models
@@ -134,7 +133,7 @@ CASES = [
 BY_ID = {c.id: c for c in CASES}
 assert len(BY_ID) == len(CASES), "case ids must be unique"
 
-# Without a base_model: mergekit merges the models themselves (mmmo asks for a base_model, see above)
+# Without a base_model: mergekit merges the models themselves, and so does mmmo
 BASELESS = [
     ("nuslerp-no-base", "nuslerp", W2, {}),
     ("nuslerp-no-base-rows", "nuslerp", W2, {"nuslerp_flatten": False}),
@@ -260,12 +259,18 @@ def test_shapes_mergekit_refuses_are_refused_in_its_words(parity, case_id, tmp_p
 
 
 @pytest.mark.parametrize("job_id,method,models,params", BASELESS, ids=[b[0] for b in BASELESS])
-def test_without_a_base_model_mmmo_asks_for_one_and_its_kernels_match_mergekit(parity, job_id, method, models,
-                                                                                params):
+def test_without_a_base_model_the_models_themselves_merge_as_in_mergekit(parity, job_id, method, models, params,
+                                                                         tmp_path):
     text = (parity["root"] / "yaml" / f"{job_id}.yml").read_text()
-    with pytest.raises(MergeError, match=f"method '{method}' needs a 'base_model'"):
-        parse_mergekit(text)
     theirs = _load(_mergekit_output(parity, job_id))
+    config = parse_mergekit(text).config
+    assert not config.base_input and "base_model" not in to_mergekit(config)
+    ours = _load(merge_to_dir(config, tmp_path / "ours"))
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[n], theirs[n]) for n in theirs)
+    resident = dict(Merger(open_reference(config.base), {e.name: open_reference(e.path) for e in config.experts},
+                           check_ancestry=config.ancestry).merged_tensors(config))
+    assert all(torch.equal(resident[n], theirs[n]) for n in theirs)
     experts = [_load(p) for p in parity["sets"]["llama"][1][:len(models)]]
     weights = [m["weight"] for m in models]
     for name, expected in theirs.items():
