@@ -40,10 +40,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from merging.files import merge_to_dir
-from merging.mergekit_yaml import parse_mergekit
 from merging.methods import METHODS, TensorInputs, get_method
 from tests.mergekit_side import run_jobs
+from tests.mergekit_side.compare import load_tensors, mergekit_output, mmmo_merge
 from tests.tiny_archs import build_arch_set
 
 W2 = ({"weight": 0.7}, {"weight": 0.35})
@@ -194,22 +193,7 @@ def parity(tmp_path_factory, mergekit_python):
     return {"root": root, "sets": sets, "results": results, "random": tensors}
 
 
-def _mergekit_output(parity, job_id: str) -> Path:
-    result = parity["results"][job_id]
-    assert result["ok"], f"mergekit refused case {job_id}: {result['error']}\n{result.get('traceback', '')}"
-    return parity["root"] / "mergekit" / job_id
 
-
-def _load(model_dir: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    return tensors
-
-
-def _mmmo_merge(parity, case: Case) -> Path:
-    plan = parse_mergekit((parity["root"] / "yaml" / f"{case.id}.yml").read_text())
-    return merge_to_dir(plan.config, parity["root"] / "mmmo" / case.id, dtype=plan.dtype)
 
 
 def _tied_at_threshold(case: Case, base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
@@ -227,7 +211,7 @@ def _compare(case: Case, ours: dict[str, torch.Tensor], theirs: dict[str, torch.
     assert sorted(ours) == sorted(theirs)
     if case.check == "tie-order":
         s = sets[case.arch]
-        base, experts = _load(s.base), [_load(s.experts[f"e{i}"]) for i in range(len(case.models))]
+        base, experts = load_tensors(s.base), [load_tensors(s.experts[f"e{i}"]) for i in range(len(case.models))]
     for name, expected in theirs.items():
         got = ours[name]
         assert got.dtype == expected.dtype, name
@@ -245,9 +229,9 @@ def _compare(case: Case, ours: dict[str, torch.Tensor], theirs: dict[str, torch.
 @pytest.mark.parametrize("case_id", list(BY_ID))
 def test_mmmo_merge_matches_mergekit(parity, case_id, caplog):
     case = BY_ID[case_id]
-    theirs = _load(_mergekit_output(parity, case_id))
+    theirs = load_tensors(mergekit_output(parity, case_id))
     with caplog.at_level(logging.WARNING, logger="merging"):
-        ours = _load(_mmmo_merge(parity, case))
+        ours = load_tensors(mmmo_merge(parity, case.id))
     _compare(case, ours, theirs, parity["sets"])
     warned = " ".join(r.getMessage() for r in caplog.records if r.name.startswith("merging"))
     for expected in case.warns:
@@ -265,7 +249,7 @@ def test_mmmo_merge_command_takes_mergekit_declared_and_ignored_keys(parity, cap
     with caplog.at_level(logging.WARNING, logger="merging"):
         assert main(["merge", str(config), str(tmp_path / "out")]) == 0
     assert "'density' has no effect with method 'task_arithmetic'" in caplog.text
-    _compare(case, _load(tmp_path / "out"), _load(_mergekit_output(parity, case.id)), parity["sets"])
+    _compare(case, load_tensors(tmp_path / "out"), load_tensors(mergekit_output(parity, case.id)), parity["sets"])
 
 
 def test_parameters_are_declared_as_mergekit_declares_them(parity):

@@ -29,7 +29,6 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from evals.tiny_zoo import build_tiny_zoo
 from merging.config import ExpertRef, MergeConfig
@@ -43,6 +42,7 @@ from merging.methods.nuslerp import nuslerp_models
 from merging.placement import PlanKind
 from merging.resident import Merger
 from tests.mergekit_side import run_jobs
+from tests.mergekit_side.compare import load_tensors, mergekit_output, mmmo_merge
 from tests.tiny_archs import build_arch_set
 
 F32_ON_BF16 = {"dtype": "float32", "out_dtype": "bfloat16"}  # mergekit computing as mmmo does
@@ -193,30 +193,15 @@ def parity(tmp_path_factory, mergekit_python):
     return {"root": root, "sets": sets, "results": results}
 
 
-def _load(model_dir: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    return tensors
 
-
-def _mergekit_output(parity, job_id: str) -> Path:
-    result = parity["results"][job_id]
-    assert result["ok"], f"mergekit refused {job_id}: {result['error']}\n{result.get('traceback', '')}"
-    return parity["root"] / "mergekit" / job_id
-
-
-def _mmmo_merge(parity, case: Case) -> Path:
-    plan = parse_mergekit((parity["root"] / "yaml" / f"{case.id}.yml").read_text())
-    return merge_to_dir(plan.config, parity["root"] / "mmmo" / case.id, dtype=plan.dtype)
 
 
 @pytest.mark.parametrize("case_id", [c.id for c in CASES if c.check != "refused"])
 def test_mmmo_merge_matches_mergekit(parity, case_id, caplog):
     case = BY_ID[case_id]
-    theirs = _load(_mergekit_output(parity, case_id))
+    theirs = load_tensors(mergekit_output(parity, case_id))
     with caplog.at_level(logging.WARNING, logger="merging"):
-        ours = _load(_mmmo_merge(parity, case))
+        ours = load_tensors(mmmo_merge(parity, case.id))
     assert sorted(ours) == sorted(theirs)
     for name, expected in theirs.items():
         got = ours[name]
@@ -238,11 +223,11 @@ def test_mmmo_merge_matches_mergekit(parity, case_id, caplog):
 def test_the_merges_are_not_trivial(parity):
     """slerp at t = 0.3 lies strictly between its ends; nearswap at this t swaps some entries and not others."""
     base_dir, expert_dirs = parity["sets"]["llama"]
-    base, e0 = _load(base_dir), _load(expert_dirs[0])
+    base, e0 = load_tensors(base_dir), load_tensors(expert_dirs[0])
     name = "model.layers.0.mlp.up_proj.weight"
-    merged = _load(_mergekit_output(parity, "slerp-scalar"))[name]
+    merged = load_tensors(mergekit_output(parity, "slerp-scalar"))[name]
     assert not torch.equal(merged, base[name]) and not torch.equal(merged, e0[name])
-    swapped = _load(_mergekit_output(parity, "nearswap"))[name]
+    swapped = load_tensors(mergekit_output(parity, "nearswap"))[name]
     assert 0 < (swapped == e0[name]).float().mean() < 1
 
 
@@ -262,16 +247,16 @@ def test_shapes_mergekit_refuses_are_refused_in_its_words(parity, case_id, tmp_p
 def test_without_a_base_model_the_models_themselves_merge_as_in_mergekit(parity, job_id, method, models, params,
                                                                          tmp_path):
     text = (parity["root"] / "yaml" / f"{job_id}.yml").read_text()
-    theirs = _load(_mergekit_output(parity, job_id))
+    theirs = load_tensors(mergekit_output(parity, job_id))
     config = parse_mergekit(text).config
     assert not config.base_input and "base_model" not in to_mergekit(config)
-    ours = _load(merge_to_dir(config, tmp_path / "ours"))
+    ours = load_tensors(merge_to_dir(config, tmp_path / "ours"))
     assert sorted(ours) == sorted(theirs)
     assert all(torch.equal(ours[n], theirs[n]) for n in theirs)
     resident = dict(Merger(open_reference(config.base), {e.name: open_reference(e.path) for e in config.experts},
                            check_ancestry=config.ancestry).merged_tensors(config))
     assert all(torch.equal(resident[n], theirs[n]) for n in theirs)
-    experts = [_load(p) for p in parity["sets"]["llama"][1][:len(models)]]
+    experts = [load_tensors(p) for p in parity["sets"]["llama"][1][:len(models)]]
     weights = [m["weight"] for m in models]
     for name, expected in theirs.items():
         inputs = [e[name] for e in experts]

@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -47,6 +46,7 @@ from merging.mergekit_yaml import parse_mergekit
 from merging.methods import TensorInputs, get_method
 from merging.resident import Merger
 from tests.mergekit_side import run_jobs
+from tests.mergekit_side.compare import load_tensors, mergekit_output, mmmo_merge
 from tests.tiny_archs import build_arch_set
 
 F32_ON_BF16 = {"dtype": "float32", "out_dtype": "bfloat16"}  # mergekit computing as mmmo does
@@ -211,22 +211,7 @@ def parity(tmp_path_factory, mergekit_python):
     return {"root": root, "sets": sets, "results": results, "tensors": tensors}
 
 
-def _mergekit_output(parity, job_id: str) -> Path:
-    result = parity["results"][job_id]
-    assert result["ok"], f"mergekit refused case {job_id}: {result['error']}\n{result.get('traceback', '')}"
-    return parity["root"] / "mergekit" / job_id
 
-
-def _load(model_dir: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    return tensors
-
-
-def _mmmo_merge(parity, case: Case) -> Path:
-    plan = parse_mergekit((parity["root"] / "yaml" / f"{case.id}.yml").read_text())
-    return merge_to_dir(plan.config, parity["root"] / "mmmo" / case.id, dtype=plan.dtype)
 
 
 def _relative_l2(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -242,8 +227,8 @@ def _same_choice(arch_set, name: str, got: torch.Tensor, expected: torch.Tensor)
     multiples of 2^-8; its fence then sits ~1000x higher than the float32 one and the kept sets
     barely overlap (9 entries in common of 35 and 28 in one tensor). With ``dtype: float32`` the
     two give the same bits (``arcee_fusion-bf16-f32-math``)."""
-    base = _load(arch_set.base)[name]
-    model = _load(arch_set.experts["e0"])[name]
+    base = load_tensors(arch_set.base)[name]
+    model = load_tensors(arch_set.experts["e0"])[name]
     theirs_kept = (base.float() + (model - base).float()).to(base.dtype)  # model - base: in bfloat16
     for merged, kept in ((got, model), (expected, theirs_kept)):
         assert bool(((merged == base) | (merged == kept)).all()), name
@@ -252,9 +237,9 @@ def _same_choice(arch_set, name: str, got: torch.Tensor, expected: torch.Tensor)
 @pytest.mark.parametrize("case_id", list(BY_ID))
 def test_mmmo_merge_matches_mergekit(parity, case_id, caplog):
     case = BY_ID[case_id]
-    theirs = _load(_mergekit_output(parity, case_id))
+    theirs = load_tensors(mergekit_output(parity, case_id))
     with caplog.at_level(logging.WARNING, logger="merging"):
-        ours = _load(_mmmo_merge(parity, case))
+        ours = load_tensors(mmmo_merge(parity, case.id))
     assert sorted(ours) == sorted(theirs)
     for name, expected in theirs.items():
         got = ours[name]

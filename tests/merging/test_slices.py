@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from merging.errors import MergeError
 from merging.files import merge_to_dir
@@ -32,6 +31,7 @@ from merging.methods import METHODS, TensorInputs, get_method
 from merging.resident import Merger
 from merging.slices import is_pre_weight, load_slices, merge_slices_to_dir, parse_slices
 from tests.mergekit_side import run_jobs, side_python
+from tests.mergekit_side.compare import load_tensors
 from tests.tiny_archs import build_arch_set
 
 SETS = {  # name -> (architecture, experts)
@@ -148,12 +148,6 @@ def parity(tmp_path_factory, mergekit_python):
     return {"root": root, "sets": sets, "results": run_jobs(mergekit_python, jobs, root / "side")}
 
 
-def _load(model_dir: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    return tensors
-
 
 def _assert_equal(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
     assert sorted(ours) == sorted(theirs)
@@ -187,10 +181,10 @@ def test_slices_merge_as_mergekit_merges_them(parity, case_id, tmp_path):
         assert result["ok"], f"mergekit refused {case_id}: {result['error']}\n{result.get('traceback', '')}"
         assert _layers(theirs_dir) == case.layers
     ours_dir = merge_slices_to_dir(plan, tmp_path / "out")
-    _assert_equal(_load(ours_dir), _load(theirs_dir))
+    _assert_equal(load_tensors(ours_dir), load_tensors(theirs_dir))
     assert _layers(ours_dir) == case.layers
     # every layer of the output is there, numbered 0 .. layers - 1
-    indices = {int(n.split(".")[2]) for n in _load(ours_dir) if n.startswith("model.layers.")}
+    indices = {int(n.split(".")[2]) for n in load_tensors(ours_dir) if n.startswith("model.layers.")}
     assert indices == set(range(case.layers))
 
 
@@ -213,7 +207,7 @@ def test_the_output_loads_with_transformers_with_its_layers(parity, case_id, tmp
     assert len(model.model.layers) == model.config.num_hidden_layers == case.layers
     # where transformers writes a layer_types list (qwen2, gemma2), it is rebuilt for the new layers
     assert json.loads((out / "config.json").read_text()).get("layer_types") == _layer_types(case, parity["sets"])
-    state = _load(out)
+    state = load_tensors(out)
     for name, p in model.state_dict().items():  # what loaded is what was written (tied lm_head: the embeddings)
         written = state.get(name, state.get("model.embed_tokens.weight") if name == "lm_head.weight" else None)
         assert torch.equal(p, written.to(p.dtype)), name
@@ -227,9 +221,9 @@ def test_mmmo_merge_runs_a_slices_yaml(parity, tmp_path):
 
     config = parity["root"] / "yaml" / "passthrough-scale-crossed.yml"
     assert main(["merge", str(config), str(tmp_path / "out"), "--dtype", "bfloat16"]) == 0
-    theirs = _load(parity["root"] / "mergekit" / "passthrough-scale-crossed")
+    theirs = load_tensors(parity["root"] / "mergekit" / "passthrough-scale-crossed")
     theirs = {k: v.to(torch.bfloat16) for k, v in theirs.items()}
-    _assert_equal(_load(tmp_path / "out"), theirs)  # float32 results, rounded once to bfloat16
+    _assert_equal(load_tensors(tmp_path / "out"), theirs)  # float32 results, rounded once to bfloat16
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 4 and cfg.get("torch_dtype", cfg.get("dtype")) == "bfloat16"
     assert "slices:" in (tmp_path / "out" / "README.md").read_text()
@@ -246,8 +240,8 @@ def test_passthrough_through_models_in_both_paths(parity, case_id, tmp_path):
         return
     assert result["ok"], result.get("error")
     ours_dir = merge_to_dir(plan.config, tmp_path / "out", dtype=plan.dtype)
-    theirs = _load(parity["root"] / "mergekit" / case_id)
-    _assert_equal(_load(ours_dir), theirs)
+    theirs = load_tensors(parity["root"] / "mergekit" / case_id)
+    _assert_equal(load_tensors(ours_dir), theirs)
     (expert,) = plan.config.experts
     for dtype in (None, torch.bfloat16):  # the resident path: the checkpoints' dtype, and held in bfloat16
         merger = Merger.from_checkpoints(plan.config.base, {expert.name: expert.path}, dtype=dtype)
@@ -256,7 +250,7 @@ def test_passthrough_through_models_in_both_paths(parity, case_id, tmp_path):
             _assert_equal(resident, theirs)
         else:  # the file path with the same held dtype (the config's: mergekit's `dtype`)
             held = merge_to_dir(replace(plan.config, dtype="bfloat16"), tmp_path / "bf16")
-            _assert_equal(resident, _load(held))
+            _assert_equal(resident, load_tensors(held))
 
 
 # ---- mmmo's own: the method's contract, the plan's checks, the pre/post split, the study refusal ----

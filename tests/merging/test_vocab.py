@@ -24,7 +24,6 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from merging.config import MergeConfig, TokenizerSetting
@@ -34,6 +33,7 @@ from merging.io import open_reference
 from merging.mergekit_yaml import parse_mergekit, to_mergekit
 from merging.vocab import Vocabulary, align, stripped_tokenizer, vocabulary_tensors
 from tests.mergekit_side import run_jobs
+from tests.mergekit_side.compare import load_tensors
 from tests.tiny_archs import build_arch_set
 
 ADDED = {"e0": ["<a>", "<b>"], "e1": ["<b>", "<c>", "<d>"], "e2": ["<c>"], "e3": []}
@@ -155,12 +155,6 @@ def mergekit_runs(sets, tmp_path_factory, mergekit_python):
     return root, run_jobs(mergekit_python, jobs, root / "side")
 
 
-def _load(directory: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    return tensors
-
 
 @dataclass
 class Merged:
@@ -172,7 +166,7 @@ class Merged:
 
 def _read(out: Path, axes: dict[str, int]) -> Merged:
     vocab = AutoTokenizer.from_pretrained(out).get_vocab()
-    return Merged(_load(out), vocab, json.loads((out / "config.json").read_text())["vocab_size"], axes)
+    return Merged(load_tensors(out), vocab, json.loads((out / "config.json").read_text())["vocab_size"], axes)
 
 
 def _mmmo(case: Case, sets, out: Path) -> Merged:
@@ -226,7 +220,7 @@ def test_a_token_only_one_expert_has_keeps_that_experts_row(sets, tmp_path):
     ours = _mmmo(BY_ID["union"], sets, tmp_path / "out")
     s = sets["llama"]
     for expert, token in (("e0", "<a>"), ("e1", "<d>")):
-        own = _load(s.experts[expert])
+        own = load_tensors(s.experts[expert])
         row = AutoTokenizer.from_pretrained(s.experts[expert]).get_vocab()[token]
         for name in ("model.embed_tokens.weight", "lm_head.weight"):
             assert torch.equal(ours.tensors[name][ours.vocab[token]], own[name][row]), (expert, token, name)
