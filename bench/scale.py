@@ -4,11 +4,12 @@
 
 Builds each size's set (base + K experts, random weights, sharded safetensors, a character
 tokenizer) once into ``--cache-dir`` (default ``~/.cache/mmmo/bench-scale``). Each (size, plan)
-then runs in a fresh process: a TrialRunner with that memory plan runs two TIES trials scored on
-perplexity (a small text file) and sparsity, and reports peak RSS (and its anonymous and
-file-backed parts, sampled), the first trial's load, the second trial's merge and evaluation,
-and the floor of a merge: ``copy_`` of every live parameter from a same-size tensor (writing
-the model once). ``auto`` runs first and the explicit plan it chose is not run again.
+then runs in a fresh process: a TrialRunner with that memory plan runs ``--trials`` (2) TIES
+trials scored on perplexity (a small text file) and sparsity, and reports peak RSS (its anonymous
+and file-backed parts, and its peak in each trial's load, merge and evaluation, sampled every
+20 ms), the first trial's load, the last trial's merge and evaluation, and the floor of a merge:
+``copy_`` of every live parameter from a same-size tensor (writing the model once). ``auto``
+runs first and the explicit plan it chose is not run again.
 
 Targets: resident (and host, which on a CPU holds the same bytes) peak RSS <= (K + 2) x one
 model's bytes + 1.5 GiB; files <= 2 x one model's bytes + 1.5 GiB; the 1.1 B set completes
@@ -197,8 +198,10 @@ class _RssSampler(threading.Thread):
 
 
 def child(args: argparse.Namespace) -> None:
+    from evals.evaluator import Evaluator
     from evals.objective import Objective
     from merging.config import ExpertRef, MergeConfig
+    from merging.resident import Merger
     from service.runner import TrialRunner
 
     sampler = _RssSampler()
@@ -214,19 +217,31 @@ def child(args: argparse.Namespace) -> None:
                   Objective(kind="sparsity", direction="minimize", samples=None)]
     runner = TrialRunner(device="cpu", batch_size=8, trusted_task_paths=[], memory_plan=args.child_plan)
     falling = [(len(experts) - i) / len(experts) for i in range(len(experts))]  # 1, 2/3, 1/3 for K = 3
+    trial = 0
+
+    def phased(fn, phase: str):  # the sampler's phase follows the runner's steps
+        def wrapper(*a, **kw):
+            sampler.enter(f"{phase} {trial}")
+            try:
+                return fn(*a, **kw)
+            finally:
+                sampler.enter(f"rest {trial}")
+        return wrapper
+
+    Merger.apply = phased(Merger.apply, "merge")
+    Evaluator.score = phased(Evaluator.score, "eval")
     imports = sampler.now().get("VmRSS", 0)
     t = time.perf_counter()
-    sampler.enter("trial 1")
-    runner.run(ties(falling), objectives)
-    first = dict(runner.last_timing)
-    sampler.enter("trial 2")
-    scores = runner.run(ties(falling[::-1]), objectives)
-    second = dict(runner.last_timing)
+    timings = []
+    for trial in range(1, args.child_trials + 1):
+        sampler.enter(f"load {trial}")
+        scores = runner.run(ties(falling[trial - 1:] + falling[: trial - 1]), objectives)
+        timings.append(dict(runner.last_timing))
     wall = time.perf_counter() - t
     sampler.enter("after")
     sampler.stopped.set()
     steady = sampler.now().get("VmRSS", 0)
-    trials = [sampler.peaks["trial 1"], sampler.peaks["trial 2"]]
+    phases = {name: p["VmRSS"] for name, p in sampler.peaks.items()}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the floor's extra copy
     placement = getattr(runner, "placement", None)
     params = [p for p in runner.last_model.parameters()]
@@ -241,21 +256,21 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({
         "plan": placement.kind.value if placement is not None else None,
         "summary": runner.placement_summary,
-        "peak_rss": peak, "peak_anon": max(p["RssAnon"] for p in trials),
-        "peak_file": max(p["RssFile"] for p in trials), "rss_imports": imports, "rss_steady": steady,
-        "peak_trial1": trials[0]["VmRSS"], "peak_trial2": trials[1]["VmRSS"],
-        "load": first["load"], "merge": second["merge"], "evaluate": second["evaluate"],
-        "merge_first": first["merge"], "floor": floor, "wall": wall,
+        "peak_rss": peak, "peak_anon": max(p["RssAnon"] for p in sampler.peaks.values()),
+        "peak_file": max(p["RssFile"] for p in sampler.peaks.values()), "rss_imports": imports,
+        "rss_steady": steady, "phases": phases, "merges": [round(t["merge"], 2) for t in timings],
+        "load": timings[0]["load"], "merge": timings[-1]["merge"], "evaluate": timings[-1]["evaluate"],
+        "floor": floor, "wall": wall,
         "live_bytes": sum(p.numel() * p.element_size() for p in params),
         "live_dtype": str(params[0].dtype).removeprefix("torch."), "scores": scores,
     }))
 
 
-def measure(size: str, plan: str, base: Path, experts: list[Path], text: Path, root: Path) -> dict:
+def measure(plan: str, base: Path, experts: list[Path], text: Path, root: Path, trials: int) -> dict:
     """Runs one (size, plan) in a fresh process; its figures, or {"error": ...}."""
     env = {**os.environ, "MMMO_DATA_ROOTS": str(root), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TQDM_DISABLE": "1"}
-    cmd = [sys.executable, __file__, "--child-plan", plan, "--child-base", str(base),
+    cmd = [sys.executable, __file__, "--child-trials", str(trials), "--child-plan", plan, "--child-base", str(base),
            "--child-experts", ",".join(map(str, experts)), "--child-text", str(text)]
     t = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent.parent)
@@ -285,9 +300,14 @@ def print_row(size: str, asked: str, r: dict, model_bytes: int, k: int) -> None:
     print(f"  {size:5s} {label:17s} {r['peak_rss'] / GiB:6.2f} <= {target / GiB:5.2f} {ok:4s} "
           f"{r['peak_anon'] / GiB:5.2f}/{r['peak_file'] / GiB:5.2f} {r['load']:7.1f} {r['merge']:7.2f} "
           f"{r['floor']:6.3f} {r['merge'] / r['floor']:6.1f}x {r['evaluate']:7.2f} {r['process']:6.0f}")
-    print(f"        RSS GiB: {r['rss_imports'] / GiB:.2f} after imports, peaks {r['peak_trial1'] / GiB:.2f} in trial 1 "
-          f"(load, merge, eval) and {r['peak_trial2'] / GiB:.2f} in trial 2 (merge, eval), {r['rss_steady'] / GiB:.2f} "
-          f"between trials; first merge {r['merge_first']:.1f} s; {r['summary']}")
+    peaks = r["phases"]
+    per_trial = ", ".join(
+        f"{i}: " + "/".join(f"{peaks[f'{ph} {i}'] / GiB:.2f}" if f"{ph} {i}" in peaks else "-"
+                            for ph in ("load", "merge", "eval"))
+        for i in range(1, len(r["merges"]) + 1))
+    print(f"        RSS GiB: {r['rss_imports'] / GiB:.2f} after imports; peaks by trial, load/merge/eval: {per_trial}; "
+          f"{r['rss_steady'] / GiB:.2f} after")
+    print(f"        merges {r['merges']} s; {r['summary']}")
 
 
 def paper_table(k: int) -> None:
@@ -318,10 +338,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=3, help="experts")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "mmmo" / "bench-scale")
     parser.add_argument("--paper-only", action="store_true", help="only the on-paper table")
-    for name in ("plan", "base", "experts", "text"):
+    parser.add_argument("--trials", type=int, default=2, help="trials per (size, plan); merge and eval: the last")
+    for name in ("plan", "base", "experts", "text", "trials"):
         parser.add_argument(f"--child-{name}", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_plan:
+        args.child_trials = int(args.child_trials)
         child(args)
         return
     if args.paper_only:
@@ -337,7 +359,7 @@ def main() -> None:
     text.write_text("\n".join(TEXT[i : i + 96] for i in range(0, 4 * 24, 24)) + "\n")  # 4 texts of 96 chars
     started = time.perf_counter()
     print(f"peak RSS GiB vs target ((K+2) or 2 model copies + 1.5 GiB), its anonymous / file-backed parts "
-          f"(sampled peaks); load: first trial; merge and eval: second trial (TIES, K={args.k}); "
+          f"(sampled peaks); load: first trial; merge and eval: the last of {args.trials} trials (TIES, K={args.k}); "
           "floor: copy_ of every live parameter")
     for size in sizes:
         base, experts, built = build_set(root, size, args.k)
@@ -351,7 +373,7 @@ def main() -> None:
         for plan in sorted(plans, key=lambda p: p != "auto"):
             if plan in done:
                 continue
-            r = measure(size, plan, base, experts, text, root)
+            r = measure(plan, base, experts, text, root, args.trials)
             done.add(plan)
             if plan == "auto" and r.get("plan"):
                 done.add(r["plan"])
