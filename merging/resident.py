@@ -206,7 +206,10 @@ class Merger:
         b32 = self.base[name].float()
         return [e - b32 for e in experts]
 
-    def _merged(self, config: MergeConfig, keys: Sequence[str]) -> Iterator[tuple[str, Tensor]]:
+    def _merged(self, config: MergeConfig, keys: Sequence[str], l1: list[float] | None = None,
+                ) -> Iterator[tuple[str, Tensor]]:
+        """(name, merged tensor in the held dtype) per key; with ``l1``, each tensor's
+        ``sum |merged - base|`` is appended to it, measured before the float32 temporaries go."""
         names = [e.name for e in config.experts]
         if names != self.expert_names:
             raise MergeError(f"merge config names experts {names}, the merger holds {self.expert_names}")
@@ -216,7 +219,13 @@ class Merger:
             b32 = base.float()
             inputs = expert_inputs(plan, b32, experts)  # new float32 tensors: the method may overwrite them
             merged = merge_tensor(plan, name, b32, inputs, [self.stats[e].get(name) for e in names], owned=True)
-            yield name, merged.to(self.dtype or base.dtype)
+            del inputs, experts  # the largest tensor's merge sets the peak: free what it no longer needs
+            held = merged.to(self.dtype or base.dtype)
+            if l1 is not None and held.is_floating_point():
+                # the distance of what is written, in one float32 buffer (type promotion, no rounding)
+                l1.append(float(torch.linalg.vector_norm(torch.sub(held, b32), 1)))
+            del merged, b32
+            yield name, held
 
     def _experts(self, keys: Sequence[str]) -> Iterator[tuple[str, list[Tensor]]]:
         """Each key's expert tensors in expert order: the plan's store, and LoRA experts expanded."""
@@ -247,17 +256,9 @@ class Merger:
         sparsity objective, ``sum |theta_merged - theta_base|`` over the merged tensors, measured
         per tensor as it is written (no whole-model float32 copy)."""
         layout = self.layout(model)
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-
-        def measured() -> Iterator[tuple[str, Tensor]]:
-            nonlocal total
-            for name, merged in self._merged(config, layout.file_keys()):
-                if merged.is_floating_point():
-                    total += (merged.float() - self.base[name].float()).abs().sum(dtype=torch.float64)
-                yield name, merged
-
-        layout.write(measured())
-        return float(total)
+        per_tensor: list[float] = []
+        layout.write(self._merged(config, layout.file_keys(), per_tensor))
+        return float(sum(per_tensor))  # summed in float64 across tensors
 
 
 def expert_dirs(config: MergeConfig) -> dict[str, str]:

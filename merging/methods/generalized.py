@@ -107,7 +107,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
             mixed.div_(divisor)
         if params["lambda"] != 1:
             mixed.mul_(params["lambda"])
-        return (t.base + mixed).to(dtype)
+        return mixed.add_(t.base)  # base + mixed, without another tensor-sized buffer
 
 
 def check_della_bounds(method: str, experts: Sequence[Mapping[str, Any]], names: Sequence[str]) -> None:
