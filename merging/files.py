@@ -44,15 +44,18 @@ def _held(t: Tensor, dtype: torch.dtype | None) -> Tensor:
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
-def _model_card(config: MergeConfig, dtype: str | None) -> str:
+def _model_card(config: MergeConfig, dtype: str | None, names: list[str]) -> str:
+    """The output's README: the merge as mergekit YAML, or as our config where mergekit has no form for it."""
+    try:
+        text = to_mergekit(config, dtype, tensor_names=names)
+    except MergeError:
+        import yaml
+
+        text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     return ("---\nlibrary_name: transformers\ntags: [merge, mmmo]\n---\n"
             f"# Merged with mmmo ({config.method})\n\nBase: `{config.base}`\n\n"
             "Experts: " + ", ".join(f"`{e.path}`" for e in config.experts) + "\n\n"
-            f"## Merge configuration\n\n```yaml\n{_config_yaml(config, dtype)}```\n")
-
-
-def _config_yaml(config: MergeConfig, dtype: str | None) -> str:
-    return to_mergekit(config, dtype)
+            f"## Merge configuration\n\n```yaml\n{text}```\n")
 
 
 def _copy_side_files(base_dir: Path, out: Path, dtype: torch.dtype | None) -> None:
@@ -128,18 +131,20 @@ def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None 
     names = check_compatible(base, readers, ancestry=config.ancestry)
     plan_params = MergePlan(config, names=names)  # and every tensor's, before any is merged
     names_k = plan_params.names
+    card = _model_card(config, dtype, names)  # before any tensor: nothing is merged for a card that fails
     stats = stats or {}
     dev = torch.device(device)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        plan = [(n, out_dtype or (held if held and base.dtype(n).is_floating_point else base.dtype(n)),
-                 base.shape(n)) for n in names]
+        # Float tensors are written in out_dtype (by default the held dtype); others as they are.
+        plan = [(n, out_dtype if out_dtype and base.dtype(n).is_floating_point else base.dtype(n), base.shape(n))
+                for n in names]
         writer = _ShardWriter(staging, plan, max_shard_bytes)
         for i, name in enumerate(names):
             b = _held(base.get(name), held)
-            target = out_dtype or b.dtype
+            target = out_dtype if out_dtype and b.is_floating_point() else b.dtype
             b32 = b.to(dev, torch.float32)
             # Each expert's tensor, read for this merge, becomes its input in place when it is float32.
             inputs = expert_inputs(plan_params, b32, (_held(readers[e].get(name), held).to(dev) for e in names_k),
@@ -154,7 +159,7 @@ def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None 
         _copy_side_files(model_dir(config.base), staging, out_dtype)
         if vocab is not None:
             write_vocabulary(vocab, staging)  # its tokenizer and vocab_size, not the base's
-        (staging / "README.md").write_text(_model_card(config, dtype))
+        (staging / "README.md").write_text(card)
         if out_dir.exists():
             out_dir.rmdir()
         staging.rename(out_dir)

@@ -299,8 +299,8 @@ def to_mergekit(config: MergeConfig, dtype: str | None = None, *, tensor_names: 
         doc["parameters"] = dict(config.params)
     if config.dtype:
         doc["dtype"] = config.dtype
-    if dtype and dtype != config.dtype:
-        doc["dtype" if config.dtype is None else "out_dtype"] = dtype
+    if dtype and dtype != config.dtype:  # what is written, not what the inputs are held in
+        doc["out_dtype"] = dtype
     if config.tokenizer is not None:
         tokenizer = TokenizerSetting.parse(config.tokenizer).to_dict()
         if set(tokenizer) == {"source"}:

@@ -220,7 +220,7 @@ class Merger:
             inputs = expert_inputs(plan, b32, experts)  # new float32 tensors: the method may overwrite them
             merged = merge_tensor(plan, name, b32, inputs, [self.stats[e].get(name) for e in names], owned=True)
             del inputs, experts  # the largest tensor's merge sets the peak: free what it no longer needs
-            held = merged.to(self.dtype or base.dtype)
+            held = merged.to(base.dtype)  # the held dtype (float tensors are held in ``self.dtype`` already)
             if l1 is not None and held.is_floating_point():
                 # the distance of what is written, in one float32 buffer (type promotion, no rounding)
                 l1.append(float(torch.linalg.vector_norm(torch.sub(held, b32), 1)))
@@ -251,14 +251,14 @@ class Merger:
             self._layouts = {id(model): layout}  # one live model per set
         return layout
 
-    def apply(self, model: nn.Module, config: MergeConfig) -> float:
+    def apply(self, model: nn.Module, config: MergeConfig, *, sparsity: bool = True) -> float | None:
         """Write the merge of ``config`` into ``model``'s parameters in place. Returns MM-MO's
         sparsity objective, ``sum |theta_merged - theta_base|`` over the merged tensors, measured
-        per tensor as it is written (no whole-model float32 copy)."""
+        per tensor as it is written (no whole-model float32 copy); None without ``sparsity``."""
         layout = self.layout(model)
-        per_tensor: list[float] = []
+        per_tensor: list[float] | None = [] if sparsity else None
         layout.write(self._merged(config, layout.file_keys(), per_tensor))
-        return float(sum(per_tensor))  # summed in float64 across tensors
+        return float(sum(per_tensor)) if per_tensor is not None else None  # summed in float64 across tensors
 
 
 def expert_dirs(config: MergeConfig) -> dict[str, str]:

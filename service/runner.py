@@ -54,6 +54,11 @@ class _Resident:
     placement: Placement
 
     @property
+    def device_nbytes(self) -> int:
+        """What evicting the set frees on the device (pinned host memory aside)."""
+        return self.merger.device_bytes + sum(t.numel() * t.element_size() for t in self.model.parameters())
+
+    @property
     def nbytes(self) -> int:
         """What the set holds: base, experts (on the device or in host memory) and the live model."""
         model = sum(t.numel() * t.element_size() for t in self.model.parameters())
@@ -105,13 +110,15 @@ class TrialRunner:
 
     def _load(self, config: MergeConfig, objectives: list[Objective], task_paths: tuple[str, ...]) -> _Resident:
         vocabulary = json.dumps(config.tokenizer, sort_keys=True) if config.tokenizer is not None else None
+        # Everything that decides what is loaded and how it was checked (a set checked leniently, for a
+        # linear or allow_unrelated study, is not reused by one that must refuse an unrelated base).
         key = (config.base, config.method == "obim", tuple(config.experts_identity()), tuple(objectives), task_paths,
-               config.dtype, vocabulary)
+               config.dtype or self.dtype, vocabulary, config.ancestry)
         if key in self._sets:
             self._sets.move_to_end(key)
             return self._sets[key]
         if self.max_resident_bytes is None:
-            self._sets.clear()  # free the previous set before loading the next
+            self._drop_all()  # free the previous set before loading the next
         # A task directory the operator has not trusted runs no Python here, whatever the server checked
         # (its files may have changed since): refused up front, and lm-eval's own guard backs it up.
         for path in task_paths:
@@ -137,12 +144,13 @@ class TrialRunner:
         experts = {name: open_reference(path, config.base) for name, path in expert_dirs(config).items()}
         # With a tokenizer setting every model is read in the output vocabulary, the live model resized to it.
         base, experts, vocab = aligned(config, base, experts, dtype=dtype)
+        # IncompatibleCheckpoints from here fails the whole study: every worker would see the same.
+        # Checked before anything is evicted for it: a doomed set costs the healthy ones nothing.
+        check_compatible(base, experts, ancestry=config.ancestry)
         placement = self._place(base, len(experts), dtype)
-        self._make_room(placement.device_bytes + placement.host_bytes)
+        self._make_room(placement, _model_bytes(base, dtype))
         log.info("loading base %s and %d experts: %s", config.base, len(experts), placement.summary())
         with trusting(self.trusted_task_paths):
-            # IncompatibleCheckpoints from here fails the whole study: every worker would see the same.
-            check_compatible(base, experts, ancestry=config.ancestry)
             stats = obim_stats(config, self.cache_dir, str(self.device))
             # The live model first: while transformers reads the files (memory-mapped, counted as resident)
             # nothing else of the set is in memory yet, so the load's peak stays under the set's size.
@@ -162,13 +170,29 @@ class TrialRunner:
         self.placement = placement
         return _Resident(key, merger, model, evaluator, placement)
 
-    def _make_room(self, nbytes: int) -> None:
-        """Evict the least recently used sets until one of ``nbytes`` fits in ``max_resident_bytes``."""
-        if self.max_resident_bytes is None:
-            return
-        while self._sets and sum(r.nbytes for r in self._sets.values()) + nbytes > self.max_resident_bytes:
+    def _make_room(self, placement: Placement, model_bytes: int) -> None:
+        """Evict the least recently used sets until the new one fits: in ``max_resident_bytes``, and
+        in what is free on the device now (with the evaluation's headroom), which ``_place``
+        counted the resident sets into."""
+        need = placement.device_bytes + placement.host_bytes
+        room = SetSize(model_bytes, 0).headroom + placement.device_bytes
+        free = device_budget(self.device, None)
+        freed = 0
+        while self._sets:
+            held = sum(r.nbytes for r in self._sets.values())
+            over_budget = self.max_resident_bytes is not None and held + need > self.max_resident_bytes
+            short = free is not None and free + freed < room
+            if not (over_budget or short):
+                return
             evicted = self._sets.popitem(last=False)[1]
+            freed += evicted.device_nbytes
             log.info("evicting the resident models of %s", evicted.key[0])
+            if evicted.model is self.last_model:
+                self.last_model = None
+
+    def _drop_all(self) -> None:
+        self._sets.clear()
+        self.last_model = None  # nor does the last trial's model outlive its set
 
     def _place(self, base: TensorReader, experts: int, dtype: torch.dtype | None) -> Placement:
         """The set's memory plan, within what this worker may use: ``max_resident_bytes`` and what is
@@ -194,7 +218,8 @@ class TrialRunner:
         resident = self._load(config, objectives, tuple(task_paths))
         check()
         t1 = time.perf_counter()
-        sparsity = resident.merger.apply(resident.model, config)
+        sparsity = resident.merger.apply(resident.model, config,
+                                         sparsity=any(o.kind == "sparsity" for o in objectives))
         self.last_model = resident.model
         check()
         t2 = time.perf_counter()

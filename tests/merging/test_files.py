@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -104,9 +105,10 @@ def test_mergekit_yaml_round_trip_and_cli(tiny_zoo, tmp_path):
     config = _config(tiny_zoo, "ties", normalize=False)
     text = to_mergekit(config, "float32")
     plan = parse_mergekit(text)
-    # mergekit's `dtype` is what the inputs are read in: the merge config's own dtype (output: the same)
-    assert plan.config.method == "ties" and plan.config.dtype == "float32" and plan.dtype is None
-    assert parse_mergekit(text + "out_dtype: bfloat16\n").dtype == "bfloat16"
+    # what is written is mergekit's out_dtype; its `dtype`, what the inputs are read in, is the config's own
+    assert plan.config.method == "ties" and plan.config.dtype is None and plan.dtype == "float32"
+    held = parse_mergekit(to_mergekit(replace(config, dtype="bfloat16")))
+    assert held.config.dtype == "bfloat16" and held.dtype is None
     assert [e.params for e in plan.config.experts] == [e.params for e in config.experts]
     assert plan.config.params == {"normalize": False}
     path = tmp_path / "merge.yaml"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
+
 from evals.tiny_zoo import build_tiny_zoo
 from service import local
 from service.runner import TrialRunner
@@ -87,8 +89,15 @@ def test_allow_unrelated_merges_with_the_warning_instead_of_refusing(client, tin
     config = MergeConfig(method="ties", base=str(stranger.base), allow_unrelated=True,
                          experts=(ExpertRef("add", str(tiny_zoo.experts["add"]), {"weight": 0.5, "density": 0.5}),))
     assert config.fingerprint() == MergeConfig(**{**config.__dict__, "allow_unrelated": False}).fingerprint()
-    scores = TrialRunner(trusted_task_paths=[]).run(config, [Objective(kind="sparsity", direction="minimize")])
+    runner = TrialRunner(trusted_task_paths=[], max_resident_bytes=2**34)
+    scores = runner.run(config, [Objective(kind="sparsity", direction="minimize")])
     assert scores["sparsity"] > 0
+    # the set loaded leniently is not reused by a config that must refuse the unrelated base
+    from merging.errors import IncompatibleCheckpoints
+
+    with pytest.raises(IncompatibleCheckpoints, match="does not look fine-tuned"):
+        runner.run(MergeConfig(**{**config.__dict__, "allow_unrelated": False}),
+                   [Objective(kind="sparsity", direction="minimize")])
 
     doc = {"merge_method": "ties", "base_model": str(stranger.base),
            "models": [{"model": str(tiny_zoo.experts["add"]), "parameters": {"weight": 0.5, "density": 0.5}}]}
