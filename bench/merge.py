@@ -215,8 +215,8 @@ def compare(a_dir: Path, b_dir: Path) -> str:
             total += diff.numel()
         if not differ:
             return "identical"
-        return (f"max |diff| {worst:.3g}; {differ / total:.2%} of entries differ, "
-                f"{beyond / total:.3%} by more than 1 ulp")
+        return (f"max |diff| {worst:.3g}: {differ} of {total / 1e6:.0f} M entries differ, "
+                f"{beyond} by more than 1 ulp")
 
 
 def bench_files(root: Path, base: Path, experts: list[Path], methods: list[str], dtype: str, budget: int,

@@ -22,9 +22,10 @@ from merging.checks import check_compatible
 from merging.config import MergeConfig
 from merging.errors import MergeError
 from merging.io import BIN_INDEX, SAFETENSORS_INDEX, SafetensorsWriter, model_dir, open_reference
+from merging.kernels.fused import Kernels
 from merging.mergekit_yaml import to_mergekit
 from merging.plan import MergePlan
-from merging.step import expert_inputs, merge_tensor
+from merging.step import merge_one
 from merging.vocab import aligned, write_vocabulary
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -113,8 +114,10 @@ class _ShardWriter:
 
 def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None = None, device: str = "cpu",
                  max_shard_bytes: int = 5 * 2**30, stats: Mapping[str, Mapping[str, Tensor]] | None = None,
-                 progress: Callable[[str, int, int], None] | None = None) -> Path:
-    """Merge ``config`` into a new HF model directory ``out_dir``; returns it."""
+                 progress: Callable[[str, int, int], None] | None = None, kernels: Kernels | None = None) -> Path:
+    """Merge ``config`` into a new HF model directory ``out_dir``; returns it. ``kernels``: what runs
+    the fused merges (by default compiled for large tensors)."""
+    kernels = kernels or Kernels()
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise MergeError(f"output directory '{out_dir}' exists and is not empty")
@@ -145,14 +148,12 @@ def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None 
         for i, name in enumerate(names):
             b = _held(base.get(name), held)
             target = out_dtype if out_dtype and b.is_floating_point() else b.dtype
-            b32 = b.to(dev, torch.float32)
-            # Each expert's tensor, read for this merge, becomes its input in place when it is float32.
-            inputs = expert_inputs(plan_params, b32, (_held(readers[e].get(name), held).to(dev) for e in names_k),
-                                   fresh=True)
+            experts = [_held(readers[e].get(name), held).to(dev) for e in names_k]
             tensor_stats = [stats.get(e, {}).get(name) for e in names_k]
-            merged = merge_tensor(plan_params, name, b32, inputs, tensor_stats, owned=True)
-            writer.add(name, merged.to(target).cpu())
-            del b32, inputs, merged
+            # the experts' tensors were read for this merge: the reference path may reuse them
+            merged = merge_one(plan_params, name, b.to(dev), experts, tensor_stats, target, kernels, fresh=True)
+            writer.add(name, merged.cpu())
+            del experts, merged
             if progress:
                 progress(name, i + 1, len(names))
         writer.finish()

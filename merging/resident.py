@@ -22,10 +22,11 @@ from merging.checks import check_compatible
 from merging.config import MergeConfig
 from merging.errors import MergeError
 from merging.io import CheckpointReader, LoraReader, StateDictReader, TensorReader
+from merging.kernels.fused import Kernels
 from merging.live_layout import LiveLayout
 from merging.placement import PlanKind
 from merging.plan import MergePlan
-from merging.step import expert_inputs, merge_tensor
+from merging.step import merge_one
 
 
 def _reader(source: TensorReader | Mapping[str, Tensor]) -> TensorReader:
@@ -154,13 +155,14 @@ class Merger:
     checked against the base first (``merging.checks``): same tensors and shapes, and with
     ``check_ancestry`` (pass ``method != "linear"``) a base that is their ancestor. ``dtype``:
     what the tensors are held in (None: each tensor's own). ``plan``: where the experts live.
+    ``kernels``: what runs the fused merges (``merging.kernels``; by default compiled for large tensors).
     """
 
     def __init__(self, base: TensorReader | Mapping[str, Tensor],
                  experts: Mapping[str, TensorReader | Mapping[str, Tensor]], *,
                  dtype: torch.dtype | None = None, stats: Mapping[str, Mapping[str, Tensor]] | None = None,
                  device: str | torch.device = "cpu", plan: PlanKind | str = PlanKind.RESIDENT,
-                 check_ancestry: bool = True) -> None:
+                 check_ancestry: bool = True, kernels: Kernels | None = None) -> None:
         if not experts:
             raise MergeError("a merge needs at least one expert")
         base_reader = _reader(base)
@@ -169,6 +171,7 @@ class Merger:
         self.device = torch.device(device)
         self.dtype = dtype
         self.plan = PlanKind(plan)
+        self.kernels = kernels or Kernels()
         self.expert_names = list(experts)
         self.base = {n: _hold(base_reader.get(n), self.device, dtype) for n in self.names}
         # LoRA experts of this base keep their factors; the others are held per the plan.
@@ -216,15 +219,11 @@ class Merger:
         plan = MergePlan(config, names=keys)  # every tensor's parameters checked before any merges
         for name, experts in self._experts(keys):
             base = self.base[name]
-            b32 = base.float()
-            inputs = expert_inputs(plan, b32, experts)  # new float32 tensors: the method may overwrite them
-            merged = merge_tensor(plan, name, b32, inputs, [self.stats[e].get(name) for e in names], owned=True)
-            del inputs, experts  # the largest tensor's merge sets the peak: free what it no longer needs
-            held = merged.to(base.dtype)  # the held dtype (float tensors are held in ``self.dtype`` already)
+            held = merge_one(plan, name, base, experts, [self.stats[e].get(name) for e in names], base.dtype,
+                             self.kernels)  # in the held dtype (float tensors are held in ``self.dtype``)
+            del experts  # the largest tensor's merge sets the peak: free what it no longer needs
             if l1 is not None and held.is_floating_point():
-                # the distance of what is written, in one float32 buffer (type promotion, no rounding)
-                l1.append(float(torch.linalg.vector_norm(torch.sub(held, b32), 1)))
-            del merged, b32
+                l1.append(self.kernels.distance(held, base))  # the distance of what is written
             yield name, held
 
     def _experts(self, keys: Sequence[str]) -> Iterator[tuple[str, list[Tensor]]]:

@@ -1,54 +1,107 @@
-"""Exact top-k selection by threshold, faster than ``torch.topk`` for the large k that merges use.
+"""Exact top-k selection without sorting, for the large k that merges use.
 
-``topk`` on CPU costs about a sort per tensor when k is a sizeable fraction of n. Here a random
-sample brackets the k-th largest value, one vectorised pass counts what lies above the bracket,
-and ``kthvalue`` runs only on the few values inside it. The result is the exact k-th largest
-value (and so the exact top-k set, ties broken by position); if the bracket misses, the
-plain ``kthvalue`` over everything is the fallback.
+``topk`` and ``argsort`` cost about a sort per tensor when k is a sizeable fraction of n. Here a
+random sample brackets the k-th largest value, one pass counts what lies above the bracket and
+marks what lies inside it, and ``kthvalue`` runs only on the few values inside. The result is a
+``Cut``: the exact k-th largest value and, among the entries equal to it, how many (the first, by
+position) are kept, so the selected set is exactly k entries and the same on every path. If the
+bracket misses, ``kthvalue`` over everything is the fallback.
+
+The pass over the tensor is the caller's (``Band``), so the fused merge kernels can count on values
+they compute on the fly (``|e - b|``, OBIM's saliency) without materialising them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-_SMALL = 1 << 18
+SMALL = 1 << 18  # up to this many entries, kthvalue over all of them is as fast
 _SAMPLE = 1 << 16
 _MARGIN = 0.01  # quantile half-width of the bracket: wide enough that misses are rare
 
 
+@dataclass(frozen=True)
+class Cut:
+    """Keep ``v > value``, and ``v == value`` at flat positions ``< position`` (ties by position)."""
+
+    value: Tensor  # 0-dim, the values' dtype
+    position: int
+
+    def mask(self, values: Tensor) -> Tensor:
+        pos = torch.arange(values.numel(), device=values.device).view(values.shape)
+        return (values > self.value) | ((values == self.value) & (pos < self.position))
+
+
+# (lo, hi) -> (number of entries above hi, flat indices of the entries in [lo, hi], ascending)
+Band = Callable[[Tensor, Tensor], tuple[int, Tensor]]
+
+
+def _cut_among(values: Tensor, index: Tensor, need: int) -> Cut:
+    """The cut keeping the ``need`` largest of ``values`` (taken at ascending flat ``index``)."""
+    value = values.kthvalue(values.numel() - need + 1).values
+    missing = need - int(torch.count_nonzero(values > value))
+    ties = index[values == value]
+    return Cut(value, int(ties[missing - 1]) + 1)
+
+
+def top_cut(values: Tensor, k: int, band: Band | None = None,
+            values_at: Callable[[Tensor], Tensor] | None = None, small: int = SMALL) -> Cut:
+    """The cut of the ``k`` largest (1 <= k <= numel) of ``values``, a tensor or, with ``band`` and
+    ``values_at`` (the values at given flat indices), a tensor of that many entries never built."""
+    n = values.numel()
+    if band is None:
+        flat = values.reshape(-1)
+        values_at = flat.__getitem__
+
+        def band(lo: Tensor, hi: Tensor) -> tuple[int, Tensor]:
+            above = int(torch.count_nonzero(flat > hi))  # count_nonzero: ~15x faster than a bool sum
+            return above, ((flat >= lo) & (flat <= hi)).nonzero().squeeze(1)
+    if n <= small:
+        everything = torch.arange(n, device=values.device)
+        return _cut_among(values_at(everything), everything, k)
+    gen = torch.Generator(device=values.device).manual_seed(n)  # fixed: the same tensor, the same work
+    sample = values_at(torch.randint(n, (_SAMPLE,), generator=gen, device=values.device))
+    q = 1.0 - k / n
+    bounds = torch.quantile(sample.float(), torch.tensor([max(0.0, q - _MARGIN), min(1.0, q + _MARGIN)],
+                                                         device=values.device))
+    lo, hi = bounds[0].to(sample.dtype), bounds[1].to(sample.dtype)
+    above, inside = band(lo, hi)
+    need = k - above
+    if need <= 0 or need > inside.numel():  # the bracket missed: every value, exactly
+        everything = torch.arange(n, device=values.device)
+        return _cut_among(values_at(everything), everything, k)
+    return _cut_among(values_at(inside), inside, need)
+
+
 def kth_largest(values: Tensor, k: int) -> Tensor:
     """The k-th largest entry of a 1-D tensor (1 <= k <= numel)."""
-    n = values.numel()
-    if n <= _SMALL:
-        return values.kthvalue(n - k + 1).values
-    gen = torch.Generator(device=values.device).manual_seed(n)  # fixed: the same tensor, the same work
-    sample = values[torch.randint(n, (_SAMPLE,), generator=gen, device=values.device)].float()
-    q = 1.0 - k / n
-    bounds = torch.quantile(sample, torch.tensor([max(0.0, q - _MARGIN), min(1.0, q + _MARGIN)],
-                                                 device=values.device))
-    lo, hi = bounds[0].to(values.dtype), bounds[1].to(values.dtype)
-    above = int(torch.count_nonzero(values > hi))  # count_nonzero: ~15x faster than a bool sum
-    need = k - above
-    if need <= 0:
-        return values.kthvalue(n - k + 1).values
-    band = values[(values >= lo) & (values <= hi)]
-    if need > band.numel():
-        return values.kthvalue(n - k + 1).values
-    return band.kthvalue(band.numel() - need + 1).values
+    return top_cut(values, k).value
 
 
 def topk_mask(scores: Tensor, k: int) -> Tensor:
     """Boolean mask (shape of ``scores``) of its k largest entries; ties at the threshold by position."""
-    flat = scores.reshape(-1)
-    mask = torch.zeros_like(flat, dtype=torch.bool)
     if k <= 0:
-        return mask.view_as(scores)
-    if k >= flat.numel():
-        return mask.fill_(True).view_as(scores)
-    threshold = kth_largest(flat, k)
-    mask = flat > threshold
-    missing = k - int(torch.count_nonzero(mask))
-    if missing > 0:
-        mask[(flat == threshold).nonzero().squeeze(1)[:missing]] = True
-    return mask.view_as(scores)
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= scores.numel():
+        return torch.ones_like(scores, dtype=torch.bool)
+    return top_cut(scores, k).mask(scores)
+
+
+def row_topk_mask(rows: Tensor, k: int) -> Tensor:
+    """Per row of a 2-D tensor, the mask of its ``k`` largest entries; ties by column."""
+    if k <= 0:
+        return torch.zeros_like(rows, dtype=torch.bool)
+    if k >= rows.shape[1]:
+        return torch.ones_like(rows, dtype=torch.bool)
+    value = rows.kthvalue(rows.shape[1] - k + 1, dim=1, keepdim=True).values
+    above = rows > value
+    ties = rows == value
+    missing = k - above.sum(dim=1, keepdim=True)
+    return above | (ties & (ties.cumsum(dim=1) <= missing))
+
+
+__all__ = ["SMALL", "Band", "Cut", "kth_largest", "row_topk_mask", "top_cut", "topk_mask"]

@@ -537,7 +537,7 @@ def _merge_one(out: OutputTensor, merge: _SliceMerge, readers, held: torch.dtype
              for i in merge.experts]
     gen = torch.Generator(device=dev).manual_seed(seed)
     t = TensorInputs(out.name, base32, [] if models else taken, gen, [None] * len(taken), owned=True,
-                     models=taken if models else None)
+                     models=taken if models else None, key=seed)
     return merge.method.merge(t, experts, params).to(computed).to(target)
 
 

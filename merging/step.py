@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
+from merging.kernels.fused import Kernels, fusable, fused_merge
+from merging.kernels.rng import tensor_key
 from merging.methods import TensorInputs
 from merging.plan import MergePlan
 
-
-def tensor_seed(seed: int, name: str) -> int:
-    """A per-tensor seed that does not depend on the order tensors are merged in."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+tensor_seed = tensor_key  # the seed of a tensor's generator and the key of its counter-based draws
 
 
 def expert_inputs(plan: MergePlan, base32: Tensor, experts: Iterable[Tensor], *,
@@ -35,16 +33,33 @@ def expert_inputs(plan: MergePlan, base32: Tensor, experts: Iterable[Tensor], *,
 
 def merge_tensor(plan: MergePlan, name: str, base: Tensor, inputs: list[Tensor],
                  stats: Sequence[Tensor | None], *, owned: bool = False) -> Tensor:
-    """Merge tensor ``name`` of ``plan``: ``base`` and each expert's input (``expert_inputs``: a
-    delta or the expert's tensor, in ``plan``'s expert order, on ``base``'s device), with the
-    tensor's own generator seeded from the config's seed and its group's parameters. ``owned``:
-    the inputs may be overwritten."""
-    gen = torch.Generator(device=base.device).manual_seed(tensor_seed(plan.config.seed, name))
+    """Merge tensor ``name`` of ``plan`` by the method's plain torch code (the reference): ``base``
+    and each expert's input (``expert_inputs``: a delta or the expert's tensor, in ``plan``'s
+    expert order, on ``base``'s device), with the tensor's own generator and key from the config's
+    seed and its group's parameters. ``owned``: the inputs may be overwritten."""
+    seed = tensor_seed(plan.config.seed, name)
+    gen = torch.Generator(device=base.device).manual_seed(seed)
     experts, params = plan.params_for(name)
     models = plan.method.takes == "models"
     t = TensorInputs(name, base, [] if models else inputs, gen, list(stats), owned=owned,
-                     models=inputs if models else None, has_base=plan.config.base_input)
+                     models=inputs if models else None, has_base=plan.config.base_input, key=seed)
     return plan.method.merge(t, experts, params)
 
 
-__all__ = ["expert_inputs", "merge_tensor", "tensor_seed"]
+def merge_one(plan: MergePlan, name: str, base: Tensor, experts: Sequence[Tensor], stats: Sequence[Tensor | None],
+              out_dtype: torch.dtype, kernels: Kernels | None, *, fresh: bool = False) -> Tensor:
+    """Tensor ``name`` merged from the base's and the experts' tensors as held (any dtype, on one
+    device), returned in ``out_dtype``: by the fused kernels where the method has them and the
+    tensor is floating (the same bits as the reference, see ``merging.kernels``), else by
+    ``merge_tensor``. ``fresh``: the experts' tensors are this merge's to overwrite."""
+    if (kernels is not None and fusable(plan.method) and base.is_floating_point()
+            and all(e.is_floating_point() for e in experts)):
+        params_k, params = plan.params_for(name)
+        return fused_merge(kernels, plan.method, tensor_seed(plan.config.seed, name), base, experts, stats,
+                           params_k, params, out_dtype)
+    b32 = base.to(torch.float32, copy=True)
+    inputs = expert_inputs(plan, b32, experts, fresh=fresh)
+    return merge_tensor(plan, name, b32, inputs, stats, owned=True).to(out_dtype)
+
+
+__all__ = ["expert_inputs", "merge_one", "merge_tensor", "tensor_seed"]

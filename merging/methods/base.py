@@ -63,7 +63,7 @@ LAMBDA = Param("lambda", 1.0)
 @dataclass
 class TensorInputs:
     """What a method sees of one tensor, in float32: the base, each expert's delta (methods that
-    take ``deltas``) or each expert's own tensor (methods that take ``models``), its seeded RNG,
+    take ``deltas``) or each expert's own tensor (methods that take ``models``), its seeded RNG and key,
     and per expert the input-channel energy of this tensor's layer (None where not collected)."""
 
     name: str
@@ -74,6 +74,7 @@ class TensorInputs:
     owned: bool = False  # the inputs are this call's to overwrite (temporaries, never held tensors)
     models: list[Tensor] | None = None  # the experts' own tensors, for methods that take ``models``
     has_base: bool = True  # False: the config named no base_model (``base`` is only the layout)
+    key: int = 0  # the tensor's counter-based draws (``merging.kernels.rng``): DARE's and DELLA's masks
 
 
 class MergeMethod(ABC):

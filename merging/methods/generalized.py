@@ -17,6 +17,7 @@ from torch import Tensor
 
 from merging import sparsify
 from merging.errors import MergeError
+from merging.kernels.rng import expert_key
 from merging.methods.base import DENSITY, LAMBDA, WEIGHT, Inert, MergeMethod, Param, TensorInputs
 from merging.select import topk_mask
 
@@ -46,7 +47,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
     def extra_expert_params(cls) -> tuple[Param, ...]:
         return ()
 
-    def sparsify(self, delta: Tensor, expert: Mapping[str, Any], params: Mapping[str, Any], gen,
+    def sparsify(self, delta: Tensor, expert: Mapping[str, Any], params: Mapping[str, Any], key: int,
                  inplace: bool = False) -> Tensor:
         if self.sparsifier is None:
             return delta
@@ -60,16 +61,16 @@ class GeneralizedTaskArithmetic(MergeMethod):
                 return self._keep_largest(delta, rescale, inplace)
             return sparsify.magnitude(delta, density, rescale, inplace)
         if self.sparsifier == "random":
-            return sparsify.bernoulli(delta, density, rescale, gen, inplace)
+            return sparsify.bernoulli(delta, density, rescale, key, inplace)
         if self.sparsifier == "magnitude_outliers":
             return sparsify.magnitude_outliers(delta, density, expert["gamma"], rescale, inplace)
         if self.sparsifier == "della_magprune":
-            return sparsify.della_magprune(delta, density, expert["epsilon"], rescale, gen, inplace)
+            return sparsify.della_magprune(delta, density, expert["epsilon"], rescale, key, inplace)
         raise AssertionError(f"unknown sparsifier {self.sparsifier}")
 
     @staticmethod
     def _keep_largest(delta: Tensor, rescale: bool, inplace: bool) -> Tensor:
-        before = delta.abs().sum() if rescale else None
+        before = sparsify.l1(delta) if rescale else None
         keep = topk_mask(delta.abs(), 1)
         masked = delta.masked_fill_(~keep, 0.0) if inplace else torch.where(keep, delta, 0.0)
         return sparsify.rescale_l1(before, masked) if rescale else masked
@@ -83,8 +84,8 @@ class GeneralizedTaskArithmetic(MergeMethod):
         dtype = t.base.dtype
         weights = torch.tensor([float(e["weight"]) for e in experts], dtype=dtype)
         weighted = []
-        for d, e, w in zip(t.deltas, experts, weights.tolist(), strict=True):
-            s = self.sparsify(d, e, params, t.generator, t.owned)
+        for i, (d, e, w) in enumerate(zip(t.deltas, experts, weights.tolist(), strict=True)):
+            s = self.sparsify(d, e, params, expert_key(t.key, i), t.owned)
             weighted.append(s.mul_(w) if t.owned or s is not d else s * w)
         mixed = torch.zeros_like(t.base)
         for wd in weighted:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from merging.methods.base import DENSITY, MergeMethod, Param, TensorInputs
-from merging.select import topk_mask
+from merging.select import row_topk_mask, topk_mask
 
 
 def obm_saliency(delta: Tensor, energy: Tensor | None) -> Tensor:
@@ -33,17 +33,14 @@ def obm_saliency(delta: Tensor, energy: Tensor | None) -> Tensor:
 
 
 def top_fraction_mask(scores: Tensor, density: float, per_row: bool) -> Tensor:
-    """Boolean mask of the ``int(density * n)`` largest scores (over the tensor, or each row)."""
+    """Boolean mask of the ``int(density * n)`` largest scores (over the tensor, or each row); ties
+    at the threshold by position."""
     if density >= 1:
         return torch.ones_like(scores, dtype=torch.bool)
     if not (per_row and scores.dim() >= 2):
         return topk_mask(scores, int(density * scores.numel()))
     rows = scores.reshape(scores.shape[0], -1)
-    k = int(density * rows.shape[1])
-    mask = torch.zeros_like(rows, dtype=torch.bool)
-    if k > 0:
-        mask.scatter_(1, rows.topk(k, dim=1, sorted=False).indices, True)
-    return mask.reshape(scores.shape)
+    return row_topk_mask(rows, int(density * rows.shape[1])).reshape(scores.shape)
 
 
 class Obim(MergeMethod):
@@ -63,7 +60,7 @@ class Obim(MergeMethod):
         for i, (d, e) in enumerate(zip(t.deltas, experts, strict=True)):
             s = obm_saliency(d, stats[i])
             keep = top_fraction_mask(s, e["density"], per_row)
-            scored.append((i, keep, float(s[keep].sum())))
+            scored.append((i, keep, float(s.double()[keep].sum())))
         if params["order"] == "saliency":
             scored.sort(key=lambda item: -item[2])
         taken = torch.zeros_like(t.base, dtype=torch.bool)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from merging.errors import MergeError
+from merging.kernels.rng import expert_key, keep_draw
 from merging.methods import METHODS, TensorInputs, get_method
 
 
@@ -61,9 +62,9 @@ def _run(method_name, base, deltas, experts, params=None, seed=0):
                                              params or {}, names)
     gen = torch.Generator().manual_seed(seed)
     if method.takes == "models":  # the experts' own tensors
-        return method.merge(TensorInputs("t", base, [], gen, models=[base + d for d in deltas]), resolved,
+        return method.merge(TensorInputs("t", base, [], gen, models=[base + d for d in deltas], key=seed), resolved,
                             global_params)
-    return method.merge(TensorInputs("t", base, deltas, gen), resolved, global_params)
+    return method.merge(TensorInputs("t", base, deltas, gen, key=seed), resolved, global_params)
 
 
 def test_task_arithmetic_matches_reference(tensors):
@@ -94,10 +95,9 @@ def test_linear_is_normalised_weighted_average(tensors):
 def test_dare_matches_reference_with_the_same_draws(tensors, name, consensus):
     base, deltas = tensors
     out = _run(name, base, deltas, EXPERTS, seed=3)
-    gen = torch.Generator().manual_seed(3)
     dropped = []
-    for d, e in zip(deltas, EXPERTS, strict=True):
-        mask = torch.bernoulli(torch.full_like(d, e["density"]), generator=gen)
+    for i, (d, e) in enumerate(zip(deltas, EXPERTS, strict=True)):
+        mask = (keep_draw(d.shape, expert_key(3, i)) < e["density"]).float()  # the counter-based draws
         dropped.append(_ref_l1(d, d * mask))
     ref = _ref_gta(base, dropped, [e["weight"] for e in EXPERTS], consensus=consensus, normalize=False)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
@@ -157,8 +157,10 @@ def test_density_outside_unit_interval_is_refused(density):
 def test_density_zero_drops_the_whole_delta_as_in_mergekit(tensors, name):
     base, deltas = tensors
     out = _run(name, base, deltas[:2], [{"weight": 0.7, "density": 0.0}, {"weight": 0.5, "density": 0.5}])
-    alone = _run(name, base, deltas[1:2], [{"weight": 0.5, "density": 0.5}])
-    assert torch.equal(out, alone)  # as if the first expert were not there (it draws no mask either)
+    # as if the first expert added nothing: each expert draws its own counter-based mask (by its
+    # position), so the second one's draws are the same either way
+    alone = _run(name, base, deltas[:2], [{"weight": 0.0, "density": 0.5}, {"weight": 0.5, "density": 0.5}])
+    assert torch.equal(out, alone)
     assert not torch.equal(out, _run(name, base, deltas[:2], [{"weight": 0.7, "density": 0.3},
                                                                {"weight": 0.5, "density": 0.5}]))
 
@@ -211,9 +213,9 @@ def _contract_run(name, inputs, experts, params):
     resolved, global_params = method.resolve(experts, params, [f"m{i}" for i in range(len(experts))])
     gen = torch.Generator().manual_seed(0)
     if method.takes == "models":
-        return method.merge(TensorInputs("t", base, [], gen, models=[base + d for d in deltas]), resolved,
+        return method.merge(TensorInputs("t", base, [], gen, models=[base + d for d in deltas], key=0), resolved,
                             global_params)
-    return method.merge(TensorInputs("t", base, deltas, gen), resolved, global_params)
+    return method.merge(TensorInputs("t", base, deltas, gen, key=0), resolved, global_params)
 
 
 def _baseline_experts(method):

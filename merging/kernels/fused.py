@@ -1,0 +1,356 @@
+"""Fused merges: one tensor's TIES / DARE / DELLA / task-arithmetic / OBIM merge in a few passes.
+
+The methods' plain torch code (``merging/methods``) builds each expert's float32 delta, masks it,
+weighs it, elects signs and sums, some 25 full-tensor passes and K float32 copies per tensor. Here
+the same arithmetic, operation for operation (so the bits are the reference's), runs as:
+
+1. per expert, what its mask needs: a top-k ``Cut`` found by counting (``merging.select``: one
+   pass that counts and marks a narrow band, no sort), a counter-based draw (``kernels.rng``: no
+   pass at all), or for DELLA a per-row rank (one sort);
+2. with ``rescale``, one reduction pass per expert for the L1 norms before and after the mask;
+3. one pass that reads the base and the K experts in their held dtype, recomputes each delta and
+   mask on the fly, elects signs, mixes, scales, adds the base and writes the result in its dtype.
+
+The passes are plain torch functions; ``Kernels`` runs them through ``torch.compile`` (vectorised
+C++ on a CPU, Triton on a GPU) for tensors big enough to pay for it, eagerly otherwise, and
+eagerly with a warning if compiling fails. Both give the same bits (tests compare them).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from merging.errors import MergeError
+from merging.kernels.rng import expert_key, uniform
+from merging.methods.base import MergeMethod
+from merging.methods.generalized import GeneralizedTaskArithmetic
+from merging.methods.obim import Obim
+from merging.select import SMALL, Cut, row_topk_mask, top_cut
+from merging.sparsify import della_keep_probability
+
+log = logging.getLogger(__name__)
+
+_EPS = 1e-7  # as ``sparsify.rescale_l1``: below it, no rescale
+
+
+class Rule(enum.Enum):
+    """How an expert's mask is made inside the merge pass."""
+
+    ALL = "all"  # no sparsification
+    NONE = "none"  # nothing kept: the expert adds nothing
+    TOP = "top"  # v > cut.value, or equal and before cut.position (v: |d|, or OBIM's saliency)
+    DRAW = "draw"  # counter-based uniform below the density
+    MASK = "mask"  # a precomputed boolean mask (DELLA's rank-dependent draws, OBIM per row)
+
+
+@dataclass
+class ExpertMask:
+    rule: Rule
+    cut: Cut | None = None
+    key: int = 0
+    density: float = 1.0
+    mask: Tensor | None = None
+    factor: Tensor | None = None  # the L1 rescale, 0-dim float32
+
+
+# ---- the passes: plain torch, compiled or not ----
+
+def _positions(like: Tensor) -> Tensor:
+    return torch.arange(like.numel(), device=like.device).view(like.shape)
+
+
+def _saliency(d: Tensor, energy: Tensor | None) -> Tensor:
+    return d * d if energy is None else d * d * energy  # OBM: d^2 (x sum x^2 per input column)
+
+
+def _keep(v: Tensor, pos: Tensor, rule: Rule, value: Tensor | None, position: Tensor | None,
+          key: Tensor | None, density: Tensor | None, mask: Tensor | None) -> Tensor | None:
+    if rule is Rule.TOP:
+        return (v > value) | ((v == value) & (pos < position))
+    if rule is Rule.DRAW:
+        return uniform(pos, key) < density
+    if rule is Rule.MASK:
+        return mask
+    return None
+
+
+def band_pass(base: Tensor, expert: Tensor, energy: Tensor | None, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """How many values lie above ``hi``, and which lie in [lo, hi] (v: ``|d|``, or the saliency)."""
+    d = expert.float() - base.float()
+    v = d.abs() if energy is None else _saliency(d, energy)
+    return (v > hi).sum(), (v >= lo) & (v <= hi)
+
+
+def l1_pass(base: Tensor, expert: Tensor, rule: Rule, value: Tensor | None, position: Tensor | None,
+            key: Tensor | None, density: Tensor | None, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``sum |d|`` and ``sum |d|`` over the kept entries, in float64 (as ``sparsify.rescale_l1``)."""
+    d = expert.float() - base.float()
+    a = d.abs()
+    keep = _keep(a, _positions(d), rule, value, position, key, density, mask)
+    a = a.double()
+    return a.sum(), torch.where(keep, a, 0.0).sum()
+
+
+def gta_pass(base: Tensor, experts: list[Tensor], rules: tuple[Rule, ...], values: list, positions: list,
+             keys: list, densities: list, masks: list, factors: list, weights: list, divisor: Tensor | None,
+             lam: Tensor, consensus: bool, normalize: bool, out_dtype: torch.dtype) -> Tensor:
+    """Generalized task arithmetic, as ``GeneralizedTaskArithmetic.merge`` computes it."""
+    b = base.float()
+    pos = _positions(b)
+    weighted = []
+    for k, e in enumerate(experts):
+        if rules[k] is Rule.NONE:
+            continue
+        d = e.float() - b
+        keep = _keep(d.abs(), pos, rules[k], values[k], positions[k], keys[k], densities[k], masks[k])
+        s = d if keep is None else torch.where(keep, d, 0.0)
+        if factors[k] is not None:
+            s = s * factors[k]
+        weighted.append((s * weights[k], weights[k]))
+    mixed = torch.zeros_like(b)
+    for wd, _ in weighted:
+        mixed = mixed + wd
+    if consensus:
+        positive = mixed >= 0
+        mixed = torch.zeros_like(b)
+        div = torch.zeros_like(b)
+        for wd, w in weighted:
+            agree = torch.where(positive, wd > 0, wd < 0)
+            mixed = mixed + torch.where(agree, wd, 0.0)
+            div = div + agree.float() * w
+        divisor = torch.where(div == 0, 1.0, div)
+    if normalize:
+        mixed = mixed / divisor
+    return (mixed * lam + b).to(out_dtype)
+
+
+def obim_pass(base: Tensor, experts: list[Tensor], order: tuple[int, ...], rules: tuple[Rule, ...],
+              energies: list, values: list, positions: list, masks: list, weights: list,
+              out_dtype: torch.dtype) -> Tensor:
+    """OBIM's iterative merge through exclusive masks, as ``Obim.merge`` computes it."""
+    b = base.float()
+    pos = _positions(b)
+    merged = b
+    taken = None
+    for i in order:
+        if rules[i] is Rule.NONE:
+            continue
+        d = experts[i].float() - b
+        keep = _keep(_saliency(d, energies[i]), pos, rules[i], values[i], positions[i], None, None, masks[i])
+        if keep is None:
+            keep = torch.ones_like(d, dtype=torch.bool)
+        exclusive = keep if taken is None else keep & ~taken
+        taken = keep if taken is None else taken | keep
+        merged = merged + torch.where(exclusive, weights[i] * d, 0.0)
+    return merged.to(out_dtype)
+
+
+def l1_distance(merged: Tensor, base: Tensor) -> Tensor:
+    """``sum |merged - base|`` in float32 (MM-MO's sparsity objective, per tensor)."""
+    return (merged.float() - base.float()).abs().sum()
+
+
+# ---- running them ----
+
+@dataclass(frozen=True)
+class KernelOptions:
+    compile: bool = True  # torch.compile the passes of large tensors
+    compile_min_numel: int = 1 << 20  # below this a compiled pass costs more in dispatch than it saves
+    exact_max_numel: int = SMALL  # selection over every value (no sampled bracket) up to this size
+
+
+class Kernels:
+    """Runs the passes, compiled where worthwhile. One per merger or file merge; ``calls`` counts
+    what ran (pass, compiled or not) for tests and benchmarks."""
+
+    def __init__(self, options: KernelOptions | None = None) -> None:
+        self.options = options or KernelOptions()
+        self.calls: Counter[tuple[str, bool]] = Counter()
+        self._compiled: dict[Callable, Callable] = {}
+        self._broken: str | None = None
+
+    def run(self, fn: Callable, numel: int, *args: Any) -> Any:
+        o = self.options
+        if o.compile and numel >= o.compile_min_numel and self._broken is None:
+            compiled = self._compiled.get(fn)
+            if compiled is None:
+                compiled = self._compiled[fn] = torch.compile(fn, dynamic=True)
+            try:
+                # each (method, K, dtype) is one graph of the same function: more than dynamo's default 8
+                with torch._dynamo.config.patch(recompile_limit=64):
+                    out = compiled(*args)
+                self.calls[(fn.__name__, True)] += 1
+                return out
+            except Exception as exc:  # noqa: BLE001 - no compiler here: the same code, eagerly
+                self._broken = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                log.warning("compiled merge kernels unavailable (%s); merging eagerly", self._broken)
+        self.calls[(fn.__name__, False)] += 1
+        return fn(*args)
+
+    # -- selection --
+
+    def cut(self, base: Tensor, expert: Tensor, k: int, energy: Tensor | None = None) -> Cut:
+        """The top-``k`` cut of ``|expert - base|`` (or of the saliency with ``energy``), by counting."""
+        flat_b, flat_e = base.reshape(-1), expert.reshape(-1)
+        cols = energy.shape[-1] if energy is not None else 1
+        flat_energy = energy.reshape(-1) if energy is not None else None
+
+        def values_at(idx: Tensor) -> Tensor:
+            d = flat_e[idx].float() - flat_b[idx].float()
+            return d.abs() if energy is None else _saliency(d, flat_energy[idx % cols])
+
+        def band(lo: Tensor, hi: Tensor) -> tuple[int, Tensor]:
+            above, inside = self.run(band_pass, base.numel(), base, expert, energy, lo, hi)
+            return int(above), inside.reshape(-1).nonzero().squeeze(1)
+
+        return top_cut(base, k, band, values_at, small=self.options.exact_max_numel)
+
+    # -- merges --
+
+    def generalized(self, method: GeneralizedTaskArithmetic, key: int, base: Tensor, experts: Sequence[Tensor],
+                    params_k: Sequence[Mapping[str, Any]], params: Mapping[str, Any], out_dtype: torch.dtype) -> Tensor:
+        n = base.numel()
+        masks = [self._expert_mask(method, expert_key(key, i), base, e, p, params)
+                 for i, (e, p) in enumerate(zip(experts, params_k, strict=True))]
+        weights = torch.tensor([float(p["weight"]) for p in params_k], dtype=torch.float32)
+        total = weights.sum()
+        divisor = total if total.abs() >= 1e-8 else torch.ones((), dtype=torch.float32)
+        dev = base.device
+        out = self.run(
+            gta_pass, n, base, list(experts), tuple(m.rule for m in masks),
+            [_value(m, dev) for m in masks], [_position(m, dev) for m in masks],
+            [torch.tensor(m.key, device=dev) if m.rule is Rule.DRAW else None for m in masks],
+            [torch.tensor(m.density, device=dev) if m.rule is Rule.DRAW else None for m in masks],
+            [m.mask for m in masks], [None if m.factor is None else m.factor.to(dev) for m in masks],
+            [w.to(dev) for w in weights], divisor.to(dev),
+            torch.tensor(float(params["lambda"]), dtype=torch.float32, device=dev),
+            method.consensus, bool(params["normalize"]), out_dtype)
+        return out
+
+    def _expert_mask(self, method: GeneralizedTaskArithmetic, key: int, base: Tensor, expert: Tensor,
+                     p: Mapping[str, Any], params: Mapping[str, Any]) -> ExpertMask:
+        if method.sparsifier is None or p["density"] >= 1:
+            return ExpertMask(Rule.ALL)
+        density = p["density"]
+        if density <= 0:
+            return ExpertMask(Rule.NONE)
+        n = base.numel()
+        if method.sparsifier == "magnitude":
+            m = ExpertMask(Rule.TOP, cut=self.cut(base, expert, max(1, int(density * n))))
+        elif method.sparsifier == "random":
+            if n >= 1 << 32:
+                raise MergeError(f"a tensor of {n} entries is beyond the 2^32 entries the counter-based draws index")
+            m = ExpertMask(Rule.DRAW, key=key, density=density)
+        elif method.sparsifier == "della_magprune":
+            d = expert.float() - base.float()
+            if density + p["epsilon"] >= 1 or density - p["epsilon"] <= 0:
+                raise MergeError(f"della needs 0 < density - epsilon and density + epsilon < 1 "
+                                 f"(got {density}, {p['epsilon']})")
+            probability = della_keep_probability(d, density, p["epsilon"])
+            del d
+            draws = self.run(_draw, n, probability, torch.tensor(key, device=base.device))
+            m = ExpertMask(Rule.MASK, mask=draws)
+        else:
+            raise AssertionError(f"no fused path for sparsifier {method.sparsifier}")
+        if params["rescale"]:
+            dev = base.device
+            before, after = self.run(
+                l1_pass, n, base, expert, m.rule, _value(m, dev), _position(m, dev),
+                torch.tensor(m.key, device=dev) if m.rule is Rule.DRAW else None,
+                torch.tensor(m.density, device=dev) if m.rule is Rule.DRAW else None, m.mask)
+            if before >= _EPS and after >= _EPS:
+                m.factor = (before / after).float()
+        return m
+
+    def obim(self, method: Obim, base: Tensor, experts: Sequence[Tensor], stats: Sequence[Tensor | None],
+             params_k: Sequence[Mapping[str, Any]], params: Mapping[str, Any], out_dtype: torch.dtype) -> Tensor:
+        n = base.numel()
+        dev = base.device
+        energies = [_energy(base, s) for s in stats]
+        per_row = params["granularity"] == "row" and base.dim() >= 2
+        masks: list[ExpertMask] = []
+        mass: list[float] = []
+        for e, energy, p in zip(experts, energies, params_k, strict=True):
+            density = p["density"]
+            if density >= 1:
+                m = ExpertMask(Rule.ALL)
+            elif per_row:
+                d = e.float() - base.float()
+                rows = _saliency(d, energy).reshape(base.shape[0], -1)
+                m = ExpertMask(Rule.MASK, mask=row_topk_mask(rows, int(density * rows.shape[1])).view(base.shape))
+            elif int(density * n) <= 0:
+                m = ExpertMask(Rule.NONE)
+            else:
+                m = ExpertMask(Rule.TOP, cut=self.cut(base, e, int(density * n), energy))
+            masks.append(m)
+            if params["order"] == "saliency":
+                mass.append(0.0 if m.rule is Rule.NONE else float(self.run(
+                    _kept_saliency, n, base, e, energy, m.rule, _value(m, dev), _position(m, dev), m.mask)))
+        order = tuple(range(len(experts)))
+        if params["order"] == "saliency":
+            order = tuple(sorted(order, key=lambda i: -mass[i]))  # stable: listed order among equals
+        weights = [torch.tensor(float(p["weight"]), dtype=torch.float32, device=dev) for p in params_k]
+        return self.run(obim_pass, n, base, list(experts), order, tuple(m.rule for m in masks), energies,
+                        [_value(m, dev) for m in masks], [_position(m, dev) for m in masks],
+                        [m.mask for m in masks], weights, out_dtype)
+
+    def distance(self, merged: Tensor, base: Tensor) -> float:
+        return float(self.run(l1_distance, base.numel(), merged, base))
+
+
+def _draw(probability: Tensor, key: Tensor) -> Tensor:
+    return uniform(_positions(probability), key) < probability
+
+
+def _kept_saliency(base: Tensor, expert: Tensor, energy: Tensor | None, rule: Rule, value: Tensor | None,
+                   position: Tensor | None, mask: Tensor | None) -> Tensor:
+    """An expert's total kept saliency (OBIM's ``order: saliency``), summed in float64."""
+    d = expert.float() - base.float()
+    s = _saliency(d, energy)
+    keep = _keep(s, _positions(d), rule, value, position, None, None, mask)
+    return s.double().sum() if keep is None else torch.where(keep, s.double(), 0.0).sum()
+
+
+def _energy(base: Tensor, stats: Tensor | None) -> Tensor | None:
+    """The input-channel energy broadcast over a 2-D tensor's rows, where it applies (as ``obm_saliency``)."""
+    if stats is None or base.dim() != 2 or stats.shape != (base.shape[1],):
+        return None
+    return stats.to(device=base.device, dtype=torch.float32).unsqueeze(0)
+
+
+def _value(m: ExpertMask, dev: torch.device) -> Tensor | None:
+    return m.cut.value.to(dev) if m.rule is Rule.TOP else None
+
+
+def _position(m: ExpertMask, dev: torch.device) -> Tensor | None:
+    return torch.tensor(m.cut.position, device=dev) if m.rule is Rule.TOP else None
+
+
+def fusable(method: MergeMethod) -> bool:
+    """Whether ``method`` has a fused path (the others run their plain torch code)."""
+    if isinstance(method, Obim):
+        return True
+    return isinstance(method, GeneralizedTaskArithmetic) and method.sparsifier in (
+        None, "magnitude", "random", "della_magprune")
+
+
+def fused_merge(kernels: Kernels, method: MergeMethod, key: int, base: Tensor, experts: Sequence[Tensor],
+                stats: Sequence[Tensor | None], params_k: Sequence[Mapping[str, Any]],
+                params: Mapping[str, Any], out_dtype: torch.dtype) -> Tensor:
+    """One tensor's merge by ``method`` (``fusable``) from the base and the experts' tensors in their
+    held dtype, returned in ``out_dtype``."""
+    if isinstance(method, Obim):
+        return kernels.obim(method, base, experts, stats, params_k, params, out_dtype)
+    assert isinstance(method, GeneralizedTaskArithmetic)
+    return kernels.generalized(method, key, base, experts, params_k, params, out_dtype)
+
+
+__all__ = ["ExpertMask", "KernelOptions", "Kernels", "Rule", "fusable", "fused_merge"]
