@@ -36,6 +36,11 @@ LABEL org.opencontainers.image.title="mmmo-worker" \
       org.opencontainers.image.description="mmmo GPU worker (CUDA torch, lm-eval)" \
       org.opencontainers.image.version="${MMMO_VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
+# A C/C++ compiler: torch.compile builds the fused merge kernels with it (Triton's launcher on a GPU,
+# vectorised C++ on a CPU); without one, merges run the same kernels eagerly, slower.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc g++ libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 # One fixed uid in both images, so the volumes they share (worker token, caches) agree on ownership.
 RUN groupadd --system --gid "${MMMO_UID}" mmmo \
     && useradd --system --uid "${MMMO_UID}" --gid mmmo --home-dir /home/mmmo --create-home \
@@ -55,6 +60,8 @@ ENV PATH=/opt/mmmo/bin:$PATH \
     MMMO_CACHE_DIR=/var/cache/mmmo \
     MMMO_DEVICE=auto \
     HF_HOME=/var/cache/huggingface \
+    TORCHINDUCTOR_CACHE_DIR=/var/cache/mmmo/torchinductor \
+    TRITON_CACHE_DIR=/var/cache/mmmo/triton \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     CUDA_DEVICE_ORDER=PCI_BUS_ID
 USER ${MMMO_UID}:${MMMO_UID}

@@ -40,7 +40,7 @@ class Cut:
 Band = Callable[[Tensor, Tensor], tuple[int, Tensor]]
 
 
-def _cut_among(values: Tensor, index: Tensor, need: int) -> Cut:
+def cut_among(values: Tensor, index: Tensor, need: int) -> Cut:
     """The cut keeping the ``need`` largest of ``values`` (taken at ascending flat ``index``)."""
     value = values.kthvalue(values.numel() - need + 1).values
     missing = need - int(torch.count_nonzero(values > value))
@@ -62,19 +62,25 @@ def top_cut(values: Tensor, k: int, band: Band | None = None,
             return above, ((flat >= lo) & (flat <= hi)).nonzero().squeeze(1)
     if n <= small:
         everything = torch.arange(n, device=values.device)
-        return _cut_among(values_at(everything), everything, k)
+        return cut_among(values_at(everything), everything, k)
+    lo, hi = bracket(values, k, values_at)
+    above, inside = band(lo, hi)
+    need = k - above
+    if need <= 0 or need > inside.numel():  # the bracket missed: every value, exactly
+        everything = torch.arange(n, device=values.device)
+        return cut_among(values_at(everything), everything, k)
+    return cut_among(values_at(inside), inside, need)
+
+
+def bracket(values: Tensor, k: int, values_at: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """Bounds that very likely hold the k-th largest of ``values``, from a fixed random sample."""
+    n = values.numel()
     gen = torch.Generator(device=values.device).manual_seed(n)  # fixed: the same tensor, the same work
     sample = values_at(torch.randint(n, (_SAMPLE,), generator=gen, device=values.device))
     q = 1.0 - k / n
     bounds = torch.quantile(sample.float(), torch.tensor([max(0.0, q - _MARGIN), min(1.0, q + _MARGIN)],
                                                          device=values.device))
-    lo, hi = bounds[0].to(sample.dtype), bounds[1].to(sample.dtype)
-    above, inside = band(lo, hi)
-    need = k - above
-    if need <= 0 or need > inside.numel():  # the bracket missed: every value, exactly
-        everything = torch.arange(n, device=values.device)
-        return _cut_among(values_at(everything), everything, k)
-    return _cut_among(values_at(inside), inside, need)
+    return bounds[0].to(sample.dtype), bounds[1].to(sample.dtype)
 
 
 def kth_largest(values: Tensor, k: int) -> Tensor:
@@ -104,4 +110,4 @@ def row_topk_mask(rows: Tensor, k: int) -> Tensor:
     return above | (ties & (ties.cumsum(dim=1) <= missing))
 
 
-__all__ = ["SMALL", "Band", "Cut", "kth_largest", "row_topk_mask", "top_cut", "topk_mask"]
+__all__ = ["SMALL", "Band", "Cut", "bracket", "cut_among", "kth_largest", "row_topk_mask", "top_cut", "topk_mask"]

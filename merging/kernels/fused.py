@@ -33,7 +33,7 @@ from merging.kernels.rng import expert_key, uniform
 from merging.methods.base import MergeMethod
 from merging.methods.generalized import GeneralizedTaskArithmetic
 from merging.methods.obim import Obim
-from merging.select import SMALL, Cut, row_topk_mask, top_cut
+from merging.select import SMALL, Cut, bracket, cut_among, row_topk_mask, top_cut
 from merging.sparsify import della_keep_probability
 
 log = logging.getLogger(__name__)
@@ -82,11 +82,24 @@ def _keep(v: Tensor, pos: Tensor, rule: Rule, value: Tensor | None, position: Te
     return None
 
 
-def band_pass(base: Tensor, expert: Tensor, energy: Tensor | None, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """How many values lie above ``hi``, and which lie in [lo, hi] (v: ``|d|``, or the saliency)."""
+def _value_of(base: Tensor, expert: Tensor, energy: Tensor | None) -> Tensor:
     d = expert.float() - base.float()
-    v = d.abs() if energy is None else _saliency(d, energy)
-    return (v > hi).sum(), (v >= lo) & (v <= hi)
+    return d.abs() if energy is None else _saliency(d, energy)
+
+
+def count_above(base: Tensor, experts: list[Tensor], energies: list, his: list) -> list[Tensor]:
+    """Per expert, how many of its values (``|d|``, or the saliency) lie above its ``hi``: one pass."""
+    return [(_value_of(base, e, en) > hi).sum() for e, en, hi in zip(experts, energies, his, strict=True)]
+
+
+def in_band(base: Tensor, experts: list[Tensor], energies: list, los: list, his: list) -> Tensor:
+    """Bit ``k`` set where expert ``k``'s value lies in its [lo, hi]: one pass, one byte an entry."""
+    bits = None
+    for k, (e, en, lo, hi) in enumerate(zip(experts, energies, los, his, strict=True)):
+        v = _value_of(base, e, en)
+        b = ((v >= lo) & (v <= hi)).to(torch.uint8) * (1 << k)
+        bits = b if bits is None else bits | b
+    return bits
 
 
 def l1_pass(base: Tensor, expert: Tensor, rule: Rule, value: Tensor | None, position: Tensor | None,
@@ -197,28 +210,59 @@ class Kernels:
 
     # -- selection --
 
-    def cut(self, base: Tensor, expert: Tensor, k: int, energy: Tensor | None = None) -> Cut:
-        """The top-``k`` cut of ``|expert - base|`` (or of the saliency with ``energy``), by counting."""
-        flat_b, flat_e = base.reshape(-1), expert.reshape(-1)
-        cols = energy.shape[-1] if energy is not None else 1
-        flat_energy = energy.reshape(-1) if energy is not None else None
+    def cuts(self, base: Tensor, experts: Sequence[Tensor], ks: Sequence[int],
+             energies: Sequence[Tensor | None]) -> list[Cut]:
+        """Per expert, the top-``k`` cut of ``|expert - base|`` (or of its saliency with an energy), by
+        counting (``merging.select``): the K experts' counts in one pass, their bands in another."""
+        n = base.numel()
+        if not ks:
+            return []
+        if any(en is not None for en in energies) or base.dim() == 0:
+            b, es, ens = base, list(experts), list(energies)
+        else:  # elementwise: one flat shape, so every tensor shape is the same compiled graph
+            b, es, ens = base.reshape(-1), [e.reshape(-1) for e in experts], [None] * len(experts)
+        flat_b = base.reshape(-1)
 
-        def values_at(idx: Tensor) -> Tensor:
-            d = flat_e[idx].float() - flat_b[idx].float()
-            return d.abs() if energy is None else _saliency(d, flat_energy[idx % cols])
+        def values_at(i: int) -> Callable[[Tensor], Tensor]:
+            flat_e, energy = experts[i].reshape(-1), energies[i]
 
-        def band(lo: Tensor, hi: Tensor) -> tuple[int, Tensor]:
-            above, inside = self.run(band_pass, base.numel(), base, expert, energy, lo, hi)
-            return int(above), inside.reshape(-1).nonzero().squeeze(1)
+            def at(idx: Tensor) -> Tensor:
+                d = flat_e[idx].float() - flat_b[idx].float()
+                return d.abs() if energy is None else _saliency(d, energy.reshape(-1)[idx % energy.shape[-1]])
+            return at
 
-        return top_cut(base, k, band, values_at, small=self.options.exact_max_numel)
+        if n <= self.options.exact_max_numel or len(experts) > 8:
+            return [top_cut(base, k, lambda lo, hi, i=i: _band_one(self, b, es[i], ens[i], lo, hi), values_at(i),
+                            small=self.options.exact_max_numel) for i, k in enumerate(ks)]
+        brackets = [bracket(base, k, values_at(i)) for i, k in enumerate(ks)]
+        above = [int(c) for c in self.run(count_above, n, b, es, ens, [hi for _, hi in brackets])]
+        bits = self.run(in_band, n, b, es, ens, [lo for lo, _ in brackets], [hi for _, hi in brackets])
+        inside_any = bits.reshape(-1).nonzero().squeeze(1)
+        member = bits.reshape(-1)[inside_any]
+        del bits
+        out = []
+        for i, k in enumerate(ks):
+            inside = inside_any[(member & (1 << i)) != 0]
+            need = k - above[i]
+            if 0 < need <= inside.numel():
+                out.append(cut_among(values_at(i)(inside), inside, need))
+            else:  # the bracket missed: every value, exactly
+                everything = torch.arange(n, device=base.device)
+                out.append(cut_among(values_at(i)(everything), everything, k))
+        return out
 
     # -- merges --
 
     def generalized(self, method: GeneralizedTaskArithmetic, key: int, base: Tensor, experts: Sequence[Tensor],
                     params_k: Sequence[Mapping[str, Any]], params: Mapping[str, Any], out_dtype: torch.dtype) -> Tensor:
         n = base.numel()
-        masks = [self._expert_mask(method, expert_key(key, i), base, e, p, params)
+        shape = base.shape
+        base, experts = base.reshape(-1), [e.reshape(-1) for e in experts]  # elementwise: one flat graph
+        topk = [i for i, p in enumerate(params_k) if method.sparsifier == "magnitude" and 0 < p["density"] < 1]
+        found = self.cuts(base, [experts[i] for i in topk], [max(1, int(params_k[i]["density"] * n)) for i in topk],
+                          [None] * len(topk))
+        cuts = dict(zip(topk, found, strict=True))
+        masks = [self._expert_mask(method, expert_key(key, i), base, e, p, params, cuts.get(i), shape)
                  for i, (e, p) in enumerate(zip(experts, params_k, strict=True))]
         weights = torch.tensor([float(p["weight"]) for p in params_k], dtype=torch.float32)
         total = weights.sum()
@@ -233,10 +277,12 @@ class Kernels:
             [w.to(dev) for w in weights], divisor.to(dev),
             torch.tensor(float(params["lambda"]), dtype=torch.float32, device=dev),
             method.consensus, bool(params["normalize"]), out_dtype)
-        return out
+        return out.view(shape)
 
     def _expert_mask(self, method: GeneralizedTaskArithmetic, key: int, base: Tensor, expert: Tensor,
-                     p: Mapping[str, Any], params: Mapping[str, Any]) -> ExpertMask:
+                     p: Mapping[str, Any], params: Mapping[str, Any], cut: Cut | None,
+                     shape: torch.Size) -> ExpertMask:
+        """How expert's mask is made (``base`` and ``expert`` flat; ``shape`` theirs, for DELLA's rows)."""
         if method.sparsifier is None or p["density"] >= 1:
             return ExpertMask(Rule.ALL)
         density = p["density"]
@@ -244,19 +290,19 @@ class Kernels:
             return ExpertMask(Rule.NONE)
         n = base.numel()
         if method.sparsifier == "magnitude":
-            m = ExpertMask(Rule.TOP, cut=self.cut(base, expert, max(1, int(density * n))))
+            m = ExpertMask(Rule.TOP, cut=cut)
         elif method.sparsifier == "random":
             if n >= 1 << 32:
                 raise MergeError(f"a tensor of {n} entries is beyond the 2^32 entries the counter-based draws index")
             m = ExpertMask(Rule.DRAW, key=key, density=density)
         elif method.sparsifier == "della_magprune":
-            d = expert.float() - base.float()
+            d = (expert.float() - base.float()).view(shape)
             if density + p["epsilon"] >= 1 or density - p["epsilon"] <= 0:
                 raise MergeError(f"della needs 0 < density - epsilon and density + epsilon < 1 "
                                  f"(got {density}, {p['epsilon']})")
             probability = della_keep_probability(d, density, p["epsilon"])
             del d
-            draws = self.run(_draw, n, probability, torch.tensor(key, device=base.device))
+            draws = self.run(_draw, n, probability.view(-1), torch.tensor(key, device=base.device))
             m = ExpertMask(Rule.MASK, mask=draws)
         else:
             raise AssertionError(f"no fused path for sparsifier {method.sparsifier}")
@@ -278,7 +324,11 @@ class Kernels:
         per_row = params["granularity"] == "row" and base.dim() >= 2
         masks: list[ExpertMask] = []
         mass: list[float] = []
-        for e, energy, p in zip(experts, energies, params_k, strict=True):
+        topk = [i for i, p in enumerate(params_k) if not per_row and p["density"] < 1 and int(p["density"] * n) > 0]
+        found = self.cuts(base, [experts[i] for i in topk], [int(params_k[i]["density"] * n) for i in topk],
+                          [energies[i] for i in topk])
+        cuts = dict(zip(topk, found, strict=True))
+        for i, (e, energy, p) in enumerate(zip(experts, energies, params_k, strict=True)):
             density = p["density"]
             if density >= 1:
                 m = ExpertMask(Rule.ALL)
@@ -286,10 +336,10 @@ class Kernels:
                 d = e.float() - base.float()
                 rows = _saliency(d, energy).reshape(base.shape[0], -1)
                 m = ExpertMask(Rule.MASK, mask=row_topk_mask(rows, int(density * rows.shape[1])).view(base.shape))
-            elif int(density * n) <= 0:
+            elif i not in cuts:
                 m = ExpertMask(Rule.NONE)
             else:
-                m = ExpertMask(Rule.TOP, cut=self.cut(base, e, int(density * n), energy))
+                m = ExpertMask(Rule.TOP, cut=cuts[i])
             masks.append(m)
             if params["order"] == "saliency":
                 mass.append(0.0 if m.rule is Rule.NONE else float(self.run(
@@ -304,6 +354,13 @@ class Kernels:
 
     def distance(self, merged: Tensor, base: Tensor) -> float:
         return float(self.run(l1_distance, base.numel(), merged, base))
+
+
+def _band_one(kernels: Kernels, base: Tensor, expert: Tensor, energy: Tensor | None, lo: Tensor,
+              hi: Tensor) -> tuple[int, Tensor]:
+    n = base.numel()
+    (above,) = kernels.run(count_above, n, base, [expert], [energy], [hi])
+    return int(above), kernels.run(in_band, n, base, [expert], [energy], [lo], [hi]).reshape(-1).nonzero().squeeze(1)
 
 
 def _draw(probability: Tensor, key: Tensor) -> Tensor:
