@@ -18,7 +18,7 @@ method is deterministic (max |diff| over all tensors); DARE and DELLA draw their
 masks, so theirs are not. OBIM is mmmo's (mergekit has none): resident path only.
 
 Resident path: the models held in memory (``merging.resident.Merger``), each merge written into
-a preallocated copy of the model; the floor is ``copy_`` of the base and the K experts it reads
+a live ``LlamaForCausalLM`` by ``Merger.apply`` (as a trial does); the floor is ``copy_`` of the base and the K experts it reads
 (the bytes any merge must move; SLERP reads one expert: its own floor). Times are the minimum
 over ``--resident-repeats`` (fewer where the runs so far took 15 s).
 """
@@ -286,6 +286,13 @@ def bench_resident(base: Path, experts: list[Path], methods: list[str], repeats:
     names = [f"e{i}" for i in range(len(experts))]
     merger = Merger.from_checkpoints(str(base), dict(zip(names, map(str, experts), strict=True)))
     held = dict(merger._experts(merger.names))  # each tensor's K expert tensors, as the merger holds them
+    # the live model a trial merges into, in the held dtype (written by ``Merger.apply``, as a worker does)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = next(iter(merger.base.values())).dtype
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base), dtype=dtype)
+    model = model.to_empty(device="cpu")
     live = {n: torch.empty_like(t) for n, t in merger.base.items()}
 
     def copy_floor(k: int) -> None:  # read base + k experts, write as many: the bytes any merge must move
@@ -297,7 +304,6 @@ def bench_resident(base: Path, experts: list[Path], methods: list[str], repeats:
     one = None
     if any(m in ONE_EXPERT for m in methods):
         one = Merger(merger.base, {"e0": {n: ts[0] for n, ts in held.items()}})  # the same tensors, no copy
-    dtype = next(iter(merger.base.values())).dtype
     print(f"\nresident path ({str(dtype).removeprefix('torch.')} held; per merge, min of up to {repeats}; the floor, "
           f"copy_ of base + K experts, measured (min of 3) just before each method, as the load on this machine "
           f"varies)")
@@ -311,8 +317,7 @@ def bench_resident(base: Path, experts: list[Path], methods: list[str], repeats:
                                            for n, p in zip(names[:k], experts[:k], strict=True)))
 
         def merge(m=m, config=config) -> None:
-            for n, merged in m.merged_tensors(config):
-                live[n].copy_(merged)
+            m.apply(model, config, sparsity=False)
 
         floor = _timed(lambda k=k: copy_floor(k), 3)
         secs = _timed(merge, repeats)

@@ -7,6 +7,7 @@ there the vocabulary tensors have the output vocabulary's rows, whatever each mo
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 # A fine-tune moves weights by a small fraction of their norm; an unrelated model by ~sqrt(2).
 ANCESTOR_MAX_RELATIVE_DELTA = 0.5
 ANCESTRY_PROBES = 3  # matrices compared per expert
+PROBE_MAX_ENTRIES = 1 << 24
 
 
 def check_compatible(base: TensorReader, experts: Mapping[str, TensorReader], *,
@@ -94,7 +96,10 @@ def check_loadable(model_dir: str | Path, reader: TensorReader | None = None) ->
 
 def _check_ancestry(base: TensorReader, experts: Mapping[str, TensorReader], names: list[str]) -> None:
     """Refuse a base that is not the experts' ancestor, judged on up to three matrices."""
-    probes = [n for n in names if len(base.shape(n)) == 2][:ANCESTRY_PROBES]
+    # the first matrices, passing over the embedding-sized ones (reading four of those costs seconds)
+    matrices = [n for n in names if len(base.shape(n)) == 2]
+    modest = [n for n in matrices if math.prod(base.shape(n)) <= PROBE_MAX_ENTRIES]
+    probes = (modest if len(modest) >= ANCESTRY_PROBES else matrices)[:ANCESTRY_PROBES]
     if not probes:
         return
     bases = {n: base.get(n).float() for n in probes}

@@ -80,6 +80,19 @@ class LiveLayout:
         """The checkpoint tensors the model loads, in the order targets are written."""
         return [key for t in self.targets.values() for _, key, _ in t.sources]
 
+    def destinations(self) -> dict[str, Tensor]:
+        """File key -> the live parameter it is copied to unchanged (plain targets of the same
+        shape): a merge can be written there directly, with no tensor in between."""
+        params = self.model.state_dict(keep_vars=True)
+        out = {}
+        for target in self.targets.values():
+            if target.is_plain:
+                (renamed, key, _), = target.sources
+                param = params[renamed].data
+                if tuple(param.shape) == self.shapes[key] and param.is_contiguous() and param.device.type != "meta":
+                    out[key] = param
+        return out
+
     def convert(self, target: Target, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         """The live parameters ``target`` writes, from its sources' tensors (by file key)."""
         if target.is_plain:
@@ -103,7 +116,10 @@ class LiveLayout:
                     if got != key:
                         raise MergeError(f"internal: tensor '{got}' came where '{key}' was expected")
                 for name, value in self.convert(target, tensors).items():
-                    params[name].data.copy_(value)
+                    live = params[name].data
+                    if not (value.data_ptr() == live.data_ptr() and value.shape == live.shape
+                            and value.dtype == live.dtype):  # written there already (``destinations``)
+                        live.copy_(value)
 
     def check(self) -> None:
         """Every live parameter is written with its own shape by some target (or shares storage

@@ -210,17 +210,22 @@ class Merger:
         return [e - b32 for e in experts]
 
     def _merged(self, config: MergeConfig, keys: Sequence[str], l1: list[float] | None = None,
-                ) -> Iterator[tuple[str, Tensor]]:
+                into: Mapping[str, Tensor] | None = None) -> Iterator[tuple[str, Tensor]]:
         """(name, merged tensor in the held dtype) per key; with ``l1``, each tensor's
-        ``sum |merged - base|`` is appended to it, measured before the float32 temporaries go."""
+        ``sum |merged - base|`` is appended to it. ``into``: tensors to write some keys' merges
+        into (live parameters of the held dtype, on the merge's device); those are yielded."""
         names = [e.name for e in config.experts]
         if names != self.expert_names:
             raise MergeError(f"merge config names experts {names}, the merger holds {self.expert_names}")
         plan = MergePlan(config, names=keys)  # every tensor's parameters checked before any merges
+        into = into or {}
         for name, experts in self._experts(keys):
             base = self.base[name]
+            out = into.get(name)
+            if out is not None and (out.dtype != base.dtype or out.device != base.device):
+                out = None
             held = merge_one(plan, name, base, experts, [self.stats[e].get(name) for e in names], base.dtype,
-                             self.kernels)  # in the held dtype (float tensors are held in ``self.dtype``)
+                             self.kernels, out=out)  # in the held dtype (float tensors are held in ``self.dtype``)
             del experts  # the largest tensor's merge sets the peak: free what it no longer needs
             if l1 is not None and held.is_floating_point():
                 l1.append(self.kernels.distance(held, base))  # the distance of what is written
@@ -256,7 +261,7 @@ class Merger:
         per tensor as it is written (no whole-model float32 copy); None without ``sparsity``."""
         layout = self.layout(model)
         per_tensor: list[float] | None = [] if sparsity else None
-        layout.write(self._merged(config, layout.file_keys(), per_tensor))
+        layout.write(self._merged(config, layout.file_keys(), per_tensor, layout.destinations()))
         return float(sum(per_tensor)) if per_tensor is not None else None  # summed in float64 across tensors
 
 

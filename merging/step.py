@@ -47,19 +47,22 @@ def merge_tensor(plan: MergePlan, name: str, base: Tensor, inputs: list[Tensor],
 
 
 def merge_one(plan: MergePlan, name: str, base: Tensor, experts: Sequence[Tensor], stats: Sequence[Tensor | None],
-              out_dtype: torch.dtype, kernels: Kernels | None, *, fresh: bool = False) -> Tensor:
+              out_dtype: torch.dtype, kernels: Kernels | None, *, fresh: bool = False,
+              out: Tensor | None = None) -> Tensor:
     """Tensor ``name`` merged from the base's and the experts' tensors as held (any dtype, on one
     device), returned in ``out_dtype``: by the fused kernels where the method has them and the
     tensor is floating (the same bits as the reference, see ``merging.kernels``), else by
-    ``merge_tensor``. ``fresh``: the experts' tensors are this merge's to overwrite."""
+    ``merge_tensor``. ``fresh``: the experts' tensors are this merge's to overwrite. ``out``: where
+    to write the result (contiguous, ``out_dtype``, the base's shape and device), e.g. a live parameter."""
     if (kernels is not None and fusable(plan.method) and base.is_floating_point()
             and all(e.is_floating_point() for e in experts)):
         params_k, params = plan.params_for(name)
         return fused_merge(kernels, plan.method, tensor_seed(plan.config.seed, name), base, experts, stats,
-                           params_k, params, out_dtype)
+                           params_k, params, out_dtype, out)
     b32 = base.to(torch.float32, copy=True)
     inputs = expert_inputs(plan, b32, experts, fresh=fresh)
-    return merge_tensor(plan, name, b32, inputs, stats, owned=True).to(out_dtype)
+    merged = merge_tensor(plan, name, b32, inputs, stats, owned=True)
+    return merged.to(out_dtype) if out is None else out.copy_(merged)
 
 
 __all__ = ["expert_inputs", "merge_one", "merge_tensor", "tensor_seed"]

@@ -54,14 +54,15 @@ class SafetensorsReader:
 
     def get(self, name: str) -> Tensor:
         begin, end = self.entries[name]["data_offsets"]
-        buf = bytearray(end - begin)
+        # torch.empty, not bytearray: no zero-filling pass over memory the read overwrites anyway
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        if not buf.numel():
+            return torch.empty(self.shape(name), dtype=self.dtype(name))
         with open(self.path, "rb") as fh:
             fh.seek(self.data_start + begin)
-            if fh.readinto(buf) != len(buf):
+            if fh.readinto(buf.numpy()) != buf.numel():
                 raise MergeError(f"'{self.path}': tensor '{name}' is truncated")
-        if not buf:
-            return torch.empty(self.shape(name), dtype=self.dtype(name))
-        return torch.frombuffer(buf, dtype=self.dtype(name)).reshape(self.shape(name))
+        return buf.view(self.dtype(name)).reshape(self.shape(name))
 
 
 class SafetensorsWriter:

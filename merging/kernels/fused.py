@@ -93,13 +93,13 @@ def count_above(base: Tensor, experts: list[Tensor], energies: list, his: list) 
 
 
 def in_band(base: Tensor, experts: list[Tensor], energies: list, los: list, his: list) -> Tensor:
-    """Bit ``k`` set where expert ``k``'s value lies in its [lo, hi]: one pass, one byte an entry."""
-    bits = None
+    """Bit ``k`` set where expert ``k``'s value lies in its [lo, hi]: one pass, one byte an entry
+    (summed in int32 and cast once: compiled, uint8 or bool arithmetic is several times slower)."""
+    bits = torch.zeros_like(base, dtype=torch.int32)
     for k, (e, en, lo, hi) in enumerate(zip(experts, energies, los, his, strict=True)):
         v = _value_of(base, e, en)
-        b = ((v >= lo) & (v <= hi)).to(torch.uint8) * (1 << k)
-        bits = b if bits is None else bits | b
-    return bits
+        bits = bits + ((v >= lo) & (v <= hi)).to(torch.int32) * (1 << k)
+    return bits.to(torch.uint8)
 
 
 def l1_pass(base: Tensor, expert: Tensor, rule: Rule, value: Tensor | None, position: Tensor | None,
@@ -114,8 +114,9 @@ def l1_pass(base: Tensor, expert: Tensor, rule: Rule, value: Tensor | None, posi
 
 def gta_pass(base: Tensor, experts: list[Tensor], rules: tuple[Rule, ...], values: list, positions: list,
              keys: list, densities: list, masks: list, factors: list, weights: list, divisor: Tensor | None,
-             lam: Tensor, consensus: bool, normalize: bool, out_dtype: torch.dtype) -> Tensor:
-    """Generalized task arithmetic, as ``GeneralizedTaskArithmetic.merge`` computes it."""
+             lam: Tensor, consensus: bool, normalize: bool, out_dtype: torch.dtype, out: Tensor | None) -> Tensor:
+    """Generalized task arithmetic, as ``GeneralizedTaskArithmetic.merge`` computes it; into ``out``
+    where given (compiled, the pass writes there: no new tensor, no page faults, no copy)."""
     b = base.float()
     pos = _positions(b)
     weighted = []
@@ -142,13 +143,17 @@ def gta_pass(base: Tensor, experts: list[Tensor], rules: tuple[Rule, ...], value
         divisor = torch.where(div == 0, 1.0, div)
     if normalize:
         mixed = mixed / divisor
-    return (mixed * lam + b).to(out_dtype)
+    return _written((mixed * lam + b).to(out_dtype), out)
+
+
+def _written(result: Tensor, out: Tensor | None) -> Tensor:
+    return result if out is None else out.copy_(result)
 
 
 def obim_pass(base: Tensor, experts: list[Tensor], order: tuple[int, ...], rules: tuple[Rule, ...],
               energies: list, values: list, positions: list, masks: list, weights: list,
-              out_dtype: torch.dtype) -> Tensor:
-    """OBIM's iterative merge through exclusive masks, as ``Obim.merge`` computes it."""
+              out_dtype: torch.dtype, out: Tensor | None) -> Tensor:
+    """OBIM's iterative merge through exclusive masks, as ``Obim.merge`` computes it (into ``out``)."""
     b = base.float()
     pos = _positions(b)
     merged = b
@@ -163,7 +168,7 @@ def obim_pass(base: Tensor, experts: list[Tensor], order: tuple[int, ...], rules
         exclusive = keep if taken is None else keep & ~taken
         taken = keep if taken is None else taken | keep
         merged = merged + torch.where(exclusive, weights[i] * d, 0.0)
-    return merged.to(out_dtype)
+    return _written(merged.to(out_dtype), out)
 
 
 def l1_distance(merged: Tensor, base: Tensor) -> Tensor:
@@ -254,7 +259,8 @@ class Kernels:
     # -- merges --
 
     def generalized(self, method: GeneralizedTaskArithmetic, key: int, base: Tensor, experts: Sequence[Tensor],
-                    params_k: Sequence[Mapping[str, Any]], params: Mapping[str, Any], out_dtype: torch.dtype) -> Tensor:
+                    params_k: Sequence[Mapping[str, Any]], params: Mapping[str, Any], out_dtype: torch.dtype,
+                    out: Tensor | None = None) -> Tensor:
         n = base.numel()
         shape = base.shape
         base, experts = base.reshape(-1), [e.reshape(-1) for e in experts]  # elementwise: one flat graph
@@ -268,7 +274,7 @@ class Kernels:
         total = weights.sum()
         divisor = total if total.abs() >= 1e-8 else torch.ones((), dtype=torch.float32)
         dev = base.device
-        out = self.run(
+        merged = self.run(
             gta_pass, n, base, list(experts), tuple(m.rule for m in masks),
             [_value(m, dev) for m in masks], [_position(m, dev) for m in masks],
             [torch.tensor(m.key, device=dev) if m.rule is Rule.DRAW else None for m in masks],
@@ -276,8 +282,8 @@ class Kernels:
             [m.mask for m in masks], [None if m.factor is None else m.factor.to(dev) for m in masks],
             [w.to(dev) for w in weights], divisor.to(dev),
             torch.tensor(float(params["lambda"]), dtype=torch.float32, device=dev),
-            method.consensus, bool(params["normalize"]), out_dtype)
-        return out.view(shape)
+            method.consensus, bool(params["normalize"]), out_dtype, None if out is None else out.view(-1))
+        return merged.view(shape)
 
     def _expert_mask(self, method: GeneralizedTaskArithmetic, key: int, base: Tensor, expert: Tensor,
                      p: Mapping[str, Any], params: Mapping[str, Any], cut: Cut | None,
@@ -317,7 +323,8 @@ class Kernels:
         return m
 
     def obim(self, method: Obim, base: Tensor, experts: Sequence[Tensor], stats: Sequence[Tensor | None],
-             params_k: Sequence[Mapping[str, Any]], params: Mapping[str, Any], out_dtype: torch.dtype) -> Tensor:
+             params_k: Sequence[Mapping[str, Any]], params: Mapping[str, Any], out_dtype: torch.dtype,
+             out: Tensor | None = None) -> Tensor:
         n = base.numel()
         dev = base.device
         energies = [_energy(base, s) for s in stats]
@@ -350,7 +357,7 @@ class Kernels:
         weights = [torch.tensor(float(p["weight"]), dtype=torch.float32, device=dev) for p in params_k]
         return self.run(obim_pass, n, base, list(experts), order, tuple(m.rule for m in masks), energies,
                         [_value(m, dev) for m in masks], [_position(m, dev) for m in masks],
-                        [m.mask for m in masks], weights, out_dtype)
+                        [m.mask for m in masks], weights, out_dtype, out)
 
     def distance(self, merged: Tensor, base: Tensor) -> float:
         return float(self.run(l1_distance, base.numel(), merged, base))
@@ -401,13 +408,13 @@ def fusable(method: MergeMethod) -> bool:
 
 def fused_merge(kernels: Kernels, method: MergeMethod, key: int, base: Tensor, experts: Sequence[Tensor],
                 stats: Sequence[Tensor | None], params_k: Sequence[Mapping[str, Any]],
-                params: Mapping[str, Any], out_dtype: torch.dtype) -> Tensor:
+                params: Mapping[str, Any], out_dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
     """One tensor's merge by ``method`` (``fusable``) from the base and the experts' tensors in their
-    held dtype, returned in ``out_dtype``."""
+    held dtype, returned in ``out_dtype``, written into ``out`` where given (contiguous, that dtype)."""
     if isinstance(method, Obim):
-        return kernels.obim(method, base, experts, stats, params_k, params, out_dtype)
+        return kernels.obim(method, base, experts, stats, params_k, params, out_dtype, out)
     assert isinstance(method, GeneralizedTaskArithmetic)
-    return kernels.generalized(method, key, base, experts, params_k, params, out_dtype)
+    return kernels.generalized(method, key, base, experts, params_k, params, out_dtype, out)
 
 
 __all__ = ["ExpertMask", "KernelOptions", "Kernels", "Rule", "fusable", "fused_merge"]
