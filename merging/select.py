@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 SMALL = 1 << 18  # up to this many entries, kthvalue over all of them is as fast
-_SAMPLE = 1 << 18
-_MARGIN = 0.005  # quantile half-width of the bracket: 5.6 standard errors of the sample's quantile
+_SAMPLE = (1 << 14, 1 << 18)  # sample size bounds: n / 64 between them
+_Z = 5.6  # the bracket's half-width in standard errors of the sample quantile: misses are very rare
 
 
 @dataclass(frozen=True)
@@ -76,12 +76,13 @@ def bracket(values: Tensor, k: int, values_at: Callable[[Tensor], Tensor]) -> tu
     """Bounds that very likely hold the k-th largest of ``values``, from a fixed random sample."""
     n = values.numel()
     gen = torch.Generator(device=values.device).manual_seed(n)  # fixed: the same tensor, the same work
-    sample = values_at(torch.randint(n, (_SAMPLE,), generator=gen, device=values.device))
+    m = min(max(n // 64, _SAMPLE[0]), _SAMPLE[1])
+    sample = values_at(torch.randint(n, (m,), generator=gen, device=values.device))
     q = 1.0 - k / n
-    m = sample.numel()
+    margin = _Z * 0.5 / m**0.5  # q(1 - q) <= 1/4
     # order statistics of the sample (kthvalue: no sort, unlike quantile)
-    lo = sample.kthvalue(min(m, max(1, int((q - _MARGIN) * m)))).values
-    hi = sample.kthvalue(min(m, max(1, int((q + _MARGIN) * m) + 1))).values
+    lo = sample.kthvalue(min(m, max(1, int((q - margin) * m)))).values
+    hi = sample.kthvalue(min(m, max(1, int((q + margin) * m) + 1))).values
     return lo, hi
 
 
