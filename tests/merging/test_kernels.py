@@ -144,3 +144,17 @@ def test_row_topk_mask_keeps_k_per_row_ties_by_column():
     rows = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.5], [2.0, 2.0, 2.0, 2.0, 2.0]])
     mask = row_topk_mask(rows, 2)
     assert mask.tolist() == [[False, True, True, False, False], [True, True, False, False, False]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device: the Triton kernels torch.compile generates for a GPU run only there")
+@pytest.mark.parametrize("case", ["ties", "dare_ties", "obim_saliency"])
+def test_fused_on_cuda_equals_the_reference_on_cpu(case):
+    """The same bits on a GPU: counter-based draws and selection by counting do not depend on the device."""
+    name, resolved, shared = _resolved(case)
+    shape = (700, 600)
+    base, experts = _inputs(torch.bfloat16, len(resolved), shape)
+    stats = _stats(shape, len(resolved))
+    kernels = Kernels(KernelOptions(compile=True, compile_min_numel=0, exact_max_numel=1 << 12))
+    out = _fused(name, base.cuda(), [e.cuda() for e in experts], [s.cuda() for s in stats], resolved, shared, kernels)
+    _compare(case, out.cpu(), _reference(name, base, experts, stats, resolved, shared))

@@ -121,3 +121,28 @@ def test_layer_groups_and_filters_give_each_group_its_own_parameters(models):
     for name, p in live.named_parameters():
         expected = experts["a"][name] if name.startswith("model.layers.1.mlp.") else base.state_dict()[name]
         torch.testing.assert_close(p.detach(), expected, msg=name)
+
+
+@pytest.mark.parametrize("method,densities", [("ties", [0.5, 0.3]), ("dare_ties", [0.5, 0.7]),
+                                              ("task_arithmetic", None)])
+def test_apply_runs_the_fused_kernels_and_gives_the_reference_merge(models, method, densities):
+    """A trial's merge goes through the fused kernels (written straight into the live parameters)
+    and equals the methods' plain torch code tensor for tensor."""
+    from merging.kernels.fused import KernelOptions, Kernels
+    from merging.plan import MergePlan
+    from merging.step import expert_inputs, merge_tensor
+
+    base, experts = models
+    kernels = Kernels(KernelOptions(compile=False))
+    merger = Merger(base.state_dict(), experts, kernels=kernels)
+    live = _tiny(0)
+    config = _config([0.7, 0.4], method, densities)
+    merger.apply(live, config)
+    assert kernels.calls[("gta_pass", False)] == len(list(live.parameters()))
+    plan = MergePlan(config)
+    state = base.state_dict()
+    for name, p in live.named_parameters():
+        b32 = state[name].float()
+        ref = merge_tensor(plan, name, b32, expert_inputs(plan, b32, [experts[e][name] for e in ("a", "b")]),
+                           [None, None])
+        assert torch.equal(p.detach(), ref.to(p.dtype)), name
