@@ -18,8 +18,9 @@ method is deterministic (max |diff| over all tensors); DARE and DELLA draw their
 masks, so theirs are not. OBIM is mmmo's (mergekit has none): resident path only.
 
 Resident path: the models held in memory (``merging.resident.Merger``), each merge written into
-a live ``LlamaForCausalLM`` by ``Merger.apply`` (as a trial does); the floor is ``copy_`` of the base and the K experts it reads
-(the bytes any merge must move; SLERP reads one expert: its own floor). Times are the minimum
+a live ``LlamaForCausalLM`` by ``Merger.apply`` (as a trial does); the floor is ``copy_`` of the
+base and the K experts it reads (the bytes any merge must move; SLERP reads one expert: its own
+floor). Times are the minimum
 over ``--resident-repeats`` (fewer where the runs so far took 15 s).
 """
 
