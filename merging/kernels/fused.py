@@ -102,14 +102,19 @@ def band_pass(base: Tensor, experts: list[Tensor], energies: list, los: list,
     return bits.to(torch.uint8), above
 
 
-def l1_pass(base: Tensor, expert: Tensor, rule: Rule, value: Tensor | None, position: Tensor | None,
-            key: Tensor | None, density: Tensor | None, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``sum |d|`` and ``sum |d|`` over the kept entries, in float64 (as ``sparsify.rescale_l1``)."""
-    d = expert.float() - base.float()
-    a = d.abs()
-    keep = _keep(a, _positions(d), rule, value, position, key, density, mask)
-    # sum(dtype=float64), not .double().sum(): the same sums, compiled twice as fast from bf16
-    return a.sum(dtype=torch.float64), torch.where(keep, a, 0.0).sum(dtype=torch.float64)
+def l1_pass(base: Tensor, experts: list[Tensor], rules: tuple[Rule, ...], values: list, positions: list,
+            keys: list, densities: list, masks: list) -> list[tuple[Tensor, Tensor]]:
+    """Per expert, ``sum |d|`` and ``sum |d|`` over its kept entries, in float64 (as
+    ``sparsify.rescale_l1``): one pass over the base and the experts."""
+    b = base.float()
+    pos = _positions(b)
+    out = []
+    for k, e in enumerate(experts):
+        a = (e.float() - b).abs()
+        keep = _keep(a, pos, rules[k], values[k], positions[k], keys[k], densities[k], masks[k])
+        # sum(dtype=float64), not .double().sum(): the same sums, compiled twice as fast from bf16
+        out.append((a.sum(dtype=torch.float64), torch.where(keep, a, 0.0).sum(dtype=torch.float64)))
+    return out
 
 
 def gta_pass(base: Tensor, experts: list[Tensor], rules: tuple[Rule, ...], values: list, positions: list,
@@ -268,8 +273,10 @@ class Kernels:
         found = self.cuts(base, [experts[i] for i in topk], [max(1, int(params_k[i]["density"] * n)) for i in topk],
                           [None] * len(topk))
         cuts = dict(zip(topk, found, strict=True))
-        masks = [self._expert_mask(method, expert_key(key, i), base, e, p, params, cuts.get(i), shape)
+        masks = [self._expert_mask(method, expert_key(key, i), base, e, p, cuts.get(i), shape)
                  for i, (e, p) in enumerate(zip(experts, params_k, strict=True))]
+        if method.sparsifier is not None and params["rescale"]:
+            self._rescale(base, experts, masks)
         weights = torch.tensor([float(p["weight"]) for p in params_k], dtype=torch.float32)
         total = weights.sum()
         divisor = total if total.abs() >= 1e-8 else torch.ones((), dtype=torch.float32)
@@ -286,8 +293,7 @@ class Kernels:
         return merged.view(shape)
 
     def _expert_mask(self, method: GeneralizedTaskArithmetic, key: int, base: Tensor, expert: Tensor,
-                     p: Mapping[str, Any], params: Mapping[str, Any], cut: Cut | None,
-                     shape: torch.Size) -> ExpertMask:
+                     p: Mapping[str, Any], cut: Cut | None, shape: torch.Size) -> ExpertMask:
         """How expert's mask is made (``base`` and ``expert`` flat; ``shape`` theirs, for DELLA's rows)."""
         if method.sparsifier is None or p["density"] >= 1:
             return ExpertMask(Rule.ALL)
@@ -312,15 +318,23 @@ class Kernels:
             m = ExpertMask(Rule.MASK, mask=draws)
         else:
             raise AssertionError(f"no fused path for sparsifier {method.sparsifier}")
-        if params["rescale"]:
-            dev = base.device
-            before, after = self.run(
-                l1_pass, n, base, expert, m.rule, _value(m, dev), _position(m, dev),
-                torch.tensor(m.key, device=dev) if m.rule is Rule.DRAW else None,
-                torch.tensor(m.density, device=dev) if m.rule is Rule.DRAW else None, m.mask)
+        return m
+
+    def _rescale(self, base: Tensor, experts: Sequence[Tensor], masks: list[ExpertMask]) -> None:
+        """Each sparsified expert's L1 rescale factor (``sparsify.rescale_l1``), from one pass."""
+        which = [i for i, m in enumerate(masks) if m.rule in (Rule.TOP, Rule.DRAW, Rule.MASK)]
+        if not which:
+            return
+        dev = base.device
+        chosen = [masks[i] for i in which]
+        sums = self.run(l1_pass, base.numel(), base, [experts[i] for i in which], tuple(m.rule for m in chosen),
+                        [_value(m, dev) for m in chosen], [_position(m, dev) for m in chosen],
+                        [torch.tensor(m.key, device=dev) if m.rule is Rule.DRAW else None for m in chosen],
+                        [torch.tensor(m.density, device=dev) if m.rule is Rule.DRAW else None for m in chosen],
+                        [m.mask for m in chosen])
+        for m, (before, after) in zip(chosen, sums, strict=True):
             if before >= _EPS and after >= _EPS:
                 m.factor = (before / after).float()
-        return m
 
     def obim(self, method: Obim, base: Tensor, experts: Sequence[Tensor], stats: Sequence[Tensor | None],
              params_k: Sequence[Mapping[str, Any]], params: Mapping[str, Any], out_dtype: torch.dtype,
