@@ -37,7 +37,9 @@ LABEL org.opencontainers.image.title="mmmo-worker" \
       org.opencontainers.image.version="${MMMO_VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
 # A C/C++ compiler: torch.compile builds the fused merge kernels with it (Triton's launcher on a GPU,
-# vectorised C++ on a CPU); without one, merges run the same kernels eagerly, slower.
+# vectorised C++ on a CPU); without one, merges run the same kernels eagerly, slower. Not pinned to
+# package versions: the base image's tag pins the Debian release, whose security updates replace them.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc g++ libc6-dev \
     && rm -rf /var/lib/apt/lists/*
