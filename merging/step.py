@@ -51,10 +51,11 @@ def merge_one(plan: MergePlan, name: str, base: Tensor, experts: Sequence[Tensor
               out: Tensor | None = None) -> Tensor:
     """Tensor ``name`` merged from the base's and the experts' tensors as held (any dtype, on one
     device), returned in ``out_dtype``: by the fused kernels where the method has them and the
-    tensor is floating (the same bits as the reference, see ``merging.kernels``), else by
-    ``merge_tensor``. ``fresh``: the experts' tensors are this merge's to overwrite. ``out``: where
-    to write the result (contiguous, ``out_dtype``, the base's shape and device), e.g. a live parameter."""
-    if (kernels is not None and fusable(plan.method) and base.is_floating_point()
+    tensor is floating and large enough (``Kernels.fuses``; the same bits as the reference, see
+    ``merging.kernels``), else by ``merge_tensor``. ``fresh``: the experts' tensors are this merge's
+    to overwrite. ``out``: where to write the result (contiguous, ``out_dtype``, the base's shape and
+    device), e.g. a live parameter."""
+    if (kernels is not None and kernels.fuses(base.numel()) and fusable(plan.method) and base.is_floating_point()
             and all(e.is_floating_point() for e in experts)):
         params_k, params = plan.params_for(name)
         return fused_merge(kernels, plan.method, tensor_seed(plan.config.seed, name), base, experts, stats,

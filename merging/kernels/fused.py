@@ -200,6 +200,12 @@ class Kernels:
         self._compiled: dict[Callable, Callable] = {}
         self._broken: str | None = None
 
+    def fuses(self, numel: int) -> bool:
+        """Whether a tensor of ``numel`` entries should take the fused path: compiled for large
+        tensors; below ``compile_min_numel`` the methods' plain code is faster than the fused
+        passes run eagerly (and gives the same bits). ``compile=False`` fuses every tensor, eagerly."""
+        return not self.options.compile or numel >= self.options.compile_min_numel
+
     def run(self, fn: Callable, numel: int, *args: Any) -> Any:
         o = self.options
         if o.compile and numel >= o.compile_min_numel and self._broken is None:
