@@ -40,11 +40,13 @@ class Cut:
 Band = Callable[[Tensor, Tensor], tuple[int, Tensor]]
 
 
-def cut_among(values: Tensor, index: Tensor, need: int) -> Cut:
-    """The cut keeping the ``need`` largest of ``values`` (taken at ascending flat ``index``)."""
+def cut_among(values: Tensor, index: Tensor | None, need: int) -> Cut:
+    """The cut keeping the ``need`` largest of ``values`` (taken at ascending flat ``index``; None:
+    ``values`` is the whole flat tensor, at positions 0..n-1)."""
     value = values.kthvalue(values.numel() - need + 1).values
     missing = need - int(torch.count_nonzero(values > value))
-    ties = index[values == value]
+    tied = values == value
+    ties = tied.nonzero().squeeze(1) if index is None else index[tied]
     return Cut(value, int(ties[missing - 1]) + 1)
 
 
@@ -53,6 +55,7 @@ def top_cut(values: Tensor, k: int, band: Band | None = None,
     """The cut of the ``k`` largest (1 <= k <= numel) of ``values``, a tensor or, with ``band`` and
     ``values_at`` (the values at given flat indices), a tensor of that many entries never built."""
     n = values.numel()
+    materialised = band is None
     if band is None:
         flat = values.reshape(-1)
         values_at = flat.__getitem__
@@ -60,16 +63,16 @@ def top_cut(values: Tensor, k: int, band: Band | None = None,
         def band(lo: Tensor, hi: Tensor) -> tuple[int, Tensor]:
             above = int(torch.count_nonzero(flat > hi))  # count_nonzero: ~15x faster than a bool sum
             return above, ((flat >= lo) & (flat <= hi)).nonzero().squeeze(1)
-    if n <= small:
-        everything = torch.arange(n, device=values.device)
-        return cut_among(values_at(everything), everything, k)
-    lo, hi = bracket(values, k, values_at)
-    above, inside = band(lo, hi)
-    need = k - above
-    if need <= 0 or need > inside.numel():  # the bracket missed: every value, exactly
-        everything = torch.arange(n, device=values.device)
-        return cut_among(values_at(everything), everything, k)
-    return cut_among(values_at(inside), inside, need)
+    if n > small:
+        lo, hi = bracket(values, k, values_at)
+        above, inside = band(lo, hi)
+        need = k - above
+        if 0 < need <= inside.numel():
+            return cut_among(values_at(inside), inside, need)
+    # small, or the bracket missed: every value, exactly (a tensor's own, not gathered again)
+    if materialised:
+        return cut_among(values.reshape(-1), None, k)
+    return cut_among(values_at(torch.arange(n, device=values.device)), None, k)
 
 
 def bracket(values: Tensor, k: int, values_at: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:

@@ -263,8 +263,7 @@ class Kernels:
             if 0 < need <= inside.numel():
                 out.append(cut_among(values_at(i)(inside), inside, need))
             else:  # the bracket missed: every value, exactly
-                everything = torch.arange(n, device=base.device)
-                out.append(cut_among(values_at(i)(everything), everything, k))
+                out.append(cut_among(values_at(i)(torch.arange(n, device=base.device)), None, k))
         return out
 
     # -- merges --

@@ -16,6 +16,7 @@ product, which int64 tensor arithmetic cannot give without overflow.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 from torch import Tensor
@@ -54,9 +55,7 @@ def uniform(index: Tensor, key: Tensor | int) -> Tensor:
 
 def keep_draw(shape: torch.Size | tuple[int, ...], key: int, device: torch.device | str = "cpu") -> Tensor:
     """``uniform`` over every entry of a tensor of ``shape``, indexed in row-major order."""
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     if n >= 1 << 32:
         raise ValueError(f"a tensor of {n} entries is beyond the 2^32 entries the counter-based draws index")
     return uniform(torch.arange(n, device=device).view(shape), key)
