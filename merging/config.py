@@ -356,12 +356,15 @@ class MergeConfig:
     # is {source: X}): the output vocabulary every model's embeddings are aligned to (merging.vocab).
     # None: the base's vocabulary, and every expert must have the base's shapes.
     tokenizer: dict[str, Any] | None = None
+    # OBIM's shared calibration text (jsonl, text file or task:NAME), read under `calibration: shared | both`
+    calibration: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         # Options at their defaults are left out: configs from before them keep their fingerprints
         # (results cache keys) and their exports.
-        for key, default in (("dtype", None), ("allow_unrelated", False), ("tokenizer", None), ("base_input", True)):
+        for key, default in (("dtype", None), ("allow_unrelated", False), ("tokenizer", None), ("base_input", True),
+                             ("calibration", None)):
             if data[key] == default:
                 del data[key]
         return data
@@ -384,11 +387,13 @@ class MergeConfig:
         return cls(method=data["method"], base=data["base"], experts=experts,
                    params=dict(data.get("params", {})), seed=int(data.get("seed", 0)), grouping=grouping,
                    dtype=data.get("dtype"), allow_unrelated=bool(data.get("allow_unrelated", False)),
-                   tokenizer=data.get("tokenizer"), base_input=bool(data.get("base_input", True)))
+                   tokenizer=data.get("tokenizer"), base_input=bool(data.get("base_input", True)),
+                   calibration=data.get("calibration"))
 
     def experts_identity(self) -> list[tuple[str, str, str | None]]:
         """What determines the resident state (not the per-trial parameters)."""
-        return [(e.name, e.path, e.calibration) for e in self.experts]
+        shared = [("", "", self.calibration)] if self.calibration else []
+        return [(e.name, e.path, e.calibration) for e in self.experts] + shared
 
     def fingerprint(self) -> str:
         """A stable hash of the merge: equal configs give equal models."""

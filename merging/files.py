@@ -12,12 +12,13 @@ import json
 import math
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from merging.budget import expert_histograms, global_thresholds, uses_global
 from merging.checks import check_compatible
 from merging.config import MergeConfig
 from merging.errors import MergeError
@@ -25,6 +26,7 @@ from merging.io import BIN_INDEX, SAFETENSORS_INDEX, SafetensorsWriter, model_di
 from merging.kernels.fused import Kernels
 from merging.mergekit_yaml import to_mergekit
 from merging.plan import MergePlan
+from merging.saliency import Stats
 from merging.step import merge_one
 from merging.vocab import aligned, write_vocabulary
 
@@ -113,10 +115,11 @@ class _ShardWriter:
 
 
 def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None = None, device: str = "cpu",
-                 max_shard_bytes: int = 5 * 2**30, stats: Mapping[str, Mapping[str, Tensor]] | None = None,
+                 max_shard_bytes: int = 5 * 2**30, stats: Stats | None = None,
                  progress: Callable[[str, int, int], None] | None = None, kernels: Kernels | None = None) -> Path:
     """Merge ``config`` into a new HF model directory ``out_dir``; returns it. ``kernels``: what runs
-    the fused merges (by default compiled for large tensors)."""
+    the fused merges (by default compiled for large tensors). ``stats``: calibration statistics by
+    reading (``Merger``'s); OBIM's global scope reads every tensor once more, first, for its budget."""
     kernels = kernels or Kernels()
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -135,8 +138,22 @@ def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None 
     plan_params = MergePlan(config, names=names)  # and every tensor's, before any is merged
     names_k = plan_params.names
     card = _model_card(config, dtype, names)  # before any tensor: nothing is merged for a card that fails
-    stats = stats or {}
     dev = torch.device(device)
+    reading = plan_params.method.stats_reading(plan_params.params_for(names[0])[1]) if names else None
+    held_stats = (stats or {}).get(reading, {}) if reading is not None else {}
+
+    def stats_of(name: str) -> list[Tensor | None]:
+        return [held_stats.get(e, {}).get(name) for e in names_k]
+
+    def read(name: str) -> tuple[Tensor, list[Tensor]]:
+        return _held(base.get(name), held), [_held(readers[e].get(name), held).to(dev) for e in names_k]
+
+    thresholds = None
+    if uses_global(plan_params, names):
+        hists = expert_histograms(((b.to(dev), experts, stats_of(n)) for n in names for b, experts in [read(n)]),
+                                  len(names_k))
+        numels = {n: math.prod(base.shape(n)) for n in names if base.dtype(n).is_floating_point}
+        thresholds = global_thresholds(plan_params, numels, hists)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -146,12 +163,11 @@ def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None 
                 for n in names]
         writer = _ShardWriter(staging, plan, max_shard_bytes)
         for i, name in enumerate(names):
-            b = _held(base.get(name), held)
+            b, experts = read(name)
             target = out_dtype if out_dtype and b.is_floating_point() else b.dtype
-            experts = [_held(readers[e].get(name), held).to(dev) for e in names_k]
-            tensor_stats = [stats.get(e, {}).get(name) for e in names_k]
             # the experts' tensors were read for this merge: the reference path may reuse them
-            merged = merge_one(plan_params, name, b.to(dev), experts, tensor_stats, target, kernels, fresh=True)
+            merged = merge_one(plan_params, name, b.to(dev), experts, stats_of(name), target, kernels, fresh=True,
+                               thresholds=thresholds)
             writer.add(name, merged.cpu())
             del experts, merged
             if progress:

@@ -1,6 +1,7 @@
 """mergekit's YAML (``merge_method``, ``base_model``, ``models[].parameters``, ``parameters``, ``dtype``,
 ``tokenizer_source`` / ``tokenizer``) to and from our MergeConfig. ``merge_method: obim`` is our
-addition; a model may name its OBIM calibration data with ``calibration: FILE`` (jsonl or text).
+addition; a model may name its OBIM calibration data with ``calibration: FILE`` (jsonl or text), and
+the config a shared one at its top (read under OBIM's ``calibration: shared | both``).
 
 A parameter is any of mergekit's settings (``merging.config.Setting``): a scalar, a gradient
 (``[0.2, 0.9]``, interpolated over the layers) or ``filter`` entries. A config with searched layer
@@ -60,7 +61,7 @@ def parse_mergekit(text: str, relative_to: Path | None = None) -> FileMergePlan:
         raise MergeError("config: 'slices' (layer stacking) is merged by merging.slices (as `mmmo merge` does), "
                          "not as a merge of one architecture")
     unknown = sorted(set(doc) - {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-                                 "tokenizer_source", "tokenizer", "seed", "name"})
+                                 "tokenizer_source", "tokenizer", "seed", "name", "calibration"})
     if unknown:
         raise MergeError(f"config: unknown key(s) {unknown}")
     for key in ("merge_method", "models"):
@@ -112,7 +113,8 @@ def parse_mergekit(text: str, relative_to: Path | None = None) -> FileMergePlan:
     config = MergeConfig(method=method, base=resolve(str(base)), experts=tuple(experts),
                          params=_settings(doc.get("parameters") or {}, "parameters"), seed=int(doc.get("seed", 0)),
                          dtype=doc.get("dtype"), base_input=base_input,
-                         tokenizer=tokenizer.map_models(resolve).to_dict() if tokenizer is not None else None)
+                         tokenizer=tokenizer.map_models(resolve).to_dict() if tokenizer is not None else None,
+                         calibration=resolve(str(doc["calibration"])) if doc.get("calibration") else None)
     return FileMergePlan(config=config, dtype=doc.get("out_dtype"))
 
 
@@ -299,6 +301,8 @@ def to_mergekit(config: MergeConfig, dtype: str | None = None, *, tensor_names: 
         doc["parameters"] = dict(config.params)
     if config.dtype:
         doc["dtype"] = config.dtype
+    if config.calibration:
+        doc["calibration"] = config.calibration
     if dtype and dtype != config.dtype:  # what is written, not what the inputs are held in
         doc["out_dtype"] = dtype
     if config.tokenizer is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from merging.budget import expert_histograms, global_thresholds, uses_global
 from merging.checks import check_compatible
 from merging.config import MergeConfig
 from merging.errors import MergeError
@@ -26,6 +27,7 @@ from merging.kernels.fused import Kernels
 from merging.live_layout import LiveLayout
 from merging.placement import PlanKind
 from merging.plan import MergePlan
+from merging.saliency import Stats
 from merging.step import merge_one
 
 
@@ -160,7 +162,7 @@ class Merger:
 
     def __init__(self, base: TensorReader | Mapping[str, Tensor],
                  experts: Mapping[str, TensorReader | Mapping[str, Tensor]], *,
-                 dtype: torch.dtype | None = None, stats: Mapping[str, Mapping[str, Tensor]] | None = None,
+                 dtype: torch.dtype | None = None, stats: Stats | None = None,
                  device: str | torch.device = "cpu", plan: PlanKind | str = PlanKind.RESIDENT,
                  check_ancestry: bool = True, kernels: Kernels | None = None) -> None:
         if not experts:
@@ -184,9 +186,31 @@ class Merger:
             self.store = _InHost(ordered, self.names, self.device, dtype)
         else:
             self.store = _FromFiles(ordered, self.device, dtype)
-        self.stats = {name: {k: v.to(self.device) for k, v in (stats or {}).get(name, {}).items()}
-                      for name in self.expert_names}
+        self.stats: dict[str, dict[str, dict[str, Tensor]]] = {}
+        self._histograms: dict[str | None, list[Tensor]] = {}  # OBIM's global scope, per reading
+        for reading, of_experts in (stats or {}).items():
+            self.add_stats(reading, of_experts)
         self._layouts: dict[int, LiveLayout] = {}
+
+    def add_stats(self, reading: str, of_experts: Mapping[str, Mapping[str, Tensor]]) -> None:
+        """Hold calibration statistics ``reading`` (e.g. ``obd/own``; ``MergeMethod.stats_reading``):
+        per expert, per tensor. An expert without them falls back to magnitude saliency."""
+        self.stats[reading] = {name: {k: v.to(self.device) for k, v in of_experts.get(name, {}).items()}
+                               for name in self.expert_names}
+        self._histograms.pop(reading, None)
+
+    def _stats_of(self, reading: str | None, name: str) -> list[Tensor | None]:
+        held = self.stats.get(reading, {}) if reading is not None else {}
+        return [held.get(e, {}).get(name) for e in self.expert_names]
+
+    def _thresholds(self, plan: MergePlan, reading: str | None) -> list[float]:
+        """Each expert's saliency threshold for OBIM's global scope (its histogram built once per reading)."""
+        hists = self._histograms.get(reading)
+        if hists is None:
+            tensors = ((self.base[n], held, self._stats_of(reading, n)) for n, held in self._experts(self.names))
+            hists = self._histograms[reading] = expert_histograms(tensors, len(self.expert_names))
+        numels = {n: t.numel() for n, t in self.base.items() if t.is_floating_point()}
+        return global_thresholds(plan, numels, hists)
 
     @classmethod
     def from_checkpoints(cls, base_dir: str, expert_dirs: Mapping[str, str], **kwargs) -> Merger:
@@ -219,13 +243,15 @@ class Merger:
             raise MergeError(f"merge config names experts {names}, the merger holds {self.expert_names}")
         plan = MergePlan(config, names=keys)  # every tensor's parameters checked before any merges
         into = into or {}
+        reading = plan.method.stats_reading(plan.params_for(keys[0])[1]) if keys else None
+        thresholds = self._thresholds(plan, reading) if uses_global(plan, keys) else None
         for name, experts in self._experts(keys):
             base = self.base[name]
             out = into.get(name)
             if out is not None and (out.dtype != base.dtype or out.device != base.device):
                 out = None
-            held = merge_one(plan, name, base, experts, [self.stats[e].get(name) for e in names], base.dtype,
-                             self.kernels, out=out)  # in the held dtype (float tensors are held in ``self.dtype``)
+            held = merge_one(plan, name, base, experts, self._stats_of(reading, name), base.dtype,
+                             self.kernels, out=out, thresholds=thresholds)  # in the held dtype
             del experts  # the largest tensor's merge sets the peak: free what it no longer needs
             if l1 is not None and held.is_floating_point():
                 l1.append(self.kernels.distance(held, base))  # the distance of what is written

@@ -95,4 +95,5 @@ class SearchSpace:
         seed = self.spec.seed if self.spec.method in SEEDED_METHODS else 0
         return MergeConfig(method=self.spec.method, base=self.spec.base, experts=experts, params=global_params,
                            seed=seed, grouping=grouping, dtype=self.spec.dtype,
-                           allow_unrelated=self.spec.allow_unrelated, tokenizer=self.spec.tokenizer)
+                           allow_unrelated=self.spec.allow_unrelated, tokenizer=self.spec.tokenizer,
+                           calibration=self.spec.calibration)

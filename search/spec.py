@@ -237,6 +237,9 @@ class StudySpec(_Strict):
                                          description="mergekit's shorthand: tokenizer: {source: ...}")
     allow_unrelated: bool = Field(default=False, description="merge experts that do not look fine-tuned from the "
                                   "base (e.g. long continual pretraining): warned about, not refused")
+    calibration: PathLike | None = Field(
+        default=None, description="OBIM's shared general calibration text (jsonl or text file, or task:NAME), "
+        "read when method_params.calibration is shared or both")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         default=None, description="what workers hold the models in and merge into (each tensor is merged in "
         "float32 and cast back); unset: the checkpoint's own dtype, or the worker's --dtype")

@@ -10,22 +10,27 @@ from pathlib import Path
 from merging.config import MergeConfig
 
 
-def obim_stats(config: MergeConfig, cache_dir: Path | None, device: str) -> dict:
-    """OBIM's calibration statistics of ``config``'s experts (cached on disk); other methods need none."""
-    if config.method != "obim":
+def obim_stats(config: MergeConfig, cache_dir: Path | None, device: str, dtype=None) -> dict:
+    """The calibration statistics a merge of ``config`` reads (``merging.saliency.Stats``, cached on
+    disk), computed on ``device`` in ``dtype`` (a torch dtype; None: the checkpoints'); other methods
+    and OBIM's magnitude saliency read none."""
+    from merging.saliency import readings_of
+
+    if not readings_of(config):
         return {}
     from evals.texts import calibration_texts
     from merging.saliency import stats_for
 
-    return stats_for(config.experts, cache_dir, device, texts_of=calibration_texts, base=config.base)
+    return stats_for(config, cache_dir, device, texts_of=calibration_texts, dtype=dtype)
 
 
 def write_model(config: MergeConfig, out_dir: Path, *, dtype: str | None, device: str,
                 cache_dir: Path | None, **kwargs) -> Path:
     """``config``'s merged model written through the merge engine's file path."""
-    from merging.files import merge_to_dir
+    from merging.files import merge_to_dir, parse_dtype
 
-    return merge_to_dir(config, out_dir, dtype=dtype, device=device, stats=obim_stats(config, cache_dir, device),
+    stats = obim_stats(config, cache_dir, device, parse_dtype(config.dtype))
+    return merge_to_dir(config, out_dir, dtype=dtype, device=device, stats=stats,
                         **kwargs)
 
 

@@ -28,6 +28,7 @@ from merging.files import parse_dtype
 from merging.io import TensorReader, model_dir, open_reference
 from merging.placement import PLAN_CHOICES, Placement, SetSize, available_host_bytes, choose, device_budget
 from merging.resident import Merger, expert_dirs
+from merging.saliency import readings_of
 from merging.vocab import aligned, fit_model
 from service.materialize import obim_stats
 
@@ -151,7 +152,7 @@ class TrialRunner:
         self._make_room(placement, _model_bytes(base, dtype))
         log.info("loading base %s and %d experts: %s", config.base, len(experts), placement.summary())
         with trusting(self.trusted_task_paths):
-            stats = obim_stats(config, self.cache_dir, str(self.device))
+            stats = obim_stats(config, self.cache_dir, str(self.device), dtype)
             # The live model first: while transformers reads the files (memory-mapped, counted as resident)
             # nothing else of the set is in memory yet, so the load's peak stays under the set's size.
             model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype or "auto").to(self.device).eval()
@@ -216,6 +217,7 @@ class TrialRunner:
         check = check or (lambda: None)
         t0 = time.perf_counter()
         resident = self._load(config, objectives, tuple(task_paths))
+        self._ensure_stats(resident, config)
         check()
         t1 = time.perf_counter()
         sparsity = resident.merger.apply(resident.model, config,
@@ -230,6 +232,16 @@ class TrialRunner:
         if self.on_timing:
             self.on_timing(self.last_timing)
         return scores
+
+
+    def _ensure_stats(self, resident: _Resident, config: MergeConfig) -> None:
+        """The calibration statistics this trial's merge reads, computed (or read from the disk cache)
+        when the set has not held them yet: a study may search OBIM's saliency or calibration."""
+        if any(r not in resident.merger.stats for r in readings_of(config)):
+            with trusting(self.trusted_task_paths):
+                stats = obim_stats(config, self.cache_dir, str(self.device), parse_dtype(config.dtype or self.dtype))
+            for reading, of_experts in stats.items():
+                resident.merger.add_stats(reading, of_experts)
 
 
 def _model_bytes(reader: TensorReader, dtype: torch.dtype | None) -> int:

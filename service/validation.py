@@ -241,6 +241,14 @@ def _spec_problems(spec: StudySpec, catalog: TaskCatalog, policy: SpecPolicy) ->
             found = _text_problem(e.calibration, policy)
             if found:
                 problems.append(SpecProblem(("experts", i, "calibration"), f"cannot read calibration data: {found}"))
+    if spec.calibration is not None:
+        found = _text_problem(spec.calibration, policy)
+        if found:
+            problems.append(SpecProblem(("calibration",), f"cannot read calibration data: {found}"))
+    modes = {spec.method_params.get("calibration"), *spec.search_space.method_choices.get("calibration", [])}
+    if spec.calibration is None and modes & {"shared", "both"}:
+        problems.append(SpecProblem(("calibration",), "OBIM's calibration 'shared' or 'both' reads the spec's shared "
+                                    "calibration text: set `calibration:` (a jsonl or text file, or task:NAME)"))
     from merging.methods import get_method  # torch: at the first spec checked, not at start-up
 
     try:

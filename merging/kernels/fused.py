@@ -343,37 +343,57 @@ class Kernels:
 
     def obim(self, method: Obim, base: Tensor, experts: Sequence[Tensor], stats: Sequence[Tensor | None],
              params_k: Sequence[Mapping[str, Any]], params: Mapping[str, Any], out_dtype: torch.dtype,
-             out: Tensor | None = None) -> Tensor:
+             out: Tensor | None = None, thresholds: Sequence[float | None] | None = None) -> Tensor:
         n = base.numel()
         dev = base.device
-        energies = [_energy(base, s) for s in stats]
-        per_row = params["granularity"] == "row" and base.dim() >= 2
+        magnitude = params["saliency"] == "magnitude"
+        # Without statistics the saliency is d^2 (d * d * 1: the same bits): never None here, where
+        # the selection would otherwise rank |d|, the generalized methods' value, against d^2.
+        one = torch.ones(1, dtype=torch.float32, device=dev)
+        energies = [one if magnitude or (en := _energy(base, s)) is None else en for s in stats]
+        scope = params["granularity"] if base.dim() >= 2 else "tensor"
+        if params["granularity"] == "global":
+            scope = "global"  # a threshold, whatever the tensor's shape
         masks: list[ExpertMask] = []
-        mass: list[float] = []
-        topk = [i for i, p in enumerate(params_k) if not per_row and p["density"] < 1 and int(p["density"] * n) > 0]
+        topk = [i for i, p in enumerate(params_k) if scope == "tensor" and p["density"] < 1
+                and int(p["density"] * n) > 0]
         found = self.cuts(base, [experts[i] for i in topk], [int(params_k[i]["density"] * n) for i in topk],
                           [energies[i] for i in topk])
-        cuts = dict(zip(topk, found, strict=True))
+        top = dict(zip(topk, found, strict=True))
         for i, (e, energy, p) in enumerate(zip(experts, energies, params_k, strict=True)):
             density = p["density"]
             if density >= 1:
                 m = ExpertMask(Rule.ALL)
-            elif per_row:
+            elif scope == "global":
+                if not thresholds or thresholds[i] is None:
+                    raise MergeError("OBIM's global scope needs each expert's saliency threshold")
+                # v >= threshold: every position is before ``n``
+                m = ExpertMask(Rule.TOP, cut=Cut(torch.tensor(thresholds[i], dtype=torch.float32), n))
+            elif scope == "row":
                 d = e.float() - base.float()
                 rows = _saliency(d, energy).reshape(base.shape[0], -1)
                 m = ExpertMask(Rule.MASK, mask=row_topk_mask(rows, int(density * rows.shape[1])).view(base.shape))
-            elif i not in cuts:
+            elif i not in top:
                 m = ExpertMask(Rule.NONE)
             else:
-                m = ExpertMask(Rule.TOP, cut=cuts[i])
+                m = ExpertMask(Rule.TOP, cut=top[i])
             masks.append(m)
-            if params["order"] == "saliency":
-                mass.append(0.0 if m.rule is Rule.NONE else float(self.run(
-                    _kept_saliency, n, base, e, energy, m.rule, _value(m, dev), _position(m, dev), m.mask)))
+        weights = [torch.tensor(float(p["weight"]), dtype=torch.float32, device=dev) for p in params_k]
+        mass = [0.0] * len(experts)
+        if params["order"] == "saliency" or params["rescale"]:
+            for i, (m, e, energy) in enumerate(zip(masks, experts, energies, strict=True)):
+                if m.rule is Rule.NONE:
+                    continue
+                kept, before, after = self.run(_kept_sums, n, base, e, energy, m.rule, _value(m, dev),
+                                               _position(m, dev), m.mask).tolist()
+                mass[i] = kept
+                if params["rescale"] and before >= _EPS and after >= _EPS:
+                    # the ratio of the float64 sums, rounded once to float32 (as ``obim.mass_factor``)
+                    factor = (torch.tensor(before, dtype=torch.float64) / after).float().to(dev)
+                    weights[i] = weights[i] * factor
         order = tuple(range(len(experts)))
         if params["order"] == "saliency":
             order = tuple(sorted(order, key=lambda i: -mass[i]))  # stable: listed order among equals
-        weights = [torch.tensor(float(p["weight"]), dtype=torch.float32, device=dev) for p in params_k]
         return self.run(obim_pass, n, base, list(experts), order, tuple(m.rule for m in masks), energies,
                         [_value(m, dev) for m in masks], [_position(m, dev) for m in masks],
                         [m.mask for m in masks], weights, out_dtype, out)
@@ -392,13 +412,20 @@ def _draw(probability: Tensor, key: Tensor) -> Tensor:
     return uniform(_positions(probability), key) < probability
 
 
-def _kept_saliency(base: Tensor, expert: Tensor, energy: Tensor | None, rule: Rule, value: Tensor | None,
-                   position: Tensor | None, mask: Tensor | None) -> Tensor:
-    """An expert's total kept saliency (OBIM's ``order: saliency``), summed in float64."""
+def _kept_sums(base: Tensor, expert: Tensor, energy: Tensor | None, rule: Rule, value: Tensor | None,
+               position: Tensor | None, mask: Tensor | None) -> Tensor:
+    """An expert's total kept saliency (OBIM's ``order: saliency``), ``sum |d|`` and ``sum |d|`` over
+    its kept entries (``rescale``), each summed in float64."""
     d = expert.float() - base.float()
     s = _saliency(d, energy)
+    a = d.abs()
     keep = _keep(s, _positions(d), rule, value, position, None, None, mask)
-    return s.sum(dtype=torch.float64) if keep is None else torch.where(keep, s, 0.0).sum(dtype=torch.float64)
+    if keep is None:
+        kept, kept_l1 = s.sum(dtype=torch.float64), a.sum(dtype=torch.float64)
+    else:
+        kept, kept_l1 = torch.where(keep, s, 0.0).sum(dtype=torch.float64), torch.where(keep, a, 0.0).sum(
+            dtype=torch.float64)
+    return torch.stack([kept, a.sum(dtype=torch.float64), kept_l1])
 
 
 def _energy(base: Tensor, stats: Tensor | None) -> Tensor | None:
@@ -426,11 +453,12 @@ def fusable(method: MergeMethod) -> bool:
 
 def fused_merge(kernels: Kernels, method: MergeMethod, key: int, base: Tensor, experts: Sequence[Tensor],
                 stats: Sequence[Tensor | None], params_k: Sequence[Mapping[str, Any]],
-                params: Mapping[str, Any], out_dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+                params: Mapping[str, Any], out_dtype: torch.dtype, out: Tensor | None = None,
+                thresholds: Sequence[float | None] | None = None) -> Tensor:
     """One tensor's merge by ``method`` (``fusable``) from the base and the experts' tensors in their
     held dtype, returned in ``out_dtype``, written into ``out`` where given (contiguous, that dtype)."""
     if isinstance(method, Obim):
-        return kernels.obim(method, base, experts, stats, params_k, params, out_dtype, out)
+        return kernels.obim(method, base, experts, stats, params_k, params, out_dtype, out, thresholds)
     assert isinstance(method, GeneralizedTaskArithmetic)
     return kernels.generalized(method, key, base, experts, params_k, params, out_dtype, out)
 

@@ -75,6 +75,8 @@ class TensorInputs:
     models: list[Tensor] | None = None  # the experts' own tensors, for methods that take ``models``
     has_base: bool = True  # False: the config named no base_model (``base`` is only the layout)
     key: int = 0  # the tensor's counter-based draws (``merging.kernels.rng``): DARE's and DELLA's masks
+    # per expert, a saliency threshold shared by all its tensors (OBIM's global scope, ``merging.budget``)
+    thresholds: list[float | None] | None = None
 
 
 class MergeMethod(ABC):
@@ -158,6 +160,11 @@ class MergeMethod(ABC):
         if message not in warned:
             warned.add(message)
             log.warning(message)
+
+    def stats_reading(self, params: Mapping[str, Any]) -> str | None:
+        """Which calibration statistics (``TensorInputs.stats``) a merge with these global
+        parameters reads: a key of the merger's ``stats``; None for methods that read none."""
+        return None
 
     @abstractmethod
     def merge(self, t: TensorInputs, experts: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> Tensor:

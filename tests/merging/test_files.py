@@ -161,8 +161,9 @@ def test_obim_calibration_from_an_lm_eval_task(tiny_zoo, tmp_path):
 
     texts = calibration_texts("task:mmmo_add", limit=16)
     assert len(texts) == 16 and all("+" in t and "=" in t for t in texts)
-    experts = [ExpertRef("add", str(tiny_zoo.experts["add"]), {}, calibration="task:mmmo_add")]
-    stats = stats_for(experts, tmp_path, texts_of=calibration_texts)
-    assert stats["add"]["model.layers.0.mlp.down_proj.weight"].shape == (TINY_INTERMEDIATE,)
+    experts = (ExpertRef("add", str(tiny_zoo.experts["add"]), {}, calibration="task:mmmo_add"),)
+    config = MergeConfig(method="obim", base=str(tiny_zoo.base), experts=experts)
+    stats = stats_for(config, tmp_path, texts_of=calibration_texts)
+    assert stats["obd/own"]["add"]["model.layers.0.mlp.down_proj.weight"].shape == (TINY_INTERMEDIATE,)
     with pytest.raises(ValueError, match="unknown"):
         calibration_texts("task:no_such_task")

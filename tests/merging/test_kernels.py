@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from merging.budget import saliency_histogram, threshold
 from merging.kernels.fused import KernelOptions, Kernels, fusable, fused_merge
 from merging.kernels.rng import expert_key, keep_draw, tensor_key, uniform
 from merging.methods import METHODS, TensorInputs, get_method
+from merging.methods.obim import obm_saliency
 from merging.select import row_topk_mask, top_cut, topk_mask
 
 SHAPE = (96, 64)
@@ -29,6 +31,11 @@ CASES = {
                           {"granularity": "row", "order": "saliency"}),
     "obim_saliency": ([{"weight": 1.0, "density": 0.4}, {"weight": 0.8, "density": 0.6},
                        {"weight": 1.0, "density": 0.0}], {"order": "saliency"}),
+    "obim_magnitude": ([{"weight": 1.0, "density": 0.4}, {"weight": 0.8, "density": 0.6}], {"saliency": "magnitude"}),
+    "obim_rescaled": ([{"weight": 1.0, "density": 0.4}, {"weight": 0.8, "density": 0.2},
+                       {"weight": 0.5, "density": 1.0}], {"rescale": True, "order": "saliency"}),
+    "obim_global": ([{"weight": 1.0, "density": 0.4}, {"weight": 0.8, "density": 0.2},
+                     {"weight": 0.5, "density": 1.0}], {"granularity": "global", "rescale": True}),
 }
 EXACT = set(CASES)
 
@@ -47,22 +54,32 @@ def _stats(shape, k):
     return [torch.rand(shape[1], generator=g) * 10 for _ in range(k)]
 
 
+def _thresholds(base, experts, stats, params_k, params):
+    """OBIM's global scope over this one tensor: each expert's threshold from its saliency histogram."""
+    if params.get("granularity") != "global":
+        return None
+    b32 = base.float()
+    return [threshold(saliency_histogram(obm_saliency(e.float() - b32, s)), int(p["density"] * base.numel()))
+            for e, s, p in zip(experts, stats, params_k, strict=True)]
+
+
 def _reference(name, base, experts, stats, params_k, params):
     method = get_method(name)
     b32 = base.float()
-    t = TensorInputs("w", b32, [e.float() - b32 for e in experts], None, stats, key=KEY)
+    t = TensorInputs("w", b32, [e.float() - b32 for e in experts], None, stats, key=KEY,
+                     thresholds=_thresholds(base, experts, stats, params_k, params))
     return method.merge(t, params_k, params).to(base.dtype)
 
 
 def _fused(name, base, experts, stats, params_k, params, kernels):
     method = get_method(name)
-    return fused_merge(kernels, method, KEY, base, experts, stats, params_k, params, base.dtype)
+    return fused_merge(kernels, method, KEY, base, experts, stats, params_k, params, base.dtype,
+                       thresholds=_thresholds(base, experts, stats, params_k, params))
 
 
 def _resolved(case):
     experts, params = CASES[case]
-    name = case.split("_rescaled")[0].split("_row")[0].split("_saliency")[0] if case.startswith(("ties", "obim")) \
-        else case
+    name = case.split("_")[0] if case.startswith(("ties", "obim")) else case
     method = get_method(name)
     resolved, shared = method.resolve(experts, params, [f"m{i}" for i in range(len(experts))])
     return name, resolved, shared
@@ -93,7 +110,7 @@ def test_fused_equals_the_reference_eagerly(case, dtype):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", ["ties_rescaled", "dare_ties", "della", "obim_saliency"])
+@pytest.mark.parametrize("case", ["ties_rescaled", "dare_ties", "della", "obim_saliency", "obim_global"])
 def test_fused_equals_the_reference_compiled(case, dtype):
     """torch.compile's generated code (vectorised C++ here) gives the reference's bits."""
     name, resolved, shared = _resolved(case)

@@ -210,8 +210,8 @@ def test_obim_calibrates_a_lora_expert_as_its_merged_model(lora_set, tmp_path):
 
     AutoTokenizer.from_pretrained(base).save_pretrained(merged_dir)
     reference = calibration_stats(merged_dir, ["1+1=2", "abc", "sort 3 1 2"], None)
-    assert sorted(stats["lora"]) == sorted(reference)
-    assert all(torch.equal(stats["lora"][k], reference[k]) for k in reference)
+    assert sorted(stats["obd/own"]["lora"]) == sorted(reference)
+    assert all(torch.equal(stats["obd/own"]["lora"][k], reference[k]) for k in reference)
     runner = TrialRunner(trusted_task_paths=[], cache_dir=tmp_path / "cache")
     runner.run(config, [Objective(kind="sparsity", direction="minimize")])
     loaded = AutoModelForCausalLM.from_pretrained(merge_to_dir(config, tmp_path / "m", stats=stats)).state_dict()

@@ -55,7 +55,7 @@ def test_masks_are_mutually_exclusive_and_respect_density(deltas, granularity):
     method, t, resolved, params = _merge(deltas, experts, {"granularity": granularity})
     masks = method.masks(t, resolved, params)
     total = torch.zeros_like(deltas[0], dtype=torch.int32)
-    for i, mask in masks:
+    for i, mask, _ in masks:
         total += mask.int()
         kept = int(mask.sum())
         if granularity == "tensor":
@@ -63,7 +63,7 @@ def test_masks_are_mutually_exclusive_and_respect_density(deltas, granularity):
         else:
             assert (mask.sum(1) <= int(experts[i]["density"] * deltas[0].shape[1])).all()
     assert int(total.max()) <= 1, "a position may belong to one expert only"
-    first, first_mask = masks[0]
+    first, first_mask, _ = masks[0]
     assert int(first_mask.sum()) == int(experts[first]["density"] * deltas[0].numel()) or granularity == "row"
 
 
@@ -72,7 +72,7 @@ def test_merge_adds_each_masked_delta_once_scaled(deltas):
     method, t, resolved, params = _merge(deltas, experts)
     merged = method.merge(t, resolved, params)
     expected = torch.zeros_like(deltas[0])
-    for i, mask in method.masks(t, resolved, params):
+    for i, mask, _ in method.masks(t, resolved, params):
         expected += resolved[i]["weight"] * deltas[i] * mask
     torch.testing.assert_close(merged, expected)
 
@@ -91,17 +91,17 @@ def test_saliency_uses_activation_energy_where_it_applies(deltas):
     torch.testing.assert_close(obm_saliency(deltas[0], None), deltas[0].pow(2))
     torch.testing.assert_close(obm_saliency(deltas[0], torch.ones(7)), deltas[0].pow(2))  # shape mismatch
     method, t, resolved, params = _merge(deltas[:1], [{"density": 4 * 32 / (32 * 24)}], stats=[energy])
-    ((_, mask),) = method.masks(t, resolved, params)
+    ((_, mask, _),) = method.masks(t, resolved, params)
     assert mask[:, :4].all() and not mask[:, 4:].any()
 
 
 def test_order_by_saliency_lets_the_heaviest_expert_choose_first(deltas):
     small, large = 0.01 * deltas[0], 10 * deltas[1]
     method, t, resolved, params = _merge([small, large], [{"density": 0.5}] * 2, {"order": "saliency"})
-    order = [i for i, _ in method.masks(t, resolved, params)]
+    order = [i for i, _, _ in method.masks(t, resolved, params)]
     assert order == [1, 0]
     method, t, resolved, params = _merge([small, large], [{"density": 0.5}] * 2, {"order": "listed"})
-    assert [i for i, _ in method.masks(t, resolved, params)] == [0, 1]
+    assert [i for i, _, _ in method.masks(t, resolved, params)] == [0, 1]
 
 
 def test_unknown_order_is_refused():
