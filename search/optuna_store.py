@@ -9,6 +9,7 @@ restarted server does not replay the proposals it already made.
 from __future__ import annotations
 
 import threading
+import warnings
 from datetime import datetime
 from typing import Any
 
@@ -37,8 +38,13 @@ class OptunaStudies:
         self._lock = threading.Lock()
 
     def create(self, name: str, spec: StudySpec) -> None:
-        optuna.create_study(storage=self.storage, study_name=name,
-                            directions=[o.direction for o in spec.objectives])
+        """A new Optuna study, its values named by the objectives' keys: Optuna's own tools
+        (optuna-dashboard on our database) then show them by name."""
+        study = optuna.create_study(storage=self.storage, study_name=name,
+                                    directions=[o.direction for o in spec.objectives])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([o.key for o in spec.objectives])
 
     def delete(self, name: str) -> None:
         with self._lock:

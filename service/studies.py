@@ -38,6 +38,12 @@ class InvalidSpec(ValueError):
         self.problems = problems
 
 
+def optuna_name(spec_name: str) -> str:
+    """The Optuna study's name: the spec's, as optuna-dashboard lists it, made unique (specs share
+    names across runs and teams; Optuna's names are unique per database), within the column's 200."""
+    return f"{spec_name[:185]} [{uuid.uuid4().hex[:12]}]"
+
+
 def _warm_start_problems(session: Session, spec: StudySpec, team_id: int) -> list[SpecProblem]:
     problems = []
     want = (spec.base, [(e.name, e.path) for e in spec.experts], spec.method)
@@ -101,7 +107,7 @@ def create_study(session: Session, optuna: OptunaStudies, catalog: TaskCatalog, 
     spec = resolve_directions(spec, catalog, policy)
     study = Study(team_id=team_id, created_by=created_by, name=spec.name, spec=spec.model_dump(mode="json"),
                   budget=spec.budget.trials, created_at=now,
-                  optuna_name=f"mmmo-{uuid.uuid4().hex}", status=StudyStatus.RUNNING)
+                  optuna_name=optuna_name(spec.name), status=StudyStatus.RUNNING)
     optuna.create(study.optuna_name, spec)
     try:
         session.add(study)
