@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from evals.objective import Objective
+from evals.objective import COST_KINDS, Objective
 from evals.texts import read_calibration_texts
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class TaskCatalog:
 
     def problem(self, objective: Objective, include_paths: Sequence[str] = ()) -> tuple[str, str] | None:
         """``(field, message)`` if the objective cannot be scored, else None."""
-        if objective.kind == "sparsity":
+        if objective.kind in ("sparsity", *COST_KINDS):
             return None
         if objective.kind == "perplexity":
             try:

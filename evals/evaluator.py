@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from lm_eval.evaluator import evaluate
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
-from evals.objective import Objective
+from evals.objective import COST_KINDS, Objective
 from evals.taskdirs import BUNDLED_TASKS_DIR, install_guards
 from evals.texts import read_calibration_texts
 
@@ -92,10 +93,16 @@ def bundled_task_names() -> list[str]:
 
 
 class _QuietHFLM(HFLM):
-    """HFLM without its per-call tqdm bars (they pass ``disable`` explicitly, so TQDM_DISABLE can't)."""
+    """HFLM without its per-call tqdm bars (they pass ``disable`` explicitly, so TQDM_DISABLE can't),
+    keeping each generation's ``(task, continuation)`` in ``generated`` where that is a list."""
+
+    generated: list[tuple[str | None, str]] | None = None
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        return super().generate_until(requests, disable_tqdm=True)
+        out = super().generate_until(requests, disable_tqdm=True)
+        if self.generated is not None:
+            self.generated.extend((r.task_name, c) for r, c in zip(requests, out, strict=True))
+        return out
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         return super().loglikelihood(requests, disable_tqdm=True)
@@ -114,6 +121,10 @@ class Evaluator:
                  include_paths: Sequence[Path] = (), manager: TaskManager | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.objectives = [o for o in objectives if o.kind == "lm_eval"]
+        self.costs = [o for o in objectives if o.kind in COST_KINDS]
+        if self.costs and not self.objectives:
+            raise EvaluationError("tokens and latency objectives are measured on the lm_eval objectives' items: "
+                                  "add one")
         self.perplexity = {o.key: Perplexity(o.data) for o in objectives if o.kind == "perplexity"}
         self.manager = manager or manager_for([o.task for o in self.objectives], include_paths)
         unknown = sorted({o.task for o in self.objectives} - set(self.manager.all_tasks))
@@ -130,6 +141,23 @@ class Evaluator:
         out = evaluate(lm=self.lm, task_dict=self.task_dict, samples=self.samples,
                        bootstrap_iters=0, log_samples=False)
         return out["results"]
+
+    def _costs(self, seconds: float, generated: list[tuple[str | None, str]]) -> dict[str, float]:
+        """The cost objectives of one evaluation pass: ``seconds`` over its items, and the tokens of
+        its generations (each continuation as returned, cut at the task's stop sequence)."""
+        out = {}
+        items = sum(len(ids) for ids in self.samples.values())
+        for o in self.costs:
+            if o.kind == "latency":
+                out[o.key] = seconds / max(items, 1)
+                continue
+            texts = [c for task, c in generated if o.task is None or task == o.task]
+            if not texts:
+                raise EvaluationError(f"objective '{o.key}': no generation task among the lm_eval objectives"
+                                      + (f" is '{o.task}'" if o.task else ""))
+            lengths = [len(self.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in texts]
+            out[o.key] = sum(lengths) / len(lengths)
+        return out
 
     def all_metrics(self) -> dict[str, dict[str, float]]:
         """Every metric each task produces: ``{task: {metric: value}}`` (``metric,filter`` if filtered)."""
@@ -150,7 +178,14 @@ class Evaluator:
                 raise EvaluationError(f"perplexity objective '{key}' is {value}")
         if not self.objectives:
             return scores
-        results = self._results()
+        generated: list[tuple[str | None, str]] = []
+        self.lm.generated = generated
+        start = time.perf_counter()
+        try:
+            results = self._results()
+        finally:
+            self.lm.generated = None
+        scores |= self._costs(time.perf_counter() - start, generated)
         for obj in self.objectives:
             row = results.get(obj.task, {})
             field = f"{obj.metric},{obj.filter}"

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Literal
 
 Direction = Literal["maximize", "minimize"]
-Kind = Literal["lm_eval", "sparsity", "perplexity"]
+Kind = Literal["lm_eval", "sparsity", "perplexity", "tokens", "latency"]
+COST_KINDS = ("tokens", "latency")  # measured in the lm_eval objectives' evaluation pass
 
 
 def objective_key(kind: str, task: str | None, metric: str, filter: str, data: str | None) -> str:
@@ -19,6 +20,10 @@ def objective_key(kind: str, task: str | None, metric: str, filter: str, data: s
         return "sparsity"
     if kind == "perplexity":
         return f"perplexity:{Path(data or '').stem}"
+    if kind == "latency":
+        return "latency"
+    if kind == "tokens":
+        return "tokens" if task is None else f"tokens:{task}"
     return f"{task}:{metric}" + ("" if filter == "none" else f",{filter}")
 
 
@@ -29,6 +34,9 @@ class Objective:
     ``lm_eval``: a task's metric on a fixed seeded subset of its documents. ``sparsity``:
     MM-MO's ``sum |theta_merged - theta_base|`` (minimise). ``perplexity``: of the merged model
     on the texts of ``data`` (a jsonl with ``text`` or ``prompt``/``target``, or a text file).
+    ``tokens``: mean tokens generated per item of the generation tasks among the ``lm_eval``
+    objectives (or of ``task``), and ``latency``: seconds per item of those objectives'
+    evaluation, both measured in the same pass as their scores (minimise: AP-BMM's cost axes).
     """
 
     task: str | None = None

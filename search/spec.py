@@ -125,9 +125,11 @@ class SearchSpaceSpec(_Strict):
 
 
 class ObjectiveSpec(_Strict):
-    """``lm_eval`` (a task's metric), ``sparsity`` (L1 of the merged delta) or ``perplexity`` on ``data``."""
+    """``lm_eval`` (a task's metric), ``sparsity`` (L1 of the merged delta), ``perplexity`` on ``data``,
+    or the cost of the lm_eval objectives' evaluation: ``tokens`` (mean generated tokens per item of
+    its generation tasks, or of ``task``) and ``latency`` (seconds per item)."""
 
-    kind: Literal["lm_eval", "sparsity", "perplexity"] = "lm_eval"
+    kind: Literal["lm_eval", "sparsity", "perplexity", "tokens", "latency"] = "lm_eval"
     task: Word | None = None
     metric: Word = "exact_match"
     filter: Word = "none"
@@ -150,6 +152,8 @@ class ObjectiveSpec(_Strict):
             raise ValueError("an lm_eval objective needs a 'task'")
         if self.kind == "perplexity" and not self.data:
             raise ValueError("a perplexity objective needs 'data'")
+        if self.kind == "latency" and self.task:
+            raise ValueError("a latency objective covers every lm_eval objective's items: it takes no 'task'")
         if self.kind != "lm_eval" and self.direction is None:
             self.direction = "minimize"
         return self
@@ -293,6 +297,13 @@ class StudySpec(_Strict):
         seen = [(o.kind, o.task, o.metric, o.filter, o.data) for o in v]
         if len(set(seen)) != len(seen):
             raise ValueError("objectives must be distinct")
+        scored = {o.task for o in v if o.kind == "lm_eval"}
+        for o in v:
+            if o.kind in ("tokens", "latency") and not scored:
+                raise ValueError(f"a {o.kind} objective is measured on the lm_eval objectives' items: add one")
+            if o.kind == "tokens" and o.task and o.task not in scored:
+                raise ValueError(f"a tokens objective's task '{o.task}' must be one of the lm_eval objectives' "
+                                 f"tasks {sorted(scored)}")
         return v
 
     @field_validator("experts")

@@ -133,3 +133,49 @@ def test_resident_sets_are_kept_within_the_memory_budget(tiny_zoo, budget, loads
         runner.run(config(expert), objectives)
     assert runner.loads == loads
     assert len(runner.resident_keys) == resident
+
+
+def test_tokens_and_latency_are_measured_in_the_scoring_pass(base_model):
+    """Tokens per item are the continuations lm-eval itself records (its logged samples), counted
+    by the tokenizer; the multiple-choice task generates nothing and is not counted."""
+    from lm_eval.evaluator import evaluate
+
+    model, tok = base_model
+    objectives = [Objective(task="mmmo_reverse", samples=12), Objective(task="mmmo_add", samples=8),
+                  Objective(task="mmmo_reverse_mc", metric="acc", samples=6),
+                  Objective(kind="tokens", direction="minimize"),
+                  Objective(kind="tokens", task="mmmo_add", direction="minimize"),
+                  Objective(kind="latency", direction="minimize")]
+    ev = Evaluator(model, tok, objectives)
+    scores = ev.score()
+    logged = evaluate(lm=ev.lm, task_dict=ev.task_dict, samples=ev.samples, bootstrap_iters=0,
+                      log_samples=True)["samples"]
+
+    def lengths(task):
+        return [len(tok(s["resps"][0][0], add_special_tokens=False)["input_ids"]) for s in logged[task]]
+    both = lengths("mmmo_reverse") + lengths("mmmo_add")
+    assert len(both) == 20
+    assert scores["tokens"] == pytest.approx(sum(both) / 20)
+    assert scores["tokens:mmmo_add"] == pytest.approx(sum(lengths("mmmo_add")) / 8)
+    assert scores["latency"] > 0
+    assert scores["mmmo_reverse:exact_match"] == ev.score()["mmmo_reverse:exact_match"]
+    with pytest.raises(EvaluationError, match="no generation task"):
+        Evaluator(model, tok, [Objective(task="mmmo_add_mc", metric="acc", samples=4),
+                               Objective(kind="tokens", task="mmmo_add_mc")]).score()
+
+
+def test_cost_objectives_need_an_lm_eval_objective():
+    from pydantic import ValidationError
+
+    from search.spec import ObjectiveSpec, StudySpec
+
+    base = {"base": "/m/base", "experts": [{"name": "a", "path": "/m/a"}]}
+    with pytest.raises(ValidationError, match="measured on the lm_eval objectives' items"):
+        StudySpec.model_validate(base | {"objectives": [{"kind": "latency"}, {"kind": "sparsity"}]})
+    with pytest.raises(ValidationError, match="must be one of the lm_eval objectives' tasks"):
+        StudySpec.model_validate(base | {"objectives": [{"task": "mmmo_add"}, {"kind": "tokens", "task": "x"}]})
+    spec = StudySpec.model_validate(base | {"objectives": [{"task": "mmmo_add"}, {"kind": "tokens"}]})
+    assert [o.key for o in spec.objectives] == ["mmmo_add:exact_match", "tokens"]
+    assert spec.objectives[1].direction == "minimize"
+    with pytest.raises(ValidationError, match="takes no 'task'"):
+        ObjectiveSpec(kind="latency", task="mmmo_add")

@@ -13,8 +13,8 @@ from tests.conftest import zoo_spec
 
 
 def test_the_optuna_study_carries_the_specs_name_and_metric_names(settings, tiny_zoo):
-    spec = zoo_spec(tiny_zoo, method="ties") | {"name": "math+code",
-                                                "objectives": [{"task": "mmmo_add", "samples": 5}, {"kind": "sparsity"}]}
+    objectives = [{"task": "mmmo_add", "samples": 5}, {"kind": "sparsity"}]
+    spec = zoo_spec(tiny_zoo, method="ties") | {"name": "math+code", "objectives": objectives}
     services = Services.start(settings)
     try:
         local.create(services, StudySpec.model_validate(spec))
