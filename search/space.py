@@ -12,6 +12,16 @@ from merging.mergekit_yaml import _grouped_setting
 from merging.randomness import SEEDED_METHODS
 from search.spec import Range, StudySpec
 
+METHOD = "method"  # the searched method's parameter (experts may not be named so)
+
+
+def method_parameters(name: str) -> tuple[set[str], set[str]]:
+    """The per-model and the global parameters merge method ``name`` takes."""
+    from merging.methods import get_method  # torch: when a study searches among methods
+
+    method = get_method(name)
+    return {p.name for p in method.expert_params}, {p.name for p in method.global_params}
+
 
 def _dist(r: Range) -> BaseDistribution:
     return FloatDistribution(r.low, r.high, log=r.log)
@@ -65,16 +75,26 @@ class SearchSpace:
                 space[f"method.{key}@{group}" if group else f"method.{key}"] = _dist(r)
         for key, choices in ss.method_choices.items():
             space[f"method.{key}"] = CategoricalDistribution(choices)
+        if len(self.spec.methods) > 1:
+            space[METHOD] = CategoricalDistribution(self.spec.methods)
         return space
 
     def merge_config(self, params: dict[str, Any]) -> MergeConfig:
+        """The merge of a trial's parameters. Searching among several methods, the trial's ``method``
+        takes the parameters it knows (its own, conditional on it) and leaves the others."""
+        method = params.get(METHOD, self.spec.methods[0])
+        per_model, shared = method_parameters(method) if len(self.spec.methods) > 1 else (None, None)
         flat: dict[str, dict[str, Any]] = {e.name: {} for e in self.spec.experts}
         grouped: dict[str, dict[str, dict[str, Any]]] = {e.name: {} for e in self.spec.experts}
-        global_params = dict(self.spec.method_params)
+        global_params = {k: v for k, v in self.spec.method_params.items() if shared is None or k in shared}
         per_group: dict[str, dict[str, Any]] = {}  # searched global parameter -> group -> value
         for key, value in params.items():
+            if key == METHOD:
+                continue
             name, _, group = key.partition("@")
             owner, param = name.rsplit(".", 1)
+            if shared is not None and param not in (shared if owner == "method" else per_model):
+                continue  # another method's parameter
             if owner == "method":
                 if group:
                     per_group.setdefault(param, {})[group] = value
@@ -92,8 +112,8 @@ class SearchSpace:
                                   group_params=grouped[e.name]) for e in self.spec.experts)
         # The seed is part of a merge only where the method draws random masks: a TIES merge of
         # a study seeded 7 is the same model (and the same cache entry) as one seeded 0.
-        seed = self.spec.seed if self.spec.method in SEEDED_METHODS else 0
-        return MergeConfig(method=self.spec.method, base=self.spec.base, experts=experts, params=global_params,
+        seed = self.spec.seed if method in SEEDED_METHODS else 0
+        return MergeConfig(method=method, base=self.spec.base, experts=experts, params=global_params,
                            seed=seed, grouping=grouping, dtype=self.spec.dtype,
                            allow_unrelated=self.spec.allow_unrelated, tokenizer=self.spec.tokenizer,
                            calibration=self.spec.calibration)

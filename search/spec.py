@@ -216,9 +216,12 @@ class StudySpec(_Strict):
     name: str = Field(default="study", min_length=1, max_length=200)
     base: PathLike = Field(description="base model directory (or hub id)")
     experts: list[ExpertSpec] = Field(min_length=1, max_length=MAX_EXPERTS)
-    method: Word = "obim"
+    method: Word | Annotated[list[Word], Field(min_length=2, max_length=8)] = Field(
+        default="obim", description="the merge method, or a list of methods searched as one categorical "
+        "(`method`): each trial merges with its method and the parameters that method takes")
     method_params: dict[Word, Scalar] = Field(default_factory=dict, max_length=32,
-                                              description="global merge parameters")
+                                              description="global merge parameters (with several methods: "
+                                              "each method takes those it knows)")
     search_space: SearchSpaceSpec = SearchSpaceSpec()
     objectives: list[ObjectiveSpec] = Field(min_length=1, max_length=MAX_OBJECTIVES)
     task_paths: list[PathLike] = Field(default_factory=list, max_length=16,
@@ -262,12 +265,24 @@ class StudySpec(_Strict):
         self.tokenizer_source = None
         return self
 
+    @property
+    def methods(self) -> list[str]:
+        """The method, or the methods searched among."""
+        return list(self.method) if isinstance(self.method, list) else [self.method]
+
+    @field_validator("method")
+    @classmethod
+    def _distinct_methods(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and len(set(v)) != len(v):
+            raise ValueError(f"the methods searched among must be distinct, got {v}")
+        return v
+
     def dimensions(self) -> int:
         """How many parameters the search space has (``SearchSpace(spec).distributions()``'s length)."""
         ss = self.search_space
         per_expert = (ss.weight is not None) + (ss.density is not None)
         return (len(self.experts) * per_expert * ss.groups() + len(ss.method_params) * ss.method_groups()
-                + len(ss.method_choices))
+                + len(ss.method_choices) + (len(self.methods) > 1))
 
     @model_validator(mode="after")
     def _bounded_space(self) -> StudySpec:

@@ -74,7 +74,7 @@ class StudyPublic(BaseModel):
     name: str
     status: str
     error: str | None = Field(default=None, description="why the study failed, when it cannot run at all")
-    method: str
+    method: str | list[str]  # a list: the methods the study searches among
     budget: int
     created_at: UtcDatetime
     finished_at: UtcDatetime | None

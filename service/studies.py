@@ -147,7 +147,8 @@ def list_studies(session: Session, team_id: int, *, status: str | None = None, m
     def matches(study: Study) -> bool:
         spec = study.spec
         paths = [spec["base"], *(e["path"] for e in spec["experts"])]
-        return ((method is None or spec["method"] == method)
+        methods = spec["method"] if isinstance(spec["method"], list) else [spec["method"]]
+        return ((method is None or method in methods)
                 and (model is None or any(model in p for p in paths))
                 and (text is None or text.lower() in " ".join([study.name, study.created_by or "", *paths]).lower()))
 

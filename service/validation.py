@@ -170,7 +170,7 @@ def _model_problems(spec: StudySpec, policy: SpecPolicy) -> list[SpecProblem]:
         base = _architecture(_read_config(model_dir(spec.base, download=False)))
     except (OSError, ValueError) as exc:
         return [SpecProblem(("base",), f"the base's config.json cannot be read: {exc}")]
-    ancestry = False if spec.method == "linear" else ("warn" if spec.allow_unrelated else True)
+    ancestry = False if spec.methods == ["linear"] else ("warn" if spec.allow_unrelated else True)
     for i, e in enumerate(spec.experts):
         try:
             arch = _architecture(_read_config(model_dir(e.path, spec.base, download=False)))
@@ -249,17 +249,8 @@ def _spec_problems(spec: StudySpec, catalog: TaskCatalog, policy: SpecPolicy) ->
     if spec.calibration is None and modes & {"shared", "both"}:
         problems.append(SpecProblem(("calibration",), "OBIM's calibration 'shared' or 'both' reads the spec's shared "
                                     "calibration text: set `calibration:` (a jsonl or text file, or task:NAME)"))
-    from merging.methods import get_method  # torch: at the first spec checked, not at start-up
 
-    try:
-        method = get_method(spec.method)
-    except MergeError as exc:
-        problems.append(SpecProblem(("method",), str(exc)))
-    else:
-        if method.name in UNSEARCHABLE_METHODS:
-            problems.append(SpecProblem(("method",), UNSEARCHABLE_METHODS[method.name]))
-        else:
-            problems += _method_problems(spec, method)
+    problems += _methods_problems(spec)
     for i, path in enumerate(spec.task_paths):
         found = _task_path_problem(path, policy)
         if found:
@@ -287,6 +278,47 @@ def _spec_problems(spec: StudySpec, catalog: TaskCatalog, policy: SpecPolicy) ->
     for key in named:
         if key not in keys:
             problems.append(SpecProblem(("selection",), f"no objective '{key}' (have {keys})"))
+    return problems
+
+
+def _methods_problems(spec: StudySpec) -> list[SpecProblem]:
+    """The method's, or each of the methods searched among (the parameters it takes of the spec's)."""
+    from merging.methods import get_method  # torch: at the first spec checked, not at start-up
+
+    problems: list[SpecProblem] = []
+    methods = []
+    for name in spec.methods:
+        try:
+            method = get_method(name)
+        except MergeError as exc:
+            problems.append(SpecProblem(("method",), str(exc)))
+            continue
+        if method.name in UNSEARCHABLE_METHODS:
+            problems.append(SpecProblem(("method",), UNSEARCHABLE_METHODS[method.name]))
+        methods.append(method)
+    if problems or len(methods) == 1:
+        return problems or _method_problems(spec, methods[0])
+    ss = spec.search_space
+    known_model = set().union(*({p.name for p in m.expert_params} for m in methods))
+    known_global = set().union(*({p.name for p in m.global_params} for m in methods))
+    for key in ("weight", "density"):
+        if getattr(ss, key) is not None and key not in known_model:
+            problems.append(SpecProblem(("search_space", key), f"none of the methods {spec.methods} has a {key}"))
+    for where, keys in ((("method_params",), spec.method_params), (("search_space", "method_params"), ss.method_params),
+                        (("search_space", "method_choices"), ss.method_choices)):
+        unknown = sorted(set(keys) - known_global)
+        if unknown:
+            problems.append(SpecProblem(where, f"{unknown}: no parameter of any of the methods {spec.methods}"))
+    for method in methods if not problems else []:
+        model, shared = {p.name for p in method.expert_params}, {p.name for p in method.global_params}
+        view = spec.model_copy(update={
+            "method": method.name, "method_params": {k: v for k, v in spec.method_params.items() if k in shared},
+            "search_space": ss.model_copy(update={
+                "weight": ss.weight if "weight" in model else None,
+                "density": ss.density if "density" in model else None,
+                "method_params": {k: v for k, v in ss.method_params.items() if k in shared},
+                "method_choices": {k: v for k, v in ss.method_choices.items() if k in shared}})})
+        problems += [SpecProblem(p.loc, f"method '{method.name}': {p.msg}") for p in _method_problems(view, method)]
     return problems
 
 
