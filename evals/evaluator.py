@@ -137,6 +137,11 @@ class Evaluator:
         for obj in self.objectives:
             self.samples[obj.task] = obj.doc_ids(len(self.tasks[obj.task].eval_docs))
 
+    @property
+    def items(self) -> int:
+        """lm-eval items one ``score`` evaluates (each objective's subset of its task's documents)."""
+        return sum(len(ids) for ids in self.samples.values())
+
     def _results(self) -> dict[str, dict]:
         out = evaluate(lm=self.lm, task_dict=self.task_dict, samples=self.samples,
                        bootstrap_iters=0, log_samples=False)
@@ -146,7 +151,7 @@ class Evaluator:
         """The cost objectives of one evaluation pass: ``seconds`` over its items, and the tokens of
         its generations (each continuation as returned, cut at the task's stop sequence)."""
         out = {}
-        items = sum(len(ids) for ids in self.samples.values())
+        items = self.items
         for o in self.costs:
             if o.kind == "latency":
                 out[o.key] = seconds / max(items, 1)

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from service.lease_source import Lease, LeaseLost, Refused, Transient
+from service.lease_source import Cost, Lease, LeaseLost, Refused, Transient
 from service.schemas import MAX_MEMORY_SUMMARY
 
 LEASE_TOKEN_HEADER = "X-Lease-Token"  # the lease routes read the lease token from it, not from the URL
@@ -143,9 +143,11 @@ class ApiClient:
         body = {"memory": memory[:MAX_MEMORY_SUMMARY]} if memory else None
         return self._call("POST", "/api/v1/leases/current/heartbeat", json=body, headers={LEASE_TOKEN_HEADER: token})
 
-    def complete(self, token: str, values: dict[str, float]) -> dict[str, Any]:
-        return self._call("POST", "/api/v1/leases/current/result", json={"values": values},
-                          headers={LEASE_TOKEN_HEADER: token})
+    def complete(self, token: str, values: dict[str, float], cost: Cost | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"values": values}
+        if cost is not None:
+            body |= {"items": cost.items, "eval_seconds": cost.seconds}
+        return self._call("POST", "/api/v1/leases/current/result", json=body, headers={LEASE_TOKEN_HEADER: token})
 
     def release(self, token: str) -> dict[str, Any]:
         return self._call("POST", "/api/v1/leases/current/release", headers={LEASE_TOKEN_HEADER: token})
@@ -181,8 +183,8 @@ class HttpLeaseSource:
     def heartbeat(self, token: str, *, memory: str | None = None) -> None:
         self._call(self.client.heartbeat, token, memory=memory)
 
-    def complete(self, token: str, values: dict[str, float]) -> None:
-        self._call(self.client.complete, token, values)
+    def complete(self, token: str, values: dict[str, float], cost: Cost | None = None) -> None:
+        self._call(self.client.complete, token, values, cost)
 
     def fail(self, token: str, error: str, *, fatal: bool = False, load_failure: bool = False) -> None:
         self._call(self.client.fail, token, error, fatal=fatal, load_failure=load_failure)

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from search.optuna_store import OptunaStudies
 from service import jobs, leases, proposals, results
 from service.db.models import Job, Study, Trial
+from service.lease_source import Cost
 from service.leases import LeasePolicy, StaleLease
 from service.schemas import LeasePublic
 from service.specs import objectives_of, spec_of
@@ -143,11 +144,11 @@ def requeue_leases_of(session: Session, study_id: int, worker: str) -> int:
 
 
 def complete(session: Session, optuna: OptunaStudies, token: str, holder: int | None, values: dict[str, float],
-             now: datetime) -> Trial:
+             now: datetime, cost: Cost | None = None) -> Trial:
     row = leases.held(session, token, holder)
     if isinstance(row, Job):
         raise results.BadResult("a materialise job reports success by uploading its archive")
-    return results.complete(session, optuna, row, values, now)
+    return results.complete(session, optuna, row, values, now, cost)
 
 
 def fail(session: Session, optuna: OptunaStudies, token: str, holder: int | None, error: str, now: datetime, *,

@@ -23,6 +23,14 @@ class Transient(OSError):
 
 
 @dataclass(frozen=True)
+class Cost:
+    """What scoring a trial took: lm-eval items evaluated and seconds spent evaluating them."""
+
+    items: int | None = None
+    seconds: float | None = None
+
+
+@dataclass(frozen=True)
 class Lease:
     """A piece of work as a worker sees it (the API's ``LeasePublic``)."""
 
@@ -54,7 +62,7 @@ class LeaseSource(Protocol):
 
     def lease(self, worker: str, *, memory: str | None = None) -> Lease | None: ...
     def heartbeat(self, token: str, *, memory: str | None = None) -> None: ...
-    def complete(self, token: str, values: dict[str, float]) -> None: ...
+    def complete(self, token: str, values: dict[str, float], cost: Cost | None = None) -> None: ...
     def fail(self, token: str, error: str, *, fatal: bool = False, load_failure: bool = False) -> None: ...
     def release(self, token: str) -> None: ...
     def upload(self, token: str, archive: Path) -> None: ...

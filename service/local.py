@@ -14,7 +14,7 @@ from pathlib import Path
 
 from search.spec import StudySpec
 from service import auth, dispatch, results, studies
-from service.lease_source import Lease, LeaseLost, Refused
+from service.lease_source import Cost, Lease, LeaseLost, Refused
 from service.leases import StaleLease
 from service.runner import TrialRunner
 from service.services import Services
@@ -52,8 +52,8 @@ class LocalLeaseSource:
         # ``_call`` holds the process lock already.
         self._call(dispatch.heartbeat, s.optuna, s.policy, token, None, s.clock(), lock=nullcontext())
 
-    def complete(self, token: str, values: dict[str, float]) -> None:
-        self._call(dispatch.complete, self.services.optuna, token, None, values, self.services.clock())
+    def complete(self, token: str, values: dict[str, float], cost: Cost | None = None) -> None:
+        self._call(dispatch.complete, self.services.optuna, token, None, values, self.services.clock(), cost)
 
     def fail(self, token: str, error: str, *, fatal: bool = False, load_failure: bool = False) -> None:
         self._call(dispatch.fail, self.services.optuna, token, None, error, self.services.clock(), fatal=fatal,

@@ -24,6 +24,7 @@ from evals.objective import Objective
 from search.constraints import constraint_violations
 from search.optuna_store import OptunaStudies
 from service.db.models import Result, Study, Trial
+from service.lease_source import Cost
 from service.specs import objectives_of, spec_of
 from service.states import FINISHED_TRIAL, PENDING_TRIAL, StudyStatus, TrialOrigin, TrialState
 
@@ -132,7 +133,7 @@ def _keyed(values: dict[str, float], study: Study) -> dict[str, float]:
 
 
 def complete(session: Session, optuna: OptunaStudies, trial: Trial, values: dict[str, float],
-             now: datetime) -> Trial:
+             now: datetime, cost: Cost | None = None) -> Trial:
     """A leased trial's objective values: told to Optuna, cached for the team's later trials,
     stored; the trials waiting on it get the same values (told to Optuna first, then one commit)."""
     study = trial.study
@@ -146,6 +147,8 @@ def complete(session: Session, optuna: OptunaStudies, trial: Trial, values: dict
     _store(session, study.team_id, trial.config_hash, objectives_of(spec), values)
     trial.state, trial.values, trial.lease_token, trial.finished_at = TrialState.COMPLETE, values, None, now
     trial.duration_s = (now - trial.started_at).total_seconds() if trial.started_at else None
+    if cost is not None:
+        trial.items, trial.eval_seconds = cost.items, cost.seconds
     trial.lease_holder_id = None
     for waiter in waiters:
         _answered(waiter, _keyed(values, waiter.study), now)

@@ -30,6 +30,7 @@ from merging.placement import PLAN_CHOICES, Placement, SetSize, available_host_b
 from merging.resident import Merger, expert_dirs
 from merging.saliency import readings_of
 from merging.vocab import aligned, fit_model
+from service.lease_source import Cost
 from service.materialize import obim_stats
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ class TrialRunner:
         self._sets: OrderedDict[tuple, _Resident] = OrderedDict()
         self.loads = 0  # sets loaded so far (a reload after eviction counts again)
         self.last_timing: dict[str, float] = {}  # seconds of the last trial: load, merge, evaluate
+        self.last_cost: Cost | None = None  # what the last trial's evaluation took
         self.on_timing: Callable[[dict[str, float]], None] | None = None  # e.g. a benchmark's recorder
         self.last_model: Any = None  # the live model of the last trial run (tests compare it with file merges)
         self.placement: Placement | None = None  # the memory plan of the last set loaded
@@ -229,6 +231,7 @@ class TrialRunner:
         if any(o.kind == "sparsity" for o in objectives):
             scores["sparsity"] = sparsity
         self.last_timing = {"load": t1 - t0, "merge": t2 - t1, "evaluate": time.perf_counter() - t2}
+        self.last_cost = Cost(resident.evaluator.items, self.last_timing["evaluate"])
         if self.on_timing:
             self.on_timing(self.last_timing)
         return scores

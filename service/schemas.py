@@ -59,6 +59,9 @@ class TrialPublic(BaseModel):
     started_at: UtcDatetime | None
     finished_at: UtcDatetime | None
     duration_s: float | None
+    items: int | None = Field(default=None, description="lm-eval items its evaluation scored (0: answered "
+                              "from the results cache)")
+    eval_seconds: float | None = Field(default=None, description="seconds its worker spent scoring them")
 
 
 class ObjectivePublic(BaseModel):
@@ -170,6 +173,8 @@ class TrialResult(BaseModel):
                         "checkpoints are incompatible); it fails with this reason and leases no more trials")
     load_failure: bool = Field(default=False, description="with an error: the worker could not load the study's "
                                "models; after a few identical such errors the study fails with the reason")
+    items: int | None = Field(default=None, ge=0, le=2**31 - 1, description="with values: lm-eval items scored")
+    eval_seconds: float | None = Field(default=None, ge=0, le=1e9, description="with values: seconds scoring them")
 
     @field_validator("error")
     @classmethod

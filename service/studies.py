@@ -187,7 +187,8 @@ def _objectives(study: Study) -> list[ObjectivePublic]:
 def trial_public(t: Trial) -> TrialPublic:
     return TrialPublic(number=t.number, state=t.state, params=t.params, values=t.values, error=t.error,
                        worker=t.worker, attempts=t.attempts, cached=t.cached,
-                       started_at=t.started_at, finished_at=t.finished_at, duration_s=t.duration_s)
+                       started_at=t.started_at, finished_at=t.finished_at, duration_s=t.duration_s,
+                       items=t.items, eval_seconds=t.eval_seconds)
 
 
 def state_counts(session: Session, study_ids: list[int]) -> dict[int, dict[str, int]]:

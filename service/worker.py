@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from evals.objective import Objective
 from merging.config import MergeConfig
 from merging.errors import IncompatibleCheckpoints
-from service.lease_source import Lease, LeaseLost, LeaseSource, Refused
+from service.lease_source import Cost, Lease, LeaseLost, LeaseSource, Refused
 from service.materialize import materialize
 
 if TYPE_CHECKING:
@@ -80,6 +80,7 @@ class Outcome:
     error: str | None = None
     fatal: bool = False  # the study itself cannot run
     load_failure: bool = False  # this worker could not load the study's models (a few such fail the study)
+    cost: Cost | None = None  # with values: what scoring them took
     done: bool = False  # nothing left to post (a job's upload was its result, or the lease was lost)
 
 
@@ -150,7 +151,7 @@ class Worker:
         except Exception as exc:  # the trial fails with its reason; the worker and the study go on
             log.warning("trial %s of study %s failed: %s", lease.trial_number, lease.study_id, exc)
             return Outcome(lease, error=f"{type(exc).__name__}: {exc}")
-        return Outcome(lease, values=values)
+        return Outcome(lease, values=values, cost=self.runner.last_cost)
 
     def _materialize(self, lease: Lease) -> Outcome:
         try:
@@ -169,7 +170,7 @@ class Worker:
         if outcome.done:
             return
         if outcome.values is not None:
-            self.source.complete(lease.token, outcome.values)
+            self.source.complete(lease.token, outcome.values, outcome.cost)
         else:
             self.source.fail(lease.token, outcome.error or "unknown error", fatal=outcome.fatal,
                              load_failure=outcome.load_failure)

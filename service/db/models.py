@@ -114,6 +114,10 @@ class Trial(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # What its evaluation cost, as its worker reported: lm-eval items scored and seconds scoring them
+    # (0 and None for a result answered from the results cache).
+    items: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    eval_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     study: Mapped[Study] = relationship(back_populates="trials")
 

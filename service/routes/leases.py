@@ -19,6 +19,7 @@ from service import dispatch, jobs, presence
 from service.auth import Principal
 from service.db.models import Job
 from service.deps import CallerDep, ServicesDep, SessionDep
+from service.lease_source import Cost
 from service.schemas import (
     HeartbeatRequest,
     JobPublic,
@@ -72,7 +73,8 @@ def _result(token: str, result: TrialResult, who: Principal, services: Services,
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "give exactly one of 'values' or 'error'")
     with services.lock:
         if result.values is not None:
-            row = dispatch.complete(session, services.optuna, token, who.token_id, result.values, services.clock())
+            row = dispatch.complete(session, services.optuna, token, who.token_id, result.values, services.clock(),
+                                    cost=Cost(result.items, result.eval_seconds))
         else:
             row = dispatch.fail(session, services.optuna, token, who.token_id, result.error, services.clock(),
                                 fatal=result.fatal, load_failure=result.load_failure)

@@ -15,7 +15,7 @@ def test_upgrade_matches_the_models_and_leaves_optuna_alone(database_url):
     optuna.create_study(storage=database_url, study_name="theirs")  # Optuna's tables and version first
     upgrade(database_url)
     upgrade(database_url)  # idempotent
-    assert current(database_url) == "0006"
+    assert current(database_url) == "0007"
     engine = sa.create_engine(database_url)
     with engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE,
