@@ -14,7 +14,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lm_eval.evaluator import evaluate
@@ -136,14 +136,15 @@ class Evaluator:
         self.samples = {}
         for obj in self.objectives:
             self.samples[obj.task] = obj.doc_ids(len(self.tasks[obj.task].eval_docs))
+        self._scored = self.samples  # what the current or last ``score`` evaluates
 
     @property
     def items(self) -> int:
-        """lm-eval items one ``score`` evaluates (each objective's subset of its task's documents)."""
-        return sum(len(ids) for ids in self.samples.values())
+        """lm-eval items the last ``score`` evaluated (by default each objective's subset of its task)."""
+        return sum(len(ids) for ids in self._scored.values())
 
     def _results(self) -> dict[str, dict]:
-        out = evaluate(lm=self.lm, task_dict=self.task_dict, samples=self.samples,
+        out = evaluate(lm=self.lm, task_dict=self.task_dict, samples=self._scored,
                        bootstrap_iters=0, log_samples=False)
         return out["results"]
 
@@ -175,8 +176,12 @@ class Evaluator:
                 table.setdefault(task, {})[metric if filt == "none" else field] = float(value)
         return table
 
-    def score(self) -> dict[str, float]:
-        """Evaluate the model as it is now; keys are ``Objective.key``."""
+    def score(self, window: Mapping[str, tuple[int, int]] | None = None) -> dict[str, float]:
+        """Evaluate the model as it is now; keys are ``Objective.key``. ``window``: per task, score only
+        items ``first`` .. ``end`` of its subset in its fixed order (``Objective.window_ids``: a
+        multi-fidelity rung); the scores are then those items' alone."""
+        self._scored = self.samples if window is None else {
+            o.task: o.window_ids(len(self.tasks[o.task].eval_docs), *window[o.task]) for o in self.objectives}
         scores: dict[str, float] = {key: p.score(self.model, self.tokenizer) for key, p in self.perplexity.items()}
         for key, value in scores.items():
             if not math.isfinite(value):

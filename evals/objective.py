@@ -63,3 +63,10 @@ class Objective:
         if self.samples is None or self.samples >= n_docs:
             return list(range(n_docs))
         return sorted(random.Random(f"{self.task}:{self.seed}").sample(range(n_docs), self.samples))
+
+    def window_ids(self, n_docs: int, first: int, end: int) -> list[int]:
+        """Items ``first`` .. ``end`` of the subset in a fixed seeded order: nested windows from 0 are
+        nested subsets, so a multi-fidelity rung scores only the items the earlier rungs did not."""
+        ids = self.doc_ids(n_docs)
+        ordered = random.Random(f"{self.task}:{self.seed}:rungs").sample(ids, len(ids))
+        return sorted(ordered[first:end])

@@ -175,6 +175,14 @@ class SamplerSpec(_Strict):
                               "the bred children in the screening")
 
 
+class FidelitySpec(_Strict):
+    """Multi-fidelity trials (``search.fidelity``): each lm_eval objective's ``samples`` is the top of a
+    ladder from ``min_samples`` items (for the objective with the most) growing by ``eta`` per rung."""
+
+    min_samples: int = Field(ge=1, le=10_000_000)
+    eta: int = Field(default=4, ge=2, le=64)
+
+
 class BudgetSpec(_Strict):
     trials: int = Field(default=24, ge=1, le=100_000)
     seconds: float | None = Field(default=None, gt=0, description="wall time; no new trial starts after it")
@@ -244,6 +252,9 @@ class StudySpec(_Strict):
                                          description="mergekit's shorthand: tokenizer: {source: ...}")
     allow_unrelated: bool = Field(default=False, description="merge experts that do not look fine-tuned from the "
                                   "base (e.g. long continual pretraining): warned about, not refused")
+    fidelity: FidelitySpec | None = Field(
+        default=None, description="score new configurations on a few items first and promote the promising "
+        "ones rung by rung to the objectives' samples (asynchronous successive halving)")
     calibration: PathLike | None = Field(
         default=None, description="OBIM's shared general calibration text (jsonl or text file, or task:NAME), "
         "read when method_params.calibration is shared or both")
@@ -299,6 +310,37 @@ class StudySpec(_Strict):
         if fixed:
             raise ValueError(f"{fixed} both fixed (method_params) and searched (search_space)")
         return self
+
+    @model_validator(mode="after")
+    def _fidelity_ladder(self) -> StudySpec:
+        if self.fidelity is None:
+            return self
+        scored = [o for o in self.objectives if o.kind == "lm_eval"]
+        if not scored or any(o.samples is None for o in scored):
+            raise ValueError("multi-fidelity needs lm_eval objectives with 'samples' set (the top rung)")
+        top = max(o.samples for o in scored)
+        if self.fidelity.min_samples >= top:
+            raise ValueError(f"fidelity.min_samples ({self.fidelity.min_samples}) must be below the objectives' "
+                             f"largest samples ({top}): the top rung")
+        tasks = [o.task for o in scored]
+        if len(set(tasks)) != len(tasks):
+            raise ValueError("multi-fidelity scores each task's items rung by rung: one lm_eval objective per task")
+        counts = self.ladder().counts
+        for task in tasks:
+            sizes = [c[task] for c in counts]
+            if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)):
+                raise ValueError(f"task '{task}': its samples give rungs of {sizes} items; every rung must add "
+                                 "items (more samples, or a larger fidelity.min_samples)")
+        return self
+
+    def ladder(self):
+        """The fidelity ladder (``search.fidelity.Ladder``), or None without ``fidelity``."""
+        if self.fidelity is None:
+            return None
+        from search.fidelity import ladder
+
+        return ladder({o.task: o.samples for o in self.objectives if o.kind == "lm_eval"},
+                      self.fidelity.min_samples, self.fidelity.eta)
 
     def reference(self) -> list[float] | None:
         """The hypervolume reference point in objective order, when the spec gives all of it."""

@@ -92,10 +92,13 @@ def next_work(session: Session, optuna: OptunaStudies, policy: LeasePolicy, work
     if trial is None:
         return None
     spec = spec_of(trial.study)
+    ladder = spec.ladder()
+    rung = None if ladder is None else results.next_rung(trial)
     return LeasePublic(token=trial.lease_token, study_id=trial.study_id, trial_number=trial.number,
                        merge_config=trial.merge_config, objectives=[o.__dict__ for o in objectives_of(spec)],
                        task_paths=list(spec.task_paths), expires_at=trial.lease_expires_at,
-                       lease_seconds=policy.lease_seconds)
+                       lease_seconds=policy.lease_seconds, rung=rung,
+                       window=None if ladder is None else ladder.window(rung))
 
 
 def heartbeat(session: Session, optuna: OptunaStudies, policy: LeasePolicy, token: str, holder: int | None,

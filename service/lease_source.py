@@ -43,13 +43,15 @@ class Lease:
     objectives: list[dict[str, Any]] = field(default_factory=list)
     task_paths: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    window: dict[str, tuple[int, int]] | None = None  # multi-fidelity: per task, the items to score
 
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> Lease:
         return cls(token=data["token"], study_id=data["study_id"], trial_number=data["trial_number"],
                    merge_config=data["merge_config"], lease_seconds=float(data["lease_seconds"]),
                    kind=data.get("kind", "trial"), objectives=list(data.get("objectives", [])),
-                   task_paths=list(data.get("task_paths", [])), options=dict(data.get("options") or {}))
+                   task_paths=list(data.get("task_paths", [])), options=dict(data.get("options") or {}),
+                   window={t: tuple(w) for t, w in data["window"].items()} if data.get("window") else None)
 
 
 class LeaseSource(Protocol):

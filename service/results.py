@@ -20,11 +20,13 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, aliased
 
-from evals.objective import Objective
+from evals.objective import COST_KINDS, Objective
 from search.constraints import constraint_violations
+from search.fidelity import combine, promoted
 from search.optuna_store import OptunaStudies
 from service.db.models import Result, Study, Trial
 from service.lease_source import Cost
+from service.leases import requeue
 from service.specs import objectives_of, spec_of
 from service.states import FINISHED_TRIAL, PENDING_TRIAL, StudyStatus, TrialOrigin, TrialState
 
@@ -78,17 +80,20 @@ def _tell(session: Session, optuna: OptunaStudies, study: Study, trial: Trial, v
                 [values[o.key] for o in objectives_of(spec)], constraint_violations(spec, values))
 
 
-def _answered(trial: Trial, values: dict[str, float], now: datetime) -> None:
-    """The row of a trial answered without being evaluated (from the cache or its twin's result)."""
+def _answered(trial: Trial, study: Study, values: dict[str, float], now: datetime, rung: int | None = None) -> None:
+    """The row of a trial of ``study`` answered without being evaluated (from the cache or its twin's
+    result, measured at ``rung`` of a multi-fidelity ladder: the cache holds top-rung values)."""
     trial.state, trial.values, trial.cached, trial.finished_at = TrialState.COMPLETE, values, True, now
     trial.waiting_on = None
+    ladder = spec_of(study).ladder()
+    trial.rung = None if ladder is None else (ladder.top if rung is None else rung)
 
 
 def tell_cached(session: Session, optuna: OptunaStudies, study: Study, trial: Trial, values: dict[str, float],
                 now: datetime) -> None:
     """A new trial whose configuration the cache already answers: complete at once, never leased."""
     _tell(session, optuna, study, trial, values)
-    _answered(trial, values, now)
+    _answered(trial, study, values, now)
 
 
 def waiting_twin(session: Session, study: Study, config_hash: str, *, in_study_only: bool = False) -> Trial | None:
@@ -132,26 +137,71 @@ def _keyed(values: dict[str, float], study: Study) -> dict[str, float]:
     return {o.key: values[o.key] for o in objectives_of(spec_of(study))}
 
 
+def next_rung(trial: Trial) -> int:
+    """The multi-fidelity rung a trial's next lease scores: 0 for a new configuration, else the one
+    above the last it reached."""
+    return 0 if trial.rung is None else trial.rung + 1
+
+
+def _climb(session: Session, trial: Trial, spec, values: dict[str, float]) -> tuple[dict[str, float], bool]:
+    """A rung's result (``values``: its window's items alone) folded into the trial's: item-weighted
+    with the earlier rungs' scores. Returns the combined values and whether the configuration is
+    promoted to the next rung (``search.fidelity.promoted`` among this rung's results so far)."""
+    ladder = spec.ladder()
+    rung = next_rung(trial)
+    if rung > 0:
+        before, now = ladder.counts[rung - 1], ladder.window(rung)
+        items = {o.key: (before[o.task], now[o.task][1] - now[o.task][0]) for o in objectives_of(spec)
+                 if o.kind == "lm_eval"}
+        total = (sum(before.values()), sum(end - first for first, end in now.values()))
+        items |= {o.key: total for o in objectives_of(spec) if o.kind in COST_KINDS}
+        values = combine(trial.values, values, items)
+    trial.rung, trial.rungs, trial.values = rung, [*(trial.rungs or []), values], values
+    if rung == ladder.top:
+        return values, False
+    session.flush()
+    peers = list(session.scalars(select(Trial).where(Trial.study_id == trial.study_id, Trial.rungs.is_not(None))
+                                 .order_by(Trial.id)))
+    reached = [t for t in peers if len(t.rungs) > rung]
+    keys = [o.key for o in objectives_of(spec)]
+    points = [[t.rungs[rung][k] for k in keys] for t in reached]
+    directions = [o.direction for o in objectives_of(spec)]
+    return values, promoted(points, reached.index(trial), directions, ladder.eta)
+
+
 def complete(session: Session, optuna: OptunaStudies, trial: Trial, values: dict[str, float],
              now: datetime, cost: Cost | None = None) -> Trial:
     """A leased trial's objective values: told to Optuna, cached for the team's later trials,
-    stored; the trials waiting on it get the same values (told to Optuna first, then one commit)."""
+    stored; the trials waiting on it get the same values (told to Optuna first, then one commit).
+    With multi-fidelity, a rung's values are folded into the trial's and, if it is promoted, the
+    trial is queued for the next rung instead (nothing told or cached until its ladder ends)."""
     study = trial.study
     spec = spec_of(study)
+    checked_values(study, values)
+    if cost is not None:
+        trial.items = (trial.items or 0) + (cost.items or 0) if cost.items is not None else trial.items
+        trial.eval_seconds = (trial.eval_seconds or 0.0) + cost.seconds if cost.seconds is not None \
+            else trial.eval_seconds
+    if spec.ladder() is not None:
+        values, promote = _climb(session, trial, spec, values)
+        if promote:
+            requeue(trial)
+            trial.attempts = 0  # the next rung is new work, with its own attempts
+            session.commit()
+            return trial
     ordered = checked_values(study, values)
     waiters = _waiters(session, trial)
     optuna_call(session, optuna.tell, study.optuna_name, spec, trial.number, ordered,
                 constraint_violations(spec, values))
     for waiter in waiters:
         _tell(session, optuna, waiter.study, waiter, _keyed(values, waiter.study))
-    _store(session, study.team_id, trial.config_hash, objectives_of(spec), values)
+    if spec.ladder() is None or trial.rung == spec.ladder().top:  # the cache holds full-fidelity values only
+        _store(session, study.team_id, trial.config_hash, objectives_of(spec), values)
     trial.state, trial.values, trial.lease_token, trial.finished_at = TrialState.COMPLETE, values, None, now
     trial.duration_s = (now - trial.started_at).total_seconds() if trial.started_at else None
-    if cost is not None:
-        trial.items, trial.eval_seconds = cost.items, cost.seconds
     trial.lease_holder_id = None
     for waiter in waiters:
-        _answered(waiter, _keyed(values, waiter.study), now)
+        _answered(waiter, waiter.study, _keyed(values, waiter.study), now, trial.rung)
     for done in {study.id: study, **{w.study_id: w.study for w in waiters}}.values():
         finish_study_if_done(session, optuna, done, now)
     session.commit()
@@ -204,7 +254,7 @@ def settle_waiters(session: Session, optuna: OptunaStudies, now: datetime) -> No
             _wait_again(session, waiter)
             continue
         _tell(session, optuna, study, waiter, values)
-        _answered(waiter, values, now)
+        _answered(waiter, study, values, now)
         finish_study_if_done(session, optuna, study, now)
 
 

@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -214,8 +214,10 @@ class TrialRunner:
         return list(self._sets)
 
     def run(self, config: MergeConfig, objectives: list[Objective], task_paths: tuple[str, ...] = (),
-            check: Callable[[], None] | None = None) -> dict[str, float]:
-        """Merge and score; ``check`` is called between the steps and may raise to abandon the trial."""
+            check: Callable[[], None] | None = None,
+            window: Mapping[str, tuple[int, int]] | None = None) -> dict[str, float]:
+        """Merge and score; ``check`` is called between the steps and may raise to abandon the trial.
+        ``window``: per task, the items of a multi-fidelity rung (``Evaluator.score``)."""
         check = check or (lambda: None)
         t0 = time.perf_counter()
         resident = self._load(config, objectives, tuple(task_paths))
@@ -227,7 +229,7 @@ class TrialRunner:
         self.last_model = resident.model
         check()
         t2 = time.perf_counter()
-        scores = resident.evaluator.score()
+        scores = resident.evaluator.score(window)
         if any(o.kind == "sparsity" for o in objectives):
             scores["sparsity"] = sparsity
         self.last_timing = {"load": t1 - t0, "merge": t2 - t1, "evaluate": time.perf_counter() - t2}

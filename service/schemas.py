@@ -62,6 +62,8 @@ class TrialPublic(BaseModel):
     items: int | None = Field(default=None, description="lm-eval items its evaluation scored (0: answered "
                               "from the results cache)")
     eval_seconds: float | None = Field(default=None, description="seconds its worker spent scoring them")
+    rung: int | None = Field(default=None, description="multi-fidelity: the rung its values were measured at "
+                             "(0 the fewest items; only the top rung enters the front)")
 
 
 class ObjectivePublic(BaseModel):
@@ -135,6 +137,10 @@ class LeasePublic(BaseModel):
     task_paths: list[str] = Field(default_factory=list, description="lm-eval YAML directories of the study")
     expires_at: UtcDatetime
     lease_seconds: float
+    rung: int | None = Field(default=None, description="multi-fidelity: the rung to score")
+    window: dict[str, tuple[int, int]] | None = Field(
+        default=None, description="multi-fidelity: per task, the items to score (first, end) in the "
+        "objective's fixed item order; None: every item of its subset")
 
 
 class LeaseRenewal(BaseModel):

@@ -69,6 +69,7 @@ def _seed_from_history(session: Session, optuna: OptunaStudies, study: Study, sp
     space = SearchSpace(spec)
     dists = space.distributions()
     objectives = objectives_of(spec)
+    ladder = spec.ladder()
     seen: set[str] = set()
     added = 0
     for source_id in spec.warm_start:
@@ -86,7 +87,8 @@ def _seed_from_history(session: Session, optuna: OptunaStudies, study: Study, sp
                                  [values[o.key] for o in objectives], constraint_violations(spec, values))
             session.add(Trial(study_id=study.id, number=number, params=t.params, merge_config=config.to_dict(),
                               config_hash=config.fingerprint(), state=TrialState.COMPLETE, values=values,
-                              cached=True, origin=TrialOrigin.WARM_START, finished_at=now))
+                              cached=True, origin=TrialOrigin.WARM_START, finished_at=now,
+                              rung=None if ladder is None else ladder.top))  # the cache: full fidelity
             added += 1
     session.commit()
     return added
@@ -188,7 +190,7 @@ def trial_public(t: Trial) -> TrialPublic:
     return TrialPublic(number=t.number, state=t.state, params=t.params, values=t.values, error=t.error,
                        worker=t.worker, attempts=t.attempts, cached=t.cached,
                        started_at=t.started_at, finished_at=t.finished_at, duration_s=t.duration_s,
-                       items=t.items, eval_seconds=t.eval_seconds)
+                       items=t.items, eval_seconds=t.eval_seconds, rung=t.rung)
 
 
 def state_counts(session: Session, study_ids: list[int]) -> dict[int, dict[str, int]]:
@@ -221,7 +223,9 @@ def _feasible_points(study: Study) -> tuple[list[Trial], list[list[float]], Stud
     """Completed, feasible trials (one per configuration) in finishing order, and their values."""
     spec = spec_of(study)
     keys = [o.key for o in objectives_of(spec)]
-    done = sorted((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: (t.finished_at, t.number))
+    ladder = spec.ladder()  # multi-fidelity: only full-fidelity results enter the front and the selection
+    done = sorted((t for t in study.trials if t.state == TrialState.COMPLETE
+                   and (ladder is None or t.rung == ladder.top)), key=lambda t: (t.finished_at, t.number))
     unique = list({t.config_hash: t for t in reversed(done)}.values())[::-1]  # first of each configuration
     feasible = [t for t in unique if is_feasible(spec, t.values)]
     return feasible, [[t.values[k] for k in keys] for t in feasible], spec

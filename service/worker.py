@@ -136,7 +136,8 @@ class Worker:
 
         try:
             values = self.runner.run(MergeConfig.from_dict(lease.merge_config),
-                                     [Objective(**o) for o in lease.objectives], tuple(lease.task_paths), check=check)
+                                     [Objective(**o) for o in lease.objectives], tuple(lease.task_paths), check=check,
+                                     window=lease.window)
         except LeaseLost:
             log.warning("trial %s of study %s abandoned: its lease was lost or the study stopped",
                         lease.trial_number, lease.study_id)

@@ -118,6 +118,10 @@ class Trial(Base):
     # (0 and None for a result answered from the results cache).
     items: Mapped[int | None] = mapped_column(Integer, nullable=True)
     eval_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Multi-fidelity (``search.fidelity``): the rung ``values`` were measured at, and the values at
+    # each rung it reached (promotions compare a rung's values). None without fidelity.
+    rung: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    rungs: Mapped[list[dict[str, float]] | None] = mapped_column(JSON, nullable=True)
 
     study: Mapped[Study] = relationship(back_populates="trials")
 

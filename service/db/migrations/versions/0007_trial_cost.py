@@ -1,4 +1,4 @@
-"""what a trial's evaluation cost: the items it evaluated and the seconds it took
+"""what a trial's evaluation cost (the items it evaluated, the seconds it took) and its fidelity rung
 
 Revision ID: 0007
 Revises: 0006
@@ -20,9 +20,13 @@ def upgrade() -> None:
     with op.batch_alter_table("mmmo_trials") as batch:
         batch.add_column(sa.Column("items", sa.Integer(), nullable=True))
         batch.add_column(sa.Column("eval_seconds", sa.Float(), nullable=True))
+        batch.add_column(sa.Column("rung", sa.Integer(), nullable=True))
+        batch.add_column(sa.Column("rungs", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("mmmo_trials") as batch:
+        batch.drop_column("rungs")
+        batch.drop_column("rung")
         batch.drop_column("eval_seconds")
         batch.drop_column("items")
