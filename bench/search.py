@@ -37,7 +37,7 @@ from service.settings import Settings  # noqa: E402
 
 
 def spec_for(zoo, *, method: str, sampler: str, trials: int, samples: int, seed: int,
-             reference: bool = True) -> StudySpec:
+             reference: bool = True, fidelity: str | None = None, genome: bool = False) -> StudySpec:
     space = {"task_arithmetic": {"weight": {"low": 0.0, "high": 1.5}, "density": None},
              "ties": {"weight": {"low": 0.0, "high": 1.5}, "density": {"low": 0.1, "high": 1.0}},
              "dare_ties": {"weight": {"low": 0.0, "high": 1.5}, "density": {"low": 0.1, "high": 1.0}},
@@ -50,7 +50,12 @@ def spec_for(zoo, *, method: str, sampler: str, trials: int, samples: int, seed:
         "search_space": space,
         "objectives": [{"task": t, "samples": samples} for n in zoo.experts for t in zoo.expert_tasks[n]],
         "sampler": _sampler(sampler),
-        "budget": {"trials": trials}, "seed": seed})
+        "budget": {"trials": trials}, "seed": seed}
+        | ({"fidelity": dict(zip(("min_samples", "eta"), map(int, fidelity.split(":")), strict=True))}
+           if fidelity else {}))
+    if genome:  # mergekit-evolve's layer groups x filters: per expert, weight and density per group
+        spec = StudySpec.model_validate(spec.model_dump() | {"search_space": spec.search_space.model_dump() | {
+            "layer_groups": 1, "filters": ["self_attn", "mlp"]}})
     # the hypervolume this benchmark reports, for the samplers that aim at the study's own
     origin = {o.key: 0.0 for o in spec.objectives}
     return spec.model_copy(update={"reference_point": origin}) if reference else spec
@@ -67,15 +72,44 @@ def _sampler(text: str) -> dict:
 
 
 def run_study(services: Services, runner: TrialRunner, spec: StudySpec, dump: Path | None = None) -> list[list[float]]:
+    """Every full-fidelity result's values, in the order they completed."""
+    return [values for values, _, _ in run_costed(services, runner, spec, dump)]
+
+
+def run_costed(services: Services, runner: TrialRunner, spec: StudySpec,
+               dump: Path | None = None) -> list[tuple[list[float] | None, int, float]]:
+    """Per completed trial in the order it finished: its full-fidelity values (None for one that
+    stopped on a lower rung), and the items and evaluation seconds it cost."""
     final = local.run(services, local.create(services, spec), runner)
     keys = [o["key"] for o in final["objectives"]]
-    done = [t for t in final["trials"] if t["state"] == "complete"]
+    top = spec.ladder().top if spec.ladder() else None
+    done = sorted((t for t in final["trials"] if t["state"] == "complete"), key=lambda t: t["finished_at"])
     if dump:  # every evaluated point, for offline study of the landscape
         with dump.open("a") as out:
             for t in done:
                 out.write(json.dumps({"study": spec.name, "params": t["params"],
                                       "values": [t["values"][k] for k in keys]}) + "\n")
-    return [[t["values"][k] for k in keys] for t in done]
+    return [([t["values"][k] for k in keys] if t.get("rung") == top else None, t.get("items") or 0,
+             t.get("eval_seconds") or 0.0) for t in done]
+
+
+def cost_curve(runs: list[list[tuple[list[float] | None, int, float]]], origin: list[float], dirs: list[str],
+               marks: list[int]) -> list[float]:
+    """Mean over seeds of the hypervolume reached once ``mark`` items had been evaluated, per mark."""
+    out = []
+    for mark in marks:
+        hvs = []
+        for run in runs:
+            spent, reached = 0, []
+            for values, items, _ in run:
+                spent += items
+                if spent > mark:
+                    break
+                if values is not None:
+                    reached.append(values)
+            hvs.append(hypervolume(reached, origin, dirs) if reached else 0.0)
+        out.append(statistics.mean(hvs))
+    return out
 
 
 def main() -> None:
@@ -91,6 +125,12 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true",
                         help="leave the specs' reference point unset (samplers then use their own)")
     parser.add_argument("--dump", type=Path, help="append every evaluated trial (params, values) to this jsonl")
+    parser.add_argument("--fidelity", help="MIN:ETA: also run the first sampler with multi-fidelity trials "
+                        "(e.g. 25:4) and print hypervolume against evaluated items beside the others'")
+    parser.add_argument("--fidelity-trials", type=int, default=0, help="configurations the multi-fidelity run "
+                        "may propose (default 3 x --trials: it stops most of them early)")
+    parser.add_argument("--genome", action="store_true", help="search per layer group and filter (self_attn, mlp, "
+                        "the rest): the high-dimensional genome")
     args = parser.parse_args()
     cache = Settings().cache_dir
     zoo = ensure_zoo(cache)
@@ -102,25 +142,41 @@ def main() -> None:
         print(f"samplers: task arithmetic, {len(zoo.experts)} objectives, {args.trials} trials, "
               f"{args.seeds} seeds, hypervolume against the origin")
         print(f"  {'sampler':22s} {'HV mean':>8s} {'HV sd':>7s} {'best mean score':>16s} {'knee mean score':>16s}")
-        for sampler in args.samplers:
+        costed: dict[str, list] = {}
+        runs = [(s, None) for s in args.samplers] + ([(args.samplers[0], args.fidelity)] if args.fidelity else [])
+        for sampler, fidelity in runs:
             hvs, bests, knees, curves = [], [], [], []
+            label = sampler + (f" mf {fidelity}" if fidelity else "")
+            costed[label] = []
             for seed in range(args.seeds):
-                values = run_study(services, runner, spec_for(zoo, method="task_arithmetic", sampler=sampler,
-                                                              trials=args.trials, samples=args.samples, seed=seed,
-                                                              reference=not args.no_reference),
-                                    args.dump)
+                spec = spec_for(zoo, method="ties" if args.genome else "task_arithmetic", sampler=sampler,
+                                trials=(args.fidelity_trials or 3 * args.trials) if fidelity else args.trials,
+                                samples=args.samples, seed=seed, reference=not args.no_reference,
+                                fidelity=fidelity, genome=args.genome)
+                run = run_costed(services, runner, spec, args.dump)
+                costed[label].append(run)
+                values = [v for v, _, _ in run if v is not None]
                 hvs.append(hypervolume(values, origin, dirs))
                 bests.append(max(sum(v) / len(v) for v in values))
                 knees.append(statistics.mean(values[knee_point(values, dirs)]))  # the default selection
                 curves.append(hypervolume_trace(values, origin, dirs))
             sd = statistics.stdev(hvs) if len(hvs) > 1 else 0.0
-            print(f"  {sampler:22s} {statistics.mean(hvs):8.3f} {sd:7.3f} {statistics.mean(bests):16.3f} "
-                  f"{statistics.mean(knees):16.3f}")
+            items = statistics.mean(sum(i for _, i, _ in run) for run in costed[label])
+            seconds = statistics.mean(sum(s for _, _, s in run) for run in costed[label])
+            print(f"  {label:22s} {statistics.mean(hvs):8.3f} {sd:7.3f} {statistics.mean(bests):16.3f} "
+                  f"{statistics.mean(knees):16.3f}  ({items:.0f} items, {seconds:.0f} s evaluating; "
+                  f"seeds {', '.join(f'{h:.3f}' for h in hvs)})")
             if args.curve:
                 marks = range(args.curve, args.trials + 1, args.curve)
                 print("    hypervolume after " + ", ".join(
                     f"{n}: {statistics.mean(c[min(n, len(c)) - 1] for c in curves):.3f}" for n in marks))
 
+        if costed:
+            most = max(sum(i for _, i, _ in run) for runs_ in costed.values() for run in runs_)
+            marks = [round(most * f / 10) for f in range(1, 11)]
+            print("hypervolume against evaluated items (mean over seeds), at " + ", ".join(map(str, marks)))
+            for label, runs_ in costed.items():
+                print(f"  {label:22s} " + " ".join(f"{h:.3f}" for h in cost_curve(runs_, origin, dirs, marks)))
         fronts = {}
         for method in args.methods:
             values = run_study(services, runner, spec_for(zoo, method=method, sampler=args.method_sampler,
