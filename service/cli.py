@@ -291,9 +291,9 @@ def _run_local(args: argparse.Namespace, study_id: int | None) -> int:
         console.print(f"study {study_id} (database {settings.resolved_database_url()})")
         runner = TrialRunner.from_settings(settings)
 
-        def on_trial(number: int, done: int, values: dict | None, error: str | None) -> None:
+        def on_trial(number: int, done: int, values: dict | None, error: str | None, rung: str) -> None:
             if values is not None:
-                console.print(f"trial {number} done ({done} finished)")
+                console.print(f"trial {number} done ({done} finished{'; ' + rung if rung else ''})")
             elif error is not None:  # the reason, where a script or a log collector sees it
                 print(f"mmmo: trial {number} failed: {error}", file=sys.stderr, flush=True)
             else:

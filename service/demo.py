@@ -99,8 +99,8 @@ def _mean(values: dict[str, float] | None) -> float:
 def _by_expert(params: dict[str, float]) -> dict[str, str]:
     """``{"add.weight": 1.0, "add.density": 0.5}`` -> ``{"add": "1.00/0.50"}`` (values in key order)."""
     grouped: dict[str, list[str]] = {}
-    for key, value in params.items():
-        grouped.setdefault(key.split(".", 1)[0], []).append(f"{value:.2f}")
+    for key, value in params.items():  # "method" (a searched method) has its own column: no expert
+        grouped.setdefault(key.split(".", 1)[0], []).append(f"{value:.2f}" if isinstance(value, float) else str(value))
     return {expert: "/".join(values) for expert, values in grouped.items()}
 
 
@@ -112,10 +112,10 @@ def pareto_table(pareto: dict) -> Table:
     for key in keys:
         table.add_column(key.split(":")[0], justify="right")
     table.add_column("mean", justify="right")
-    param_names = "/".join(dict.fromkeys(k.split(".", 1)[1] for k in front[0]["params"])) if front else ""
+    param_names = "/".join(dict.fromkeys(k.split(".", 1)[1] for k in front[0]["params"] if "." in k)) if front else ""
     experts = list(_by_expert(front[0]["params"])) if front else []
     for expert in experts:
-        table.add_column(f"{expert}\n{param_names}", justify="right")
+        table.add_column(expert if expert == "method" else f"{expert}\n{param_names}", justify="right")
     for t in front:
         mark = " *" if t["number"] == pareto["selected"] else ""
         cells = _by_expert(t["params"])

@@ -18,7 +18,8 @@ from service.lease_source import Cost, Lease, LeaseLost, Refused
 from service.leases import StaleLease
 from service.runner import TrialRunner
 from service.services import Services
-from service.states import FINISHED_TRIAL, TrialOrigin
+from service.specs import spec_of
+from service.states import FINISHED_TRIAL, TrialOrigin, TrialState
 from service.validation import SpecPolicy
 from service.worker import Outcome, Worker
 
@@ -75,12 +76,13 @@ def create(services: Services, spec: StudySpec) -> int:
 
 
 def run(services: Services, study_id: int, runner: TrialRunner,
-        on_trial: Callable[[int, int, dict | None, str | None], None] | None = None) -> dict:
+        on_trial: Callable[[int, int, dict | None, str | None, str], None] | None = None) -> dict:
     """Run the study's remaining trials; returns its final state as the API shows it.
 
-    ``on_trial(number, finished, values, error)`` after each trial is reported: ``finished``
+    ``on_trial(number, finished, values, error, rung)`` after each trial is reported: ``finished``
     trials of the study so far; ``values`` None when it failed (with ``error``, its reason) or
-    was abandoned (no error: its lease was lost)."""
+    was abandoned (no error: its lease was lost); ``rung`` with multi-fidelity, e.g. "rung 0 of 2,
+    promoted" ("" without)."""
     with services.sessions() as session, services.lock:
         # A previous run of ours died: its leases go back to the queue at once, and what it had
         # asked Optuna for but not yet recorded is failed there (nothing else runs this study).
@@ -93,7 +95,11 @@ def run(services: Services, study_id: int, runner: TrialRunner,
         with services.sessions() as session:
             study = studies.get_study(session, study_id, None)
             done = sum(t.state in FINISHED_TRIAL and t.origin == TrialOrigin.SAMPLER for t in study.trials)
-        on_trial(outcome.lease.trial_number, done, outcome.values, outcome.error)
+            trial = next(t for t in study.trials if t.number == outcome.lease.trial_number)
+            ladder = spec_of(study).ladder()
+            rung = "" if ladder is None or trial.rung is None else (
+                f"rung {trial.rung} of {ladder.top}" + (", promoted" if trial.state == TrialState.QUEUED else ""))
+        on_trial(outcome.lease.trial_number, done, outcome.values, outcome.error, rung)
 
     worker = Worker(LocalLeaseSource(services, study_id), runner, LOCAL_WORKER, prefetch=False, on_outcome=reported)
     worker.run(threading.Event(), until_idle=True)

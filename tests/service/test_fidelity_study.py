@@ -67,3 +67,21 @@ def test_leases_carry_the_rung_and_its_items_over_http(client, tiny_zoo):
     assert second["rung"] == 1 and second["values"] == {"mmmo_add:exact_match": 0.75} and second["items"] == 8
     detail = client.get(f"/api/v1/studies/{study['id']}").json()
     assert detail["trials"][0]["state"] == "queued"  # promoted again, to the top rung
+
+
+def test_study_run_searches_methods_with_rungs_and_cost_objectives(database_url, tiny_zoo, tmp_path, capsys):
+    """`mmmo study run` end to end: the method searched, multi-fidelity rungs, tokens and latency."""
+    import json
+
+    from service import cli
+
+    spec = zoo_spec(tiny_zoo, trials=6, method="ties") | {
+        "method": ["task_arithmetic", "ties"], "sampler": {"name": "random"},
+        "objectives": [{"task": "mmmo_add", "samples": 8}, {"kind": "tokens"}, {"kind": "latency"}],
+        "fidelity": {"min_samples": 2, "eta": 2}}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    assert cli.main(["study", "run", str(path), "--db", database_url, "--home", str(tmp_path / "home")]) == 0
+    out = capsys.readouterr().out
+    assert "rung 0 of 2" in out and "promoted" in out
+    assert "tokens" in out and "latency" in out  # the front's table names the cost objectives
