@@ -84,6 +84,15 @@ def settings(tmp_path, database_url, cache_dir, data_roots):
                     data_roots=data_roots)
 
 
+@pytest.fixture
+def sqlite_settings(tmp_path, cache_dir, data_roots):
+    """For checks that do not depend on the database: one (SQLite) is enough."""
+    from service.settings import Settings
+
+    return Settings(home=tmp_path / "home", cache_dir=cache_dir, database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                    data_roots=data_roots)
+
+
 def zoo_spec(zoo, *, trials: int = 6, samples: int = 20, experts: tuple[str, ...] = ("add", "reverse"),
              method: str = "ties") -> dict:
     return {

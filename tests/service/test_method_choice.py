@@ -3,7 +3,6 @@ parameters that method takes; one front across methods; the export names each tr
 
 from __future__ import annotations
 
-import pytest
 import yaml
 from fastapi.testclient import TestClient
 
@@ -72,11 +71,3 @@ def test_the_export_names_each_trials_method_and_bad_choices_are_422(sqlite_sett
         for t in trials:
             exported = yaml.safe_load(client.get(f"/api/v1/studies/{study['id']}/trials/{t['number']}/export").text)
             assert exported["merge_method"] == t["params"]["method"]
-
-
-@pytest.fixture
-def sqlite_settings(tmp_path, cache_dir, data_roots):
-    from service.settings import Settings
-
-    return Settings(home=tmp_path / "home", cache_dir=cache_dir, database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
-                    data_roots=data_roots)

@@ -3,7 +3,6 @@ calibration text read by the workers, and a spec that asks for shared texts with
 
 from __future__ import annotations
 
-import pytest
 from fastapi.testclient import TestClient
 
 from search.spec import StudySpec
@@ -46,8 +45,8 @@ def test_a_study_searches_obims_readings(settings, tiny_zoo, tmp_path):
     assert len({round(t["values"]["sparsity"], 3) for t in final["trials"]}) == 8
 
 
-def test_shared_calibration_without_a_text_is_a_422(sqlite_settings_for_obim, tiny_zoo, tmp_path):
-    with TestClient(create_app(sqlite_settings_for_obim)) as client:
+def test_shared_calibration_without_a_text_is_a_422(sqlite_settings, tiny_zoo, tmp_path):
+    with TestClient(create_app(sqlite_settings)) as client:
         authorize(client)
         body = _spec(tiny_zoo, tmp_path / "absent.txt")
         del body["calibration"]
@@ -56,11 +55,3 @@ def test_shared_calibration_without_a_text_is_a_422(sqlite_settings_for_obim, ti
         assert "shared calibration text" in response.text
         response = client.post("/api/v1/studies", json=_spec(tiny_zoo, tmp_path / "absent.txt"))
         assert response.status_code == 422 and "cannot read calibration data" in response.text
-
-
-@pytest.fixture
-def sqlite_settings_for_obim(tmp_path, cache_dir, data_roots):
-    from service.settings import Settings
-
-    return Settings(home=tmp_path / "home", cache_dir=cache_dir, database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
-                    data_roots=data_roots)

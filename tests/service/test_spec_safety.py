@@ -43,13 +43,6 @@ metric_list: [{{metric: exact_match, aggregation: mean, higher_is_better: true}}
 """
 
 
-@pytest.fixture
-def sqlite_settings(tmp_path, cache_dir, data_roots) -> Settings:
-    """The checks below do not depend on the database: one (SQLite) is enough."""
-    return Settings(home=tmp_path / "home", cache_dir=cache_dir, database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
-                    data_roots=data_roots)
-
-
 @contextmanager
 def _client(settings: Settings):
     with TestClient(create_app(settings)) as c:
