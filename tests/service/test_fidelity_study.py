@@ -85,3 +85,26 @@ def test_study_run_searches_methods_with_rungs_and_cost_objectives(database_url,
     out = capsys.readouterr().out
     assert "rung 0 of 2" in out and "promoted" in out
     assert "tokens" in out and "latency" in out  # the front's table names the cost objectives
+
+
+def test_a_handed_back_or_expired_rung_is_leased_again_at_the_same_rung(client, tiny_zoo):
+    from service.client import LEASE_TOKEN_HEADER
+
+    spec = zoo_spec(tiny_zoo, trials=1) | {"fidelity": {"min_samples": 4, "eta": 2},
+                                           "objectives": [{"task": "mmmo_add", "samples": 16}]}
+    client.post("/api/v1/studies", json=spec)
+
+    def lease():
+        got = client.post("/api/v1/leases", json={"worker": "w"}).json()
+        return got, {LEASE_TOKEN_HEADER: got["token"]}
+
+    first, held = lease()
+    client.post("/api/v1/leases/current/result", headers=held, json={"values": {"mmmo_add:exact_match": 0.25}})
+    second, held = lease()
+    assert second["rung"] == 1
+    assert client.post("/api/v1/leases/current/release", headers=held).json()["rung"] == 0  # values of rung 0 kept
+    third, held = lease()
+    assert (third["rung"], third["window"]) == (1, {"mmmo_add": [4, 8]})
+    done = client.post("/api/v1/leases/current/result", headers=held,
+                       json={"values": {"mmmo_add:exact_match": 0.75}}).json()
+    assert done["rung"] == 1 and done["values"] == {"mmmo_add:exact_match": 0.5}
