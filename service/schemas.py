@@ -138,7 +138,7 @@ class LeasePublic(BaseModel):
     expires_at: UtcDatetime
     lease_seconds: float
     rung: int | None = Field(default=None, description="multi-fidelity: the rung to score")
-    window: dict[str, tuple[int, int]] | None = Field(
+    window: dict[str, Annotated[list[int], Field(min_length=2, max_length=2)]] | None = Field(
         default=None, description="multi-fidelity: per task, the items to score (first, end) in the "
         "objective's fixed item order; None: every item of its subset")
 
