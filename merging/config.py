@@ -326,6 +326,11 @@ class TokenizerSetting:
         return TokenizerSetting(source, tokens, self.pad_to_multiple_of)
 
 
+# Per method, a version bumped when a parameter's default changes the merge of a config that does
+# not set it: the results cache (keyed by the fingerprint) then never answers with the old merge.
+DEFAULTS_CHANGED = {"obim": 2}  # 2: granularity row (was tensor)
+
+
 @dataclass(frozen=True)
 class ExpertRef:
     name: str
@@ -399,4 +404,6 @@ class MergeConfig:
         """A stable hash of the merge: equal configs give equal models."""
         data = self.to_dict()
         data.pop("allow_unrelated", None)  # a check's leniency, not part of the model
+        if self.method in DEFAULTS_CHANGED:  # a config leaving a changed default unset is another merge now
+            data["defaults"] = DEFAULTS_CHANGED[self.method]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

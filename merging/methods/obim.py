@@ -11,8 +11,8 @@ leaves open is a parameter (the README's OBIM section has the measurements behin
 * ``calibration``: whose texts the statistics come from: each expert's ``own``, the config's
   ``shared`` general text, or ``both``.
 * ``granularity`` (the top-k scope): each expert keeps the top ``density`` fraction of its
-  saliency per ``tensor``, per ``row``, or ``global`` (one budget over all its tensors, so that the
-  layers that matter keep more; the threshold comes from ``merging.budget``).
+  saliency per ``row`` (the default: measured best), per ``tensor``, or ``global`` (one budget
+  over all its tensors, so that the layers that matter keep more; ``merging.budget``).
 * IM: experts are merged one after another through mutually exclusive masks — a position
   taken by an earlier expert is never written again, nothing is averaged:
   ``W = W_base + sum_k weight_k * M_k * d_k`` with ``M_k = top_k AND NOT (M_1 | ... | M_{k-1})``.
@@ -79,7 +79,7 @@ class Obim(MergeMethod):
     expert_params = (Param("weight", 1.0), DENSITY)
     global_params = (
         Param("order", "listed", choices=("listed", "saliency")),
-        Param("granularity", "tensor", choices=SCOPES),
+        Param("granularity", "row", choices=SCOPES),  # measured best (README, bench/obim.py)
         Param("saliency", "obd", choices=SALIENCY),
         Param("calibration", "own", choices=CALIBRATION),
         Param("rescale", False),

@@ -181,7 +181,7 @@ def test_della_bounds_are_checked_before_any_tensor():
 # changes it when given for one model only, and not as it would globally), or it is one mergekit
 # declares and ignores for the method: the merge is unchanged and a warning says so.
 CHANGED = {"weight": 0.4, "density": 0.3, "gamma": 0.1, "epsilon": 0.05, "lambda": 0.5, "order": "saliency",
-           "granularity": "row", "max_iter": 0, "tol": 0.05, "select_topk": 0.5, "t": 0.6, "eps": 0.5,
+           "granularity": "tensor", "max_iter": 0, "tol": 0.05, "select_topk": 0.5, "t": 0.6, "eps": 0.5,
            "scale": 0.5, "saliency": "magnitude", "calibration": "shared"}
 # Global parameters that choose a merge's inputs rather than act in it: OBIM's calibration picks the
 # texts its statistics come from (tests/merging/test_obim.py shows it acts there).

@@ -163,7 +163,8 @@ def test_obs_and_obd_rank_a_delta_differently_when_inputs_correlate():
 
 
 def test_rescale_keeps_each_experts_mass(deltas):
-    method, t, resolved, params = _merge(deltas[:1], [{"density": 0.2, "weight": 1.0}], {"rescale": True})
+    method, t, resolved, params = _merge(deltas[:1], [{"density": 0.2, "weight": 1.0}],
+                                         {"rescale": True, "granularity": "tensor"})
     merged = method.merge(t, resolved, params)
     torch.testing.assert_close(merged.abs().sum(), deltas[0].abs().sum(), rtol=1e-5, atol=0)
     assert int((merged != 0).sum()) == int(0.2 * merged.numel())
@@ -174,7 +175,8 @@ def test_rescale_keeps_each_experts_mass(deltas):
 def test_magnitude_saliency_ignores_the_statistics(deltas):
     energy = torch.zeros(24)
     energy[:4] = 100.0
-    method, t, resolved, params = _merge(deltas[:1], [{"density": 0.2}], {"saliency": "magnitude"}, stats=[energy])
+    method, t, resolved, params = _merge(deltas[:1], [{"density": 0.2}], {"saliency": "magnitude",
+                                                                          "granularity": "tensor"}, stats=[energy])
     ((_, mask, _),) = method.masks(t, resolved, params)
     assert torch.equal(mask, top_fraction_mask(deltas[0].abs(), 0.2, False))
 
