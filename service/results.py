@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, aliased
 
 from evals.objective import COST_KINDS, Objective
 from search.constraints import constraint_violations
-from search.fidelity import combine, promoted
+from search.fidelity import Ladder, combine, promoted
 from search.optuna_store import OptunaStudies
 from service.db.models import Result, Study, Trial
 from service.lease_source import Cost
@@ -143,11 +143,11 @@ def next_rung(trial: Trial) -> int:
     return 0 if trial.rung is None else trial.rung + 1
 
 
-def _climb(session: Session, trial: Trial, spec, values: dict[str, float]) -> tuple[dict[str, float], bool]:
+def _climb(session: Session, trial: Trial, ladder: Ladder, spec, values: dict[str, float]
+           ) -> tuple[dict[str, float], bool]:
     """A rung's result (``values``: its window's items alone) folded into the trial's: item-weighted
     with the earlier rungs' scores. Returns the combined values and whether the configuration is
     promoted to the next rung (``search.fidelity.promoted`` among this rung's results so far)."""
-    ladder = spec.ladder()
     rung = next_rung(trial)
     if rung > 0:
         before, now = ladder.counts[rung - 1], ladder.window(rung)
@@ -178,12 +178,13 @@ def complete(session: Session, optuna: OptunaStudies, trial: Trial, values: dict
     study = trial.study
     spec = spec_of(study)
     checked_values(study, values)
-    if cost is not None:
-        trial.items = (trial.items or 0) + (cost.items or 0) if cost.items is not None else trial.items
-        trial.eval_seconds = (trial.eval_seconds or 0.0) + cost.seconds if cost.seconds is not None \
-            else trial.eval_seconds
-    if spec.ladder() is not None:
-        values, promote = _climb(session, trial, spec, values)
+    if cost is not None and cost.items is not None:  # summed over a trial's rungs
+        trial.items = (trial.items or 0) + cost.items
+    if cost is not None and cost.seconds is not None:
+        trial.eval_seconds = (trial.eval_seconds or 0.0) + cost.seconds
+    ladder = spec.ladder()
+    if ladder is not None:
+        values, promote = _climb(session, trial, ladder, spec, values)
         if promote:
             requeue(trial)
             trial.attempts = 0  # the next rung is new work, with its own attempts
@@ -195,7 +196,7 @@ def complete(session: Session, optuna: OptunaStudies, trial: Trial, values: dict
                 constraint_violations(spec, values))
     for waiter in waiters:
         _tell(session, optuna, waiter.study, waiter, _keyed(values, waiter.study))
-    if spec.ladder() is None or trial.rung == spec.ladder().top:  # the cache holds full-fidelity values only
+    if ladder is None or trial.rung == ladder.top:  # the cache holds full-fidelity values only
         _store(session, study.team_id, trial.config_hash, objectives_of(spec), values)
     trial.state, trial.values, trial.lease_token, trial.finished_at = TrialState.COMPLETE, values, None, now
     trial.duration_s = (now - trial.started_at).total_seconds() if trial.started_at else None
