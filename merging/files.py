@@ -139,7 +139,7 @@ def merge_to_dir(config: MergeConfig, out_dir: str | Path, *, dtype: str | None 
     names_k = plan_params.names
     card = _model_card(config, dtype, names)  # before any tensor: nothing is merged for a card that fails
     dev = torch.device(device)
-    reading = plan_params.method.stats_reading(plan_params.params_for(names[0])[1]) if names else None
+    reading = plan_params.stats_reading(names)
     held_stats = (stats or {}).get(reading, {}) if reading is not None else {}
 
     def stats_of(name: str) -> list[Tensor | None]:

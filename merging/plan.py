@@ -11,7 +11,7 @@ combination (a 70-layer gradient resolves about 70 times, not once per tensor).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from merging.config import MergeConfig, Scalar, Setting, layer_position, parse_settings
@@ -114,6 +114,11 @@ class MergePlan:
             return {k: v for k, s in settings.items() if (v := s.at(tensor, t)) is not None}
 
         return self._resolve([concrete(row) for row in rows], concrete(self._global), f"tensor '{tensor}'")
+
+    def stats_reading(self, names: Sequence[str]) -> str | None:
+        """The calibration statistics this merge of ``names`` reads (``MergeMethod.stats_reading``):
+        one reading a merge, its global parameters' (those of its first tensor)."""
+        return self.method.stats_reading(self.params_for(names[0])[1]) if names else None
 
     def _positions(self, group: str | None) -> frozenset[float]:
         """The layer positions a group's tensors can be at (0: outside the layers, and layer 0)."""

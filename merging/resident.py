@@ -243,7 +243,7 @@ class Merger:
             raise MergeError(f"merge config names experts {names}, the merger holds {self.expert_names}")
         plan = MergePlan(config, names=keys)  # every tensor's parameters checked before any merges
         into = into or {}
-        reading = plan.method.stats_reading(plan.params_for(keys[0])[1]) if keys else None
+        reading = plan.stats_reading(keys)
         thresholds = self._thresholds(plan, reading) if uses_global(plan, keys) else None
         for name, experts in self._experts(keys):
             base = self.base[name]
