@@ -41,6 +41,14 @@ class _ChunkDone(Exception):
     """Raised by a hook once every layer of the chunk has seen the batch: the rest of the forward is skipped."""
 
 
+def _unpadded_rows(x: Tensor, mask: Tensor | None) -> Tensor:
+    """A linear layer's input as float32 rows (tokens, in), padding positions zeroed."""
+    x = x.detach().float()
+    if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2]:
+        x = x * mask.unsqueeze(-1).to(x.dtype)
+    return x.reshape(-1, x.shape[-1])
+
+
 def collect_input_energy(model: nn.Module, batches: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
     """``{weight tensor name: sum over tokens of x^2 per input channel}`` for every nn.Linear.
 
@@ -52,11 +60,8 @@ def collect_input_energy(model: nn.Module, batches: Sequence[dict[str, Tensor]])
 
     def hook(name: str):
         def accumulate(_module: nn.Module, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
-            x = inputs[0].detach().float()  # (B, T, in)
-            mask = mask_holder["mask"]
-            if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2]:
-                x = x * mask.unsqueeze(-1).to(x.dtype)
-            energy = x.pow(2).reshape(-1, x.shape[-1]).sum(0)  # (in,)
+            x = _unpadded_rows(inputs[0], mask_holder["mask"])  # (tokens, in)
+            energy = x.pow(2).sum(0)  # (in,)
             sums[name] = sums[name] + energy if name in sums else energy
         return accumulate
 
@@ -109,11 +114,7 @@ def _chunk_hessians(model: nn.Module, chunk: list[tuple[str, nn.Module]],
 
     def hook(name: str):
         def accumulate(_module: nn.Module, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
-            x = inputs[0].detach().float()
-            mask = mask_holder["mask"]
-            if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2]:
-                x = x * mask.unsqueeze(-1).to(x.dtype)
-            x = x.reshape(-1, x.shape[-1])
+            x = _unpadded_rows(inputs[0], mask_holder["mask"])
             h = hessians.get(name)
             hessians[name] = x.T @ x if h is None else h.addmm_(x.T, x)
             seen.add(name)
