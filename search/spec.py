@@ -160,12 +160,13 @@ class ObjectiveSpec(_Strict):
 
 
 class SamplerSpec(_Strict):
-    name: Literal["nsga2", "mmmo-bo", "random", "tpe", "gp"] = "nsga2"
+    name: Literal["nsga2", "mmmo-bo", "random", "tpe", "gp", "cmaes"] = "nsga2"
     population_size: int = Field(default=8, ge=2, le=10_000)
     crossover_prob: float = Field(default=0.9, ge=0, le=1)
     mutation_prob: float | None = Field(default=None, ge=0, le=1)
     n_startup_trials: int = Field(default=10, ge=1, le=100_000, description="trials before the model proposes: "
-                                  "random for mmmo-bo, gp and tpe; a Sobol design for nsga2 (at most half its warm-up)")
+                                  "random for mmmo-bo, gp, tpe and cmaes; a Sobol design for nsga2 "
+                                  "(at most half its warm-up)")
     warmup_trials: int | None = Field(default=None, ge=0, le=100_000, description="nsga2: model-proposed generation 0 "
                                       "(default 2 x population_size; 0 = Optuna's NSGA-II as it ships)")
     warmup: Literal["gp", "tpe"] = Field(default="gp", description="nsga2: the model of the warm-up generation")

@@ -4,6 +4,7 @@ from collections.abc import Callable, Sequence
 
 from optuna.samplers import BaseSampler
 
+from search.samplers._cmaes import make_cmaes
 from search.samplers._gp import make_gp
 from search.samplers._mmmo_bo import MMMOBOSampler, make_mmmo_bo
 from search.samplers._nsga2 import make_nsga2
@@ -17,6 +18,7 @@ SAMPLERS: dict[str, Callable[[SamplerSpec, int, Sequence[float] | None], BaseSam
     "random": make_random,
     "tpe": make_tpe,
     "gp": make_gp,
+    "cmaes": make_cmaes,
 }
 
 
