@@ -1,7 +1,7 @@
 """Multi-fidelity trials: a ladder of item counts and asynchronous successive halving over it.
 
-An lm_eval objective's ``samples`` is the top rung of a ladder that starts at ``min_samples`` items
-(for the objective with the most samples; the others in proportion) and grows by ``eta`` per rung,
+An lm_eval objective's ``samples`` is the top rung of a ladder that grows by ``eta`` per rung from
+at least ``min_samples`` items (for the objective with the most samples; the others in proportion),
 e.g. 25 -> 100 -> 400. A new configuration is scored on the lowest rung. When a rung's result
 arrives, the configuration is promoted to the next rung (a new lease, scoring only the items it has
 not seen; the earlier items' scores are kept, combined as item-weighted means) if it is non-dominated
@@ -41,15 +41,14 @@ class Ladder:
 
 
 def ladder(samples: dict[str, int], min_samples: int, eta: int) -> Ladder:
-    """The ladder for tasks scored on ``samples`` items each at the top, starting at ``min_samples``
-    for the largest and growing by ``eta``."""
+    """The ladder for tasks scored on ``samples`` items each at the top, growing by ``eta`` per rung
+    from its lowest, the fewest items of at least ``min_samples`` for the largest task."""
     top = max(samples.values())
-    fractions = []
-    size = min_samples
-    while size < top:
-        fractions.append(size / top)
-        size *= eta
-    fractions.append(1.0)
+    # Down from the top by whole factors of eta (Hyperband's r_max / eta^k): every promotion
+    # multiplies the items by eta, with no sliver of a last rung (12 -> 48 -> 50 from 12 up to 50).
+    fractions = [1.0]
+    while top * fractions[0] / eta >= min_samples:
+        fractions.insert(0, fractions[0] / eta)
     counts = tuple({task: max(1, min(n, math.ceil(f * n))) for task, n in samples.items()} for f in fractions)
     return Ladder(counts, eta)
 

@@ -178,7 +178,8 @@ class SamplerSpec(_Strict):
 
 class FidelitySpec(_Strict):
     """Multi-fidelity trials (``search.fidelity``): each lm_eval objective's ``samples`` is the top of a
-    ladder from ``min_samples`` items (for the objective with the most) growing by ``eta`` per rung."""
+    ladder growing by ``eta`` per rung down from the top to at least ``min_samples`` items (for the
+    objective with the most)."""
 
     min_samples: int = Field(ge=1, le=10_000_000)
     eta: int = Field(default=4, ge=2, le=64)
@@ -320,9 +321,9 @@ class StudySpec(_Strict):
         if not scored or any(o.samples is None for o in scored):
             raise ValueError("multi-fidelity needs lm_eval objectives with 'samples' set (the top rung)")
         top = max(o.samples for o in scored)
-        if self.fidelity.min_samples >= top:
-            raise ValueError(f"fidelity.min_samples ({self.fidelity.min_samples}) must be below the objectives' "
-                             f"largest samples ({top}): the top rung")
+        if self.fidelity.min_samples * self.fidelity.eta > top:
+            raise ValueError(f"fidelity.min_samples ({self.fidelity.min_samples}) x eta ({self.fidelity.eta}) must be "
+                             f"at most the objectives' largest samples ({top}, the top rung): no lower rung fits")
         tasks = [o.task for o in scored]
         if len(set(tasks)) != len(tasks):
             raise ValueError("multi-fidelity scores each task's items rung by rung: one lm_eval objective per task")

@@ -14,6 +14,8 @@ def test_the_ladder_grows_by_eta_to_each_objectives_samples():
     lad = ladder({"math": 400, "code": 200}, 25, 4)
     assert lad.counts == ({"math": 25, "code": 13}, {"math": 100, "code": 50}, {"math": 400, "code": 200})
     assert lad.top == 2 and lad.window(0) == {"math": (0, 25), "code": (0, 13)}
+    # down from the top by whole factors of eta: no sliver of a last rung (12 -> 48 -> 50)
+    assert ladder({"add": 50}, 12, 4).counts == ({"add": 13}, {"add": 50})
     assert lad.window(2) == {"math": (100, 400), "code": (50, 200)}
 
 
@@ -45,8 +47,8 @@ def test_a_fidelity_spec_needs_samples_that_grow_every_rung():
     assert spec.ladder().counts[-1] == {"mmmo_add": 100, "mmmo_sort": 10}
     with pytest.raises(ValidationError, match="every rung must add items"):
         StudySpec.model_validate(base | {"fidelity": {"min_samples": 2, "eta": 2}})
-    with pytest.raises(ValidationError, match="must be below"):
-        StudySpec.model_validate(base | {"fidelity": {"min_samples": 100}})
+    with pytest.raises(ValidationError, match="no lower rung fits"):
+        StudySpec.model_validate(base | {"fidelity": {"min_samples": 30}})  # 30 x 4 > 100
     with pytest.raises(ValidationError, match="'samples' set"):
         StudySpec.model_validate(base | {"objectives": [{"task": "mmmo_add", "samples": None}],
                                          "fidelity": {"min_samples": 5}})
