@@ -3,6 +3,9 @@ dominates among merge methods at equal budget.
 
     .venv/bin/python bench/search.py [--trials 60] [--seeds 5] [--samples 100]
 
+Each finished (setup, sampler, seed) run is appended to ``--results`` (jsonl) and not run again:
+split the seeds between processes with ``--first-seed`` and print the tables with ``--report-only``.
+
 Samplers: per-expert task-arithmetic scales in [0, 1.5], 4 objectives (exact match per task),
 hypervolume against the origin (as in the issue's reference figures). Methods: OBIM, TIES and
 DARE-TIES with the sampler given by --method-sampler, each front's hypervolume and the share of
@@ -29,6 +32,7 @@ set_offline(True)
 
 from evals.zoo import ensure_zoo  # noqa: E402
 from search.pareto import hypervolume, hypervolume_trace, knee_point, pareto_front  # noqa: E402
+from search.space import SearchSpace  # noqa: E402
 from search.spec import StudySpec  # noqa: E402
 from service import local  # noqa: E402
 from service.runner import TrialRunner  # noqa: E402
@@ -37,7 +41,7 @@ from service.settings import Settings  # noqa: E402
 
 
 def spec_for(zoo, *, method: str, sampler: str, trials: int, samples: int, seed: int,
-             reference: bool = True, fidelity: str | None = None, genome: bool = False) -> StudySpec:
+             reference: bool = True, fidelity: str | None = None, genome: int = 0) -> StudySpec:
     space = {"task_arithmetic": {"weight": {"low": 0.0, "high": 1.5}, "density": None},
              "ties": {"weight": {"low": 0.0, "high": 1.5}, "density": {"low": 0.1, "high": 1.0}},
              "dare_ties": {"weight": {"low": 0.0, "high": 1.5}, "density": {"low": 0.1, "high": 1.0}},
@@ -55,7 +59,8 @@ def spec_for(zoo, *, method: str, sampler: str, trials: int, samples: int, seed:
            if fidelity else {}))
     if genome:  # mergekit-evolve's layer groups x filters: per expert, weight and density per group
         spec = StudySpec.model_validate(spec.model_dump() | {"search_space": spec.search_space.model_dump() | {
-            "layer_groups": 1, "filters": ["self_attn", "mlp"]}})
+            "layer_groups": genome, "filters": ["self_attn", "mlp"],
+            "num_layers": json.loads((Path(zoo.base) / "config.json").read_text())["num_hidden_layers"]}})
     # the hypervolume this benchmark reports, for the samplers that aim at the study's own
     origin = {o.key: 0.0 for o in spec.objectives}
     return spec.model_copy(update={"reference_point": origin}) if reference else spec
@@ -93,6 +98,14 @@ def run_costed(services: Services, runner: TrialRunner, spec: StudySpec,
              t.get("eval_seconds") or 0.0) for t in done]
 
 
+def _recorded(path: Path, key: dict) -> dict[int, list]:
+    """The runs of ``key``'s setup already in ``path``, by seed."""
+    if not path.exists():
+        return {}
+    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {r["seed"]: r["run"] for r in records if r["key"] == key}
+
+
 def cost_curve(runs: list[list[tuple[list[float] | None, int, float]]], origin: list[float], dirs: list[str],
                marks: list[int]) -> list[float]:
     """Mean over seeds of the hypervolume reached once ``mark`` items had been evaluated, per mark."""
@@ -127,39 +140,60 @@ def main() -> None:
     parser.add_argument("--dump", type=Path, help="append every evaluated trial (params, values) to this jsonl")
     parser.add_argument("--fidelity", help="MIN:ETA: also run the first sampler with multi-fidelity trials "
                         "(e.g. 25:4) and print hypervolume against evaluated items beside the others'")
+    parser.add_argument("--fidelity-sampler", help="the sampler --fidelity runs (default: the first of --samplers)")
     parser.add_argument("--fidelity-trials", type=int, default=0, help="configurations the multi-fidelity run "
                         "may propose (default 3 x --trials: it stops most of them early)")
-    parser.add_argument("--genome", action="store_true", help="search per layer group and filter (self_attn, mlp, "
-                        "the rest): the high-dimensional genome")
-    args = parser.parse_args()
+    parser.add_argument("--genome", type=int, default=0, metavar="LAYERS", help="search per group of LAYERS layers "
+                        "and per filter (self_attn, mlp, the other tensors) with TIES: the high-dimensional genome")
+    parser.add_argument("--first-seed", type=int, default=0)
     cache = Settings().cache_dir
+    parser.add_argument("--results", type=Path, default=cache / "bench-search.jsonl")
+    parser.add_argument("--report-only", action="store_true", help="print the tables of --results, run nothing")
+    args = parser.parse_args()
     zoo = ensure_zoo(cache)
     with tempfile.TemporaryDirectory() as home:
         services = Services.start(Settings(home=Path(home), cache_dir=cache))
         runner = TrialRunner(cache_dir=cache)
         dirs = ["maximize"] * len(zoo.experts)
         origin = [0.0] * len(zoo.experts)
-        print(f"samplers: task arithmetic, {len(zoo.experts)} objectives, {args.trials} trials, "
-              f"{args.seeds} seeds, hypervolume against the origin")
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        method = "ties" if args.genome else "task_arithmetic"
+        dims = len(SearchSpace(spec_for(zoo, method=method, sampler="random", trials=1, samples=1, seed=0,
+                                        genome=args.genome)).distributions())
+        print(f"samplers: {method}, {dims} dimensions, {len(zoo.experts)} objectives, {args.trials} trials, "
+              f"seeds {seeds.start}-{seeds.stop - 1}, {args.samples} samples, hypervolume against the origin")
         print(f"  {'sampler':22s} {'HV mean':>8s} {'HV sd':>7s} {'best mean score':>16s} {'knee mean score':>16s}")
         costed: dict[str, list] = {}
-        runs = [(s, None) for s in args.samplers] + ([(args.samplers[0], args.fidelity)] if args.fidelity else [])
+        runs = [(s, None) for s in args.samplers] + (
+            [(args.fidelity_sampler or args.samplers[0], args.fidelity)] if args.fidelity else [])
         for sampler, fidelity in runs:
             hvs, bests, knees, curves = [], [], [], []
             label = sampler + (f" mf {fidelity}" if fidelity else "")
             costed[label] = []
-            for seed in range(args.seeds):
-                spec = spec_for(zoo, method="ties" if args.genome else "task_arithmetic", sampler=sampler,
-                                trials=(args.fidelity_trials or 3 * args.trials) if fidelity else args.trials,
-                                samples=args.samples, seed=seed, reference=not args.no_reference,
-                                fidelity=fidelity, genome=args.genome)
-                run = run_costed(services, runner, spec, args.dump)
+            trials = (args.fidelity_trials or 3 * args.trials) if fidelity else args.trials
+            key = {"zoo": zoo.root.name, "sampler": sampler, "fidelity": fidelity, "trials": trials,
+                   "samples": args.samples, "genome": args.genome, "reference": not args.no_reference}
+            done = _recorded(args.results, key)
+            for seed in seeds:
+                if seed not in done:
+                    if args.report_only:
+                        continue
+                    spec = spec_for(zoo, method=method, sampler=sampler, trials=trials, samples=args.samples,
+                                    seed=seed, reference=not args.no_reference, fidelity=fidelity,
+                                    genome=args.genome)
+                    done[seed] = run_costed(services, runner, spec, args.dump)
+                    with args.results.open("a") as out:
+                        out.write(json.dumps({"key": key, "seed": seed, "run": done[seed]}) + "\n")
+                run = done[seed]
                 costed[label].append(run)
                 values = [v for v, _, _ in run if v is not None]
                 hvs.append(hypervolume(values, origin, dirs))
                 bests.append(max(sum(v) / len(v) for v in values))
                 knees.append(statistics.mean(values[knee_point(values, dirs)]))  # the default selection
                 curves.append(hypervolume_trace(values, origin, dirs))
+            if not hvs:
+                print(f"  {label:22s} (no runs recorded)")
+                continue
             sd = statistics.stdev(hvs) if len(hvs) > 1 else 0.0
             items = statistics.mean(sum(i for _, i, _ in run) for run in costed[label])
             seconds = statistics.mean(sum(s for _, _, s in run) for run in costed[label])
@@ -178,7 +212,7 @@ def main() -> None:
             for label, runs_ in costed.items():
                 print(f"  {label:22s} " + " ".join(f"{h:.3f}" for h in cost_curve(runs_, origin, dirs, marks)))
         fronts = {}
-        for method in args.methods:
+        for method in [] if args.report_only else args.methods:
             values = run_study(services, runner, spec_for(zoo, method=method, sampler=args.method_sampler,
                                                           trials=args.trials, samples=args.samples, seed=0))
             fronts[method] = [values[i] for i in pareto_front(values, dirs)]
