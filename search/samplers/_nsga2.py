@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 from optuna.exceptions import ExperimentalWarning
 from optuna.samplers import BaseSampler, NSGAIISampler, QMCSampler, TPESampler
 from optuna.study import Study
@@ -39,6 +39,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search.samplers._common import encode, from_unit, signs
 from search.samplers._infill_gp import InfillGP
 from search.samplers._surrogate import rank_by_improvement
+from search.samplers._tied import TiedSpace, TiedStudy
 from search.spec import SamplerSpec
 
 GENERATION_KEY = "NSGAIISampler:generation"
@@ -47,7 +48,8 @@ GENERATION_KEY = "NSGAIISampler:generation"
 class WarmNSGAIISampler(BaseSampler):
     def __init__(self, *, population_size: int, crossover_prob: float = 0.9, mutation_prob: float | None = None,
                  warmup_trials: int = 0, warmup: str = "gp", startup_trials: int = 5, screen: int = 1,
-                 model_child: bool = False, seed: int | None = None, reference: Sequence[float] | None = None) -> None:
+                 model_child: bool = False, tie_groups: bool = False, seed: int | None = None,
+                 reference: Sequence[float] | None = None) -> None:
         self.nsga = NSGAIISampler(population_size=population_size, crossover_prob=crossover_prob,
                                   mutation_prob=mutation_prob, seed=seed)
         if warmup == "gp":
@@ -56,6 +58,9 @@ class WarmNSGAIISampler(BaseSampler):
         else:
             self.warm = TPESampler(seed=seed, multivariate=True, n_startup_trials=startup_trials)
         self.warmup_trials, self.screen, self.model_child = warmup_trials, screen, model_child
+        self.tie_groups = tie_groups
+        self._drawn_for: int | None = None
+        self._drawn: dict[str, Any] = {}
         # the model's first trials are spread by a scrambled Sobol sequence, not drawn at random
         self.startup_trials = startup_trials
         with warnings.catch_warnings():  # experimental in name only since Optuna 3.0
@@ -85,7 +90,12 @@ class WarmNSGAIISampler(BaseSampler):
         if self._warming(trial):
             # Generation 0, whatever NSGA-II's own count says: the warm-up is one large generation.
             study._storage.set_trial_system_attr(trial._trial_id, GENERATION_KEY, 0)
-            return self._model(trial).sample_relative(study, trial, search_space)
+            tied = TiedSpace(search_space) if self.tie_groups else None
+            if not tied:
+                return self._model(trial).sample_relative(study, trial, search_space)
+            # the structure prior: per layer group values start equal, the warm-up searching the
+            # per-expert values; NSGA-II's children and the GP then pull the groups apart
+            return tied.broadcast(self._model(trial).sample_relative(TiedStudy(study, tied), trial, tied.space))
         child = self.nsga.sample_relative(study, trial, search_space)
         if self.screen <= 1 or not child:
             return child
@@ -141,7 +151,16 @@ class WarmNSGAIISampler(BaseSampler):
     def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
                            param_distribution: BaseDistribution) -> Any:
         sampler = self._model(trial) if self._warming(trial) else self.nsga
-        return sampler.sample_independent(study, trial, param_name, param_distribution)
+        name, grouped, _ = param_name.partition("@")
+        tied = self.tie_groups and grouped and isinstance(param_distribution, FloatDistribution)
+        if not (tied and self._warming(trial)):
+            return sampler.sample_independent(study, trial, param_name, param_distribution)
+        # the first trial has no relative search space: its groups are tied here, one draw per name
+        if self._drawn_for != trial._trial_id:
+            self._drawn_for, self._drawn = trial._trial_id, {}
+        if name not in self._drawn:
+            self._drawn[name] = sampler.sample_independent(study, trial, param_name, param_distribution)
+        return min(param_distribution.high, max(param_distribution.low, self._drawn[name]))
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         self.nsga.before_trial(study, trial)
@@ -163,4 +182,5 @@ def make_nsga2(spec: SamplerSpec, seed: int, reference: Sequence[float] | None =
     return WarmNSGAIISampler(population_size=spec.population_size, crossover_prob=spec.crossover_prob,
                              mutation_prob=spec.mutation_prob, warmup_trials=warmup, warmup=spec.warmup,
                              startup_trials=min(spec.n_startup_trials, max(warmup // 2, 1)), screen=spec.screen,
-                             model_child=spec.model_child, seed=seed, reference=reference)
+                             model_child=spec.model_child, tie_groups=spec.tie_groups, seed=seed,
+                             reference=reference)

@@ -213,3 +213,29 @@ def test_cmaes_climbs_the_mean_of_oriented_objectives():
     assert max(g for g in generations if g is not None) >= 3, "CMA-ES itself proposed the later trials"
     first, last = study.trials[:5], study.trials[-10:]
     assert np.mean([t.values[1] for t in last]) < np.mean([t.values[1] for t in first]) / 4
+
+
+def test_nsga2_tie_groups_warms_up_in_the_tied_space_then_splits_the_groups():
+    groups = ("L0-1/mlp", "L0-1/other", "rest/other")
+    space = {f"{e}.weight@{g}": FloatDistribution(0.0, 1.5) for e in "ab" for g in groups}
+    space["method.order"] = CategoricalDistribution(["listed", "saliency"])
+
+    def tied(p: dict) -> bool:
+        return all(len({p[f"{e}.weight@{g}"] for g in groups}) == 1 for e in "ab")
+
+    def played(tie: bool) -> list[bool]:
+        spec = SamplerSpec(name="nsga2", population_size=4, n_startup_trials=3, tie_groups=tie)
+        study = optuna.create_study(directions=["maximize", "maximize"], sampler=make_sampler(spec, seed=0))
+        out = []
+        for _ in range(14):
+            trial = study.ask(space)
+            p = trial.params
+            out.append(tied(p))
+            study.tell(trial, [-(p["a.weight@L0-1/mlp"] - 1) ** 2 - p["b.weight@rest/other"],
+                               p["b.weight@L0-1/other"] - p["a.weight@rest/other"]])
+        return out
+
+    with_prior = played(True)
+    assert all(with_prior[:8]), "the warm-up (2 x population) proposes one value per expert for all its groups"
+    assert not all(with_prior[8:]), "NSGA-II's children and the GP pull the groups apart"
+    assert not any(played(False)[:8])
