@@ -174,7 +174,7 @@ class SamplerSpec(_Strict):
                         "surrogate keeps the most promising (1 = no screening)")
     model_child: bool = Field(default=True, description="nsga2: the warm-up model's own proposal competes with "
                               "the bred children in the screening")
-    tie_groups: bool = Field(default=False, description="nsga2: with layer groups / filters, the warm-up proposes "
+    tie_groups: bool = Field(default=True, description="nsga2: with layer groups / filters, the warm-up proposes "
                              "one value per expert and parameter for all its groups (a structure prior)")
 
 

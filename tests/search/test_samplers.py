@@ -239,3 +239,4 @@ def test_nsga2_tie_groups_warms_up_in_the_tied_space_then_splits_the_groups():
     assert all(with_prior[:8]), "the warm-up (2 x population) proposes one value per expert for all its groups"
     assert not all(with_prior[8:]), "NSGA-II's children and the GP pull the groups apart"
     assert not any(played(False)[:8])
+    assert SamplerSpec().tie_groups, "the default since the 72-dimension benchmark (README)"
