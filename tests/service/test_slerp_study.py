@@ -28,7 +28,8 @@ def _slerp_spec(zoo, objectives: list[dict], trials: int) -> StudySpec:
         "method": "slerp",
         "search_space": {"weight": None, "density": None, "method_params": {"t": {"low": 0.0, "high": 1.0}}} | GROUPS,
         "objectives": objectives,
-        "sampler": {"name": "nsga2", "population_size": 4},
+        # the groups' own values from the first trial (the default warm-up ties them)
+        "sampler": {"name": "nsga2", "population_size": 4, "tie_groups": False},
         "budget": {"trials": trials},
     })
 
