@@ -35,8 +35,8 @@ class TiedSpace:
         # a name whose groups differ in range stays untied
         self.members = {name: keys for name, keys in members.items()
                         if len({repr(space[k]) for k in keys}) == 1 and name not in space}
-        tied = {k for keys in self.members.values() for k in keys}
-        self.space = {key: dist for key, dist in space.items() if key not in tied}
+        self.tied = {k for keys in self.members.values() for k in keys}
+        self.space = {key: dist for key, dist in space.items() if key not in self.tied}
         self.space |= {name: space[keys[0]] for name, keys in self.members.items()}
 
     def __bool__(self) -> bool:
@@ -45,8 +45,7 @@ class TiedSpace:
     def fold(self, params: dict[str, Any]) -> dict[str, Any]:
         """A trial's parameters in the tied space: each tied value the mean of its groups' (a name
         some of whose groups are missing is left out)."""
-        tied = {k for keys in self.members.values() for k in keys}
-        out = {k: v for k, v in params.items() if k not in tied}
+        out = {k: v for k, v in params.items() if k not in self.tied}
         for name, keys in self.members.items():
             if all(k in params for k in keys):
                 dist = self.space[name]
