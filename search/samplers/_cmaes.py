@@ -18,20 +18,17 @@ from optuna.samplers import BaseSampler, CmaEsSampler
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from search.samplers._common import signs
+from search.samplers._common import StudyView, signs
 from search.spec import SamplerSpec
 
 
-class _MeanFitness:
+class _MeanFitness(StudyView):
     """The study as a single-objective CmaEsSampler reads it: one maximised value per trial, the
-    mean of its oriented objectives. Everything else (storage, ids) is the study's own."""
+    mean of its oriented objectives."""
 
     def __init__(self, study: Study) -> None:
-        self._study = study
+        super().__init__(study)
         self._signs = signs(study.directions)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
 
     direction = StudyDirection.MAXIMIZE
     directions = [StudyDirection.MAXIMIZE]
@@ -39,14 +36,7 @@ class _MeanFitness:
     def _is_multi_objective(self) -> bool:
         return False
 
-    def _get_trials(self, deepcopy: bool = True, states: Sequence[TrialState] | None = None,
-                    use_cache: bool = False) -> list[FrozenTrial]:
-        return [self._scalar(t) for t in self._study._get_trials(deepcopy=False, states=states, use_cache=use_cache)]
-
-    def get_trials(self, deepcopy: bool = True, states: Sequence[TrialState] | None = None) -> list[FrozenTrial]:
-        return self._get_trials(deepcopy=deepcopy, states=states)
-
-    def _scalar(self, trial: FrozenTrial) -> FrozenTrial:
+    def view(self, trial: FrozenTrial) -> FrozenTrial:
         if trial.values is None or len(trial.values) < 2:
             return trial
         out = copy.copy(trial)

@@ -9,11 +9,12 @@ from typing import Any
 
 import numpy as np
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
-from optuna.study import StudyDirection
+from optuna.study import Study, StudyDirection
+from optuna.trial import FrozenTrial, TrialState
 
 from search.pareto import min_max_scale, sign
 
-__all__ = ["encode", "from_unit", "min_max_scale", "rbf", "signs", "to_unit"]
+__all__ = ["StudyView", "encode", "from_unit", "min_max_scale", "rbf", "signs", "to_unit"]
 
 
 def to_unit(dist: BaseDistribution, value: float) -> float:
@@ -52,3 +53,28 @@ def rbf(p: np.ndarray, q: np.ndarray, lengthscale: float) -> np.ndarray:
 def signs(directions: Sequence[StudyDirection]) -> np.ndarray:
     """+1 per maximised objective, -1 per minimised one: values times these are all maximised."""
     return np.array([sign("minimize" if d == StudyDirection.MINIMIZE else "maximize") for d in directions])
+
+
+class StudyView:
+    """A study as a wrapped Optuna sampler should read it: each trial passed through ``view``;
+    storage, ids and everything else the study's own."""
+
+    def __init__(self, study: Study) -> None:
+        self._study = study
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def view(self, trial: FrozenTrial) -> FrozenTrial:
+        raise NotImplementedError
+
+    def _get_trials(self, deepcopy: bool = True, states: Sequence[TrialState] | None = None,
+                    use_cache: bool = False) -> list[FrozenTrial]:
+        return [self.view(t) for t in self._study._get_trials(deepcopy=False, states=states, use_cache=use_cache)]
+
+    def get_trials(self, deepcopy: bool = True, states: Sequence[TrialState] | None = None) -> list[FrozenTrial]:
+        return self._get_trials(deepcopy=deepcopy, states=states)
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return self._get_trials()

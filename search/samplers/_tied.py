@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import copy
 import statistics
-from collections.abc import Sequence
 from typing import Any
 
 from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.study import Study
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
+
+from search.samplers._common import StudyView
 
 
 class TiedSpace:
@@ -61,28 +62,14 @@ class TiedSpace:
         return out
 
 
-class TiedStudy:
-    """The study as a sampler of the tied space reads it; storage, directions and ids are the
-    study's own."""
+class TiedStudy(StudyView):
+    """The study as a sampler of the tied space reads it."""
 
     def __init__(self, study: Study, tied: TiedSpace) -> None:
-        self._study, self._tied = study, tied
+        super().__init__(study)
+        self._tied = tied
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
-
-    def _get_trials(self, deepcopy: bool = True, states: Sequence[TrialState] | None = None,
-                    use_cache: bool = False) -> list[FrozenTrial]:
-        return [self._folded(t) for t in self._study._get_trials(deepcopy=False, states=states, use_cache=use_cache)]
-
-    def get_trials(self, deepcopy: bool = True, states: Sequence[TrialState] | None = None) -> list[FrozenTrial]:
-        return self._get_trials(deepcopy=deepcopy, states=states)
-
-    @property
-    def trials(self) -> list[FrozenTrial]:
-        return self._get_trials()
-
-    def _folded(self, trial: FrozenTrial) -> FrozenTrial:
+    def view(self, trial: FrozenTrial) -> FrozenTrial:
         out = copy.copy(trial)
         out._params = self._tied.fold(trial.params)
         out._distributions = {k: self._tied.space.get(k) or trial.distributions[k] for k in out._params}
